@@ -1,0 +1,146 @@
+"""``shardconv`` command line: ``shardconv convert SRC DST [options]``.
+
+Every failure the user can cause ends in one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from . import __version__
+from .errors import ShardconvError
+
+SAMPLE_DST = "shardconv-sample-NVFP4"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardconv", description="Convert Hugging Face checkpoints to NVFP4, one shard at a time.")
+    parser.add_argument("--version", action="version", version=f"shardconv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert a checkpoint to NVFP4",
+                       description="Convert SRC (a checkpoint folder or hub repo id) into an NVFP4 checkpoint in DST. "
+                       "Without SRC, converts a small built-in sample checkpoint.")
+    c.add_argument("src", nargs="?", help="checkpoint folder or hub repo id (default: a built-in sample)")
+    c.add_argument("dst", nargs="?", help="output folder (must be empty; default: <name>-NVFP4 here)")
+    c.add_argument("--amax", metavar="FILE", help="saved ModelOpt amax file (.pt or .safetensors)")
+    c.add_argument("--scales", choices=("max", "amax"), default=None,
+                   help="weight scales: 'max' from the weights, 'amax' from --amax (default: amax when the "
+                   "file has weight amax, else max)")
+    c.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                   help="keep matching modules in source precision (glob over module names; repeatable)")
+    c.add_argument("--format", default="modelopt", choices=("modelopt",), help="output layout (default: modelopt)")
+    c.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    c.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                   help="largest output shard (default: 5GB)")
+    c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    c.add_argument("--overwrite", action="store_true", help="allow a non-empty DST (replaces its checkpoint files)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def describe(plan) -> list[str]:
+    """The --dry-run report: counts, bytes, fusion groups and exclusions, grouped by name pattern."""
+    src = plan.source
+    arch = ",".join(src.config.get("architectures") or ["?"])
+    lines = [
+        f"source      {src.root}  ({len(src.shards)} shards, {src.total_bytes / 1e9:.3f} GB, {arch})",
+        f"scales      {plan.scales}  -> quant_algo {plan.quant_algo}" + ("  + FP8 KV cache" if plan.kv_cache else ""),
+        f"quantize    {len(plan.quantized)} Linear weights in {sum(1 for u in plan.units if u.members)} units "
+        f"({len(plan.groups)} fusion groups)",
+        f"keep        {sum(1 for u in plan.units if u.copy is not None)} tensors as they are "
+        f"({len(plan.excluded)} excluded Linear modules)",
+        f"output      {len(plan.shard_names)} shards, {plan.out_bytes / 1e9:.3f} GB "
+        f"({src.total_bytes / max(plan.out_bytes, 1):.2f}x smaller), format {plan.format_name}",
+    ]
+    groups = Counter(_pattern("{" + ", ".join(m.module for m in u.members) + "}") for u in plan.groups)
+    if groups:
+        lines.append("fusion groups (one weight_scale_2 each):")
+        for pattern, n in sorted(groups.items()):
+            parts = pattern[1:-1].split(", ")
+            common = parts[0].rsplit(".", 1)[0]
+            leaves = ",".join(p.rsplit(".", 1)[1] for p in parts)
+            lines.append(f"  {n:5d} x {common}.{{{leaves}}}")
+    if plan.excluded:
+        lines.append("excluded (kept in source precision):")
+        for (pattern, reason), n in sorted(Counter((_pattern(m), r) for m, r in plan.excluded.items()).items()):
+            lines.append(f"  {n:5d} x {pattern}  ({reason})")
+    return lines
+
+
+def _convert(args) -> int:
+    from .amax import load_amax
+    from .formats import get_format
+    from .pipeline import convert
+    from .plan import build_plan
+    from .quantize import pick_device
+    from .source import open_source
+
+    src, dst, overwrite = args.src, args.dst, args.overwrite
+    tmp = None
+    if src is None:
+        from .synth import sample_checkpoint
+
+        tmp = tempfile.TemporaryDirectory(prefix="shardconv-sample-")
+        src = str(sample_checkpoint(Path(tmp.name) / "sample"))
+        print(f"no model given: converting the built-in sample checkpoint ({src})")
+        if dst is None:
+            dst, overwrite = SAMPLE_DST, True
+    try:
+        source = open_source(src)
+        if dst is None:
+            dst = f"{source.root.name}-NVFP4"
+        fmt = get_format(args.format)
+        amax = load_amax(args.amax) if args.amax else None
+        plan = build_plan(source, fmt, excludes=args.exclude, amax=amax, scales=args.scales,
+                          max_shard_size=args.max_shard_size)
+        if args.dry_run:
+            print("\n".join(describe(plan)))
+            return 0
+        device = pick_device(args.device)
+        summary = convert(plan, Path(dst), device=device, fmt=fmt, overwrite=overwrite,
+                          progress=not args.no_progress)
+        print(f"wrote {dst}")
+        print("\n".join(summary.lines()))
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            return _convert(args)
+    except ShardconvError as e:
+        print(f"shardconv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shardconv: interrupted; no finished output was left behind", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""ModelOpt's unified Hugging Face checkpoint (FORMAT.md §5): what vLLM, SGLang and TensorRT-LLM load
+as ``quant_method: modelopt``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..numerics import BLOCK, FP8_MAX
+from ..safetensors_io import DTYPE_NAMES, PlannedTensor
+
+PRODUCER = {"name": "modelopt", "version": "0.47.0"}
+
+
+class ModelOptFormat:
+    name = "modelopt"
+
+    @staticmethod
+    def dtype_name(t: torch.Tensor) -> str:
+        return DTYPE_NAMES[t.dtype]
+
+    def quantized_outputs(self, module: str, out: int, in_: int, w4a4: bool) -> list[PlannedTensor]:
+        tensors = [
+            PlannedTensor(f"{module}.weight", "U8", (out, in_ // 2)),
+            PlannedTensor(f"{module}.weight_scale", "F8_E4M3", (out, in_ // BLOCK)),
+            PlannedTensor(f"{module}.weight_scale_2", "F32", ()),
+        ]
+        if w4a4:
+            tensors.append(PlannedTensor(f"{module}.input_scale", "F32", ()))
+        return tensors
+
+    def quantized_tensors(self, module: str, q) -> dict[str, torch.Tensor]:
+        out = {
+            f"{module}.weight": q.packed,
+            f"{module}.weight_scale": q.scale,
+            f"{module}.weight_scale_2": q.scale_2.reshape(()),
+        }
+        if q.input_scale is not None:
+            out[f"{module}.input_scale"] = q.input_scale.reshape(())
+        return out
+
+    def kv_scales(self, attention: str, k_amax: torch.Tensor, v_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            f"{attention}.k_proj.k_scale": (k_amax.float() / FP8_MAX).reshape(()),
+            f"{attention}.v_proj.v_scale": (v_amax.float() / FP8_MAX).reshape(()),
+        }
+
+    def config_files(self, plan, config: dict) -> dict[str, dict]:
+        """``config.json`` (with ``quantization_config``) and ``hf_quant_config.json`` contents."""
+        exclude = plan.exclude_list()
+        kv_algo = "FP8" if plan.kv_cache else None
+        hf_quant = {
+            "producer": dict(PRODUCER),
+            "quantization": {
+                "quant_algo": plan.quant_algo,
+                "kv_cache_quant_algo": kv_algo,
+                "group_size": BLOCK,
+                "exclude_modules": exclude,
+            },
+        }
+        fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK}
+        group: dict[str, object] = {}
+        if plan.w4a4:
+            group["input_activations"] = dict(fp4)
+        group["weights"] = dict(fp4)
+        group["targets"] = ["Linear"]
+        qc: dict[str, object] = {
+            "config_groups": {"group_0": group},
+            "ignore": exclude,
+            "quant_algo": plan.quant_algo,
+        }
+        if plan.kv_cache:
+            qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+        qc["producer"] = dict(PRODUCER)
+        qc["quant_method"] = "modelopt"
+        new_config = dict(config)
+        new_config["quantization_config"] = qc
+        return {"config.json": new_config, "hf_quant_config.json": hf_quant}

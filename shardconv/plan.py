@@ -1,0 +1,281 @@
+"""Planning: from tensor headers alone, decide what is quantized, the fusion groups, what is excluded
+and the exact output shard layout, before any tensor data is read.
+
+Fusion groups (FORMAT.md §3) are formed by module name, so members may sit in different input
+shards; a group is quantized whole or excluded whole. Units are ordered by where their first member
+sits in the input, so reads stay close to sequential, and output shards are filled in that order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .amax import AmaxFile, ModuleAmax
+from .errors import ShardconvError
+from .numerics import BLOCK
+from .safetensors_io import PlannedTensor, TensorInfo
+from .source import Source
+
+QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
+FUSION_SETS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+)
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|word_embeddings|embed_positions|tok_embeddings|wte|wpe)$")
+_ROUTER_LEAVES = {"gate", "router", "shared_expert_gate"}
+_TOWERS = {"visual", "vision_tower", "vision_model", "vision_encoder", "multi_modal_projector", "mm_projector",
+           "audio_tower", "audio_model"}
+
+
+def default_exclusion(module: str, config: dict) -> str | None:
+    """Why a Linear module is kept in source precision by default (FORMAT.md §4), or None."""
+    parts = module.split(".")
+    if parts[-1] == "lm_head" or module == "lm_head":
+        return "lm_head"
+    if _EMBEDDING.search(module):
+        return "embedding"
+    if parts[-1] in _ROUTER_LEAVES:
+        return "router"
+    if _TOWERS.intersection(parts):
+        return "vision/audio tower"
+    if "mtp" in parts:
+        return "MTP layer"
+    num_layers = config.get("num_hidden_layers")
+    mtp_layers = config.get("num_nextn_predict_layers") or 0
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit() and mtp_layers and num_layers is not None:
+            if int(parts[i + 1]) >= num_layers:
+                return "MTP layer"
+    return None
+
+
+def matches(module: str, patterns: list[str]) -> bool:
+    """``--exclude`` patterns: globs over module names; a plain name also covers its subtree."""
+    return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*") for p in patterns)
+
+
+def fusion_key(module: str) -> str | None:
+    parent, _, leaf = module.rpartition(".")
+    for members in FUSION_SETS:
+        if leaf in members:
+            return f"{parent}.{{{','.join(members)}}}"
+    return None
+
+
+@dataclass
+class Member:
+    """One quantized Linear: its module name, weight tensor and saved amax (if any)."""
+
+    module: str
+    weight: TensorInfo
+    amax: ModuleAmax | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass
+class Unit:
+    """One pipeline step: a fusion group (or lone Linear) to quantize, or one tensor to copy."""
+
+    members: list[Member] = field(default_factory=list)
+    copy: TensorInfo | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # small tensors known at plan time
+    outputs: list[PlannedTensor] = field(default_factory=list)
+    shard: int = 0
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(m.weight.nbytes for m in self.members) + (self.copy.nbytes if self.copy else 0)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+    @property
+    def position(self) -> tuple[str, int]:
+        info = self.copy or self.members[0].weight
+        return (str(info.path), info.offset)
+
+
+@dataclass
+class Plan:
+    source: Source
+    units: list[Unit]
+    shard_names: list[str]
+    shard_tensors: list[list[PlannedTensor]]
+    excluded: dict[str, str]  # module -> reason, every 2-D weight kept in source precision
+    scales: str  # "max" or "amax"
+    w4a4: bool
+    kv_cache: bool
+    format_name: str
+
+    @property
+    def quantized(self) -> list[Member]:
+        return [m for u in self.units for m in u.members]
+
+    @property
+    def groups(self) -> list[Unit]:
+        return [u for u in self.units if len(u.members) > 1]
+
+    @property
+    def in_bytes(self) -> int:
+        return self.source.total_bytes
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(u.out_bytes for u in self.units)
+
+    @property
+    def quant_algo(self) -> str:
+        return "NVFP4" if self.w4a4 else "W4A16_NVFP4"
+
+    def exclude_list(self) -> list[str]:
+        """Excluded modules for the config files: exact module names, sorted."""
+        return sorted(self.excluded)
+
+
+def _is_linear_weight(info: TensorInfo) -> bool:
+    return info.name.endswith(".weight") and len(info.shape) == 2
+
+
+def build_plan(
+    source: Source,
+    fmt,
+    *,
+    excludes: list[str] | None = None,
+    amax: AmaxFile | None = None,
+    scales: str | None = None,
+    max_shard_size: int = 5 * 10**9,
+) -> Plan:
+    """Decide everything about the output from headers (and the amax file), reading no tensor data."""
+    excludes = list(excludes or [])
+    if scales is None:
+        scales = "amax" if amax is not None and amax.has_weight_amax else "max"
+    if scales == "amax" and (amax is None or not amax.has_weight_amax):
+        raise ShardconvError("--scales amax needs an --amax file with weight_quantizer amax entries")
+    if source.config.get("quantization_config"):
+        method = source.config["quantization_config"].get("quant_method", "?")
+        raise ShardconvError(
+            f"{source.root / 'config.json'}: the checkpoint is already quantized (quant_method {method!r}); "
+            "shardconv needs bf16, fp16 or fp32 weights"
+        )
+
+    excluded: dict[str, str] = {}
+    candidates: list[Member] = []
+    for info in source.tensors.values():
+        if not _is_linear_weight(info):
+            continue
+        module = info.name[: -len(".weight")]
+        reason = default_exclusion(module, source.config)
+        if reason is None and matches(module, excludes):
+            reason = "--exclude"
+        if reason is None and info.dtype not in QUANTIZABLE_DTYPES:
+            raise ShardconvError(
+                f"{info.path}: tensor {info.name!r} has dtype {info.dtype}; only BF16, F16 and F32 weights "
+                "can be quantized (use --exclude to keep it)"
+            )
+        if reason is None and info.shape[1] % BLOCK:
+            reason = f"in_features {info.shape[1]} is not a multiple of {BLOCK}"
+        if reason is None and info.shape[0] == 0:
+            reason = "empty"
+        if reason:
+            excluded[module] = reason
+        else:
+            candidates.append(Member(module, info))
+
+    # Fusion groups: all members quantized, or none.
+    groups: dict[str, list[Member]] = {}
+    for m in candidates:
+        groups.setdefault(fusion_key(m.module) or m.module, []).append(m)
+    for module, reason in list(excluded.items()):
+        key = fusion_key(module)
+        if key and key in groups:
+            for m in groups.pop(key):
+                excluded[m.module] = f"fusion group member {module} is excluded ({reason})"
+
+    # Saved amax: every quantized module needs what the chosen method reads from the file.
+    w4a4 = bool(amax and amax.has_input_amax)
+    for members in groups.values():
+        for m in members:
+            m.amax = amax.get(m.module) if amax else None
+            _check_amax(m, amax, scales, w4a4)
+
+    quantized_names = {m.weight.name for ms in groups.values() for m in ms}
+    units: list[Unit] = []
+    for members in groups.values():
+        units.append(Unit(members=sorted(members, key=lambda m: m.module)))
+    for info in source.tensors.values():
+        if info.name not in quantized_names:
+            units.append(Unit(copy=info))
+    order = {p: i for i, p in enumerate(source.shards)}
+    units.sort(key=lambda u: (order[(u.copy or u.members[0].weight).path], u.position[1]))
+
+    # KV-cache scales ride with the unit holding the attention's k_proj.
+    kv_cache = False
+    if amax is not None and amax.kv:
+        kv_cache = True
+        by_module = {m.module: u for u in units for m in u.members}
+        for attention, kv in sorted(amax.kv.items()):
+            if set(kv) != {"k", "v"}:
+                raise ShardconvError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
+            unit = by_module.get(f"{attention}.k_proj")
+            if unit is None:
+                unit = Unit(copy=None)
+                units.append(unit)
+            unit.extra.update(fmt.kv_scales(attention, kv["k"], kv["v"]))
+
+    for u in units:
+        if u.copy is not None:
+            u.outputs = [PlannedTensor(u.copy.name, u.copy.dtype, u.copy.shape)]
+        for m in u.members:
+            u.outputs += fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4)
+        for name, t in u.extra.items():
+            u.outputs.append(PlannedTensor(name, fmt.dtype_name(t), tuple(t.shape)))
+
+    # Output shards, filled in processing order.
+    shard_tensors: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for u in units:
+        if size and size + u.out_bytes > max_shard_size:
+            shard_tensors.append([])
+            size = 0
+        u.shard = len(shard_tensors) - 1
+        shard_tensors[-1].extend(u.outputs)
+        size += u.out_bytes
+    n = len(shard_tensors)
+    shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name)
+
+
+def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:
+    where = f"{amax.path}: module {m.module}" if amax else m.module
+    a = m.amax
+    if w4a4 and (a is None or a.input is None):
+        raise ShardconvError(f"{where}: no input_quantizer._amax (the file has activation amax for other modules)")
+    if scales != "amax":
+        return
+    if a is None or a.weight is None:
+        raise ShardconvError(f"{where}: no weight_quantizer._amax")
+    n_blocks = m.out_features * (m.in_features // BLOCK)
+    if a.static:
+        if a.weight.numel() != n_blocks:
+            raise ShardconvError(
+                f"{where}: weight_quantizer._amax has {a.weight.numel()} values, expected {n_blocks} "
+                f"(one per 16-element block of {m.weight.name} {list(m.weight.shape)})"
+            )
+    elif a.weight.numel() != 1:
+        if a.weight.numel() == n_blocks:
+            raise ShardconvError(f"{where}: per-block weight_quantizer._amax without _global_amax")
+        raise ShardconvError(f"{where}: weight_quantizer._amax has shape {list(a.weight.shape)}, expected a scalar")

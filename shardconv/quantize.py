@@ -1,0 +1,98 @@
+"""Quantize one fusion group on a device, in row chunks so temporaries stay small.
+
+The same function runs on the CPU and on CUDA; the bytes are identical because the numerics use only
+correctly rounded fp32 operations (see numerics.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import numerics, scales
+from .errors import ShardconvError
+from .plan import Member
+
+CHUNK_ELEMENTS = 1 << 24  # rows per step are chosen so fp32 temporaries stay around 64 MB
+
+
+@dataclass
+class QuantizedWeight:
+    """An NVFP4 Linear weight, on the CPU, in ModelOpt's conventions."""
+
+    packed: torch.Tensor  # uint8 [out, in/2]
+    scale: torch.Tensor  # float8_e4m3fn [out, in/16]
+    scale_2: torch.Tensor  # float32 0-d
+    input_scale: torch.Tensor | None  # float32 0-d, W4A4 only
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def check_finite(member: Member, weight: torch.Tensor) -> None:
+    for rows in _row_chunks(*weight.shape):
+        if not torch.isfinite(weight[rows]).all():
+            bad = (~torch.isfinite(weight[rows])).nonzero()[0].tolist()
+            raise ShardconvError(
+                f"{member.weight.path}: tensor {member.weight.name!r} has NaN/Inf values "
+                f"(first at row {bad[0] + rows.start}, column {bad[1]}); cannot quantize it"
+            )
+
+
+def quantize_group(
+    members: list[Member], weights: list[torch.Tensor], method: str, device: torch.device | str = "cpu"
+) -> list[QuantizedWeight]:
+    """Quantize every member of a group with one shared ``weight_scale_2`` and ``input_scale``.
+
+    ``weights`` are CPU (or device) tensors in their source dtype; results come back on the CPU.
+    """
+    device = torch.device(device)
+    on_device = [w.to(device, non_blocking=True) for w in weights]
+    for m, w in zip(members, on_device):
+        check_finite(m, w)
+    per_member = []
+    for m, w in zip(members, on_device):
+        if method == "amax":
+            per_member.append(scales.weight_global_amax(m, w, method))
+        else:  # chunked max, so no full-size temporary is made
+            per_member.append(
+                torch.stack([w[r].abs().amax().float() for r in _row_chunks(*w.shape)]).amax()
+            )
+    group_amax = torch.stack(per_member).amax()
+    scale_2 = numerics.global_scale(group_amax)
+    in_scale = scales.input_scale(members)
+    results = []
+    for m, w in zip(members, on_device):
+        out, cols = w.shape
+        packed = torch.empty((out, cols // 2), dtype=torch.uint8, device=device)
+        bscale = torch.empty((out, cols // numerics.BLOCK), dtype=torch.float8_e4m3fn, device=device)
+        for rows in _row_chunks(out, cols):
+            s = scales.block_scales(m, w[rows], group_amax, method, rows)
+            bscale[rows] = s
+            packed[rows] = numerics.quantize(w[rows], s, scale_2)
+        results.append(
+            QuantizedWeight(
+                packed.cpu(),
+                bscale.cpu(),
+                scale_2.cpu(),
+                None if in_scale is None else in_scale.cpu(),
+            )
+        )
+    return results
+
+
+def pick_device(choice: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ShardconvError(f"--device {choice}: no CUDA device is available (use --device cpu)")
+    try:
+        return torch.device(choice)
+    except RuntimeError:
+        raise ShardconvError(f"--device {choice}: not a device (auto, cpu, cuda, cuda:N)") from None
+

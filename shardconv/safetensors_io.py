@@ -1,0 +1,284 @@
+"""Reading and writing safetensors files without loading them.
+
+Why not ``safetensors.safe_open``: a converter must validate hostile headers with a clear message,
+read a tensor into a buffer it owns (reusable, pinnable) with ``pread`` rather than through a memory
+map (a map keeps touched pages in the resident set, and a truncated file turns into SIGBUS), and
+copy untouched tensors file-to-file. The writer lays out a whole shard before any data is produced:
+the header is written first and tensors are written at their planned offsets in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ShardconvError
+
+# safetensors dtype string -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute offset of the first data byte in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a shard header; returns tensors by name and the ``__metadata__`` dict."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ShardconvError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise ShardconvError(
+                    f"{path}: corrupt safetensors header (header length {hlen} but file has {size} bytes)"
+                )
+            raw = f.read(hlen)
+    except OSError as e:
+        raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardconvError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ShardconvError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ShardconvError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data_start = 8 + hlen
+    data_len = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ShardconvError(f"{where}: corrupt header entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise ShardconvError(f"{where}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+            raise ShardconvError(f"{where}: invalid shape {shape!r}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ShardconvError(f"{where}: invalid data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != nbytes:
+            raise ShardconvError(
+                f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                f"but {dtype}{shape} needs {nbytes}"
+            )
+        if offsets[1] > data_len:
+            raise ShardconvError(
+                f"{where}: data ends at byte {data_start + offsets[1]} but the file has {size} bytes (truncated?)"
+            )
+        tensors[name] = TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], nbytes)
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ShardconvError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_into(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes with pread into ``out`` (a uint8 CPU tensor, reused) or a new tensor.
+
+    Returns a tensor of the stored dtype and shape that views ``out``.
+    """
+    if out is None:
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+    buf = out.view(torch.uint8).reshape(-1)[: info.nbytes]
+    mv = memoryview(buf.numpy()).cast("B")
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [mv[done : done + (256 << 20)]], info.offset + done)
+            if n <= 0:
+                raise ShardconvError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
+            done += n
+    except OSError as e:
+        raise ShardconvError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return buf.view(info.torch_dtype).reshape(info.shape) if info.nbytes else torch.empty(
+        info.shape, dtype=info.torch_dtype
+    )
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of an output shard: name, dtype string, shape, and (once laid out) its offset."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int = 0  # relative to the data section
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def layout(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Assign data offsets (widest dtype first, so every tensor is aligned) and return the header bytes.
+
+    The header is space-padded to a multiple of 8 bytes, as the safetensors library writes it.
+    """
+    order = sorted(range(len(tensors)), key=lambda i: (-DTYPES[tensors[i].dtype][1], i))
+    pos = 0
+    for i in order:
+        tensors[i].offset = pos
+        pos += tensors[i].nbytes
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for i in order:
+        t = tensors[i]
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.offset, t.offset + t.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """An output shard whose header is known up front; tensors are written at their planned offsets.
+
+    The file is created as ``<name>.partial`` and renamed by :meth:`finish`, so a shard that exists
+    under its final name is complete.
+    """
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        header = layout(tensors, metadata)
+        self.data_start = len(header)
+        self.by_name = {t.name: t for t in tensors}
+        self.pending = set(self.by_name)
+        self.size = self.data_start + sum(t.nbytes for t in tensors)
+        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(self.fd, header, 0)
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            self.abort()
+            raise ShardconvError(f"{self.partial}: cannot write: {e.strerror or e}") from None
+
+    def _target(self, name: str, nbytes: int) -> int:
+        t = self.by_name[name]
+        if name not in self.pending:
+            raise RuntimeError(f"{self.path}: tensor {name!r} written twice")
+        if nbytes != t.nbytes:
+            raise RuntimeError(f"{self.path}: tensor {name!r} has {nbytes} bytes, planned {t.nbytes}")
+        self.pending.discard(name)
+        return self.data_start + t.offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a CPU tensor (of the planned dtype and shape) at its planned offset."""
+        t = self.by_name[name]
+        if DTYPE_NAMES.get(tensor.dtype) != t.dtype or tuple(tensor.shape) != t.shape:
+            raise RuntimeError(
+                f"{self.path}: tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {t.dtype}{t.shape}"
+            )
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        pos = self._target(name, data.numel())
+        mv = memoryview(data.numpy()).cast("B")
+        self._pwrite_all(mv, pos)
+
+    def copy_from(self, name: str, src: TensorInfo) -> None:
+        """Copy a tensor's bytes file to file (copy_file_range where the kernel has it)."""
+        pos = self._target(name, src.nbytes)
+        fd = os.open(src.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < src.nbytes:
+                try:
+                    n = os.copy_file_range(fd, self.fd, src.nbytes - done, src.offset + done, pos + done)
+                except OSError:
+                    n = 0
+                if n <= 0:  # not supported here, or a short file: fall back to read/write
+                    chunk = os.pread(fd, min(src.nbytes - done, 64 << 20), src.offset + done)
+                    if not chunk:
+                        raise ShardconvError(f"{src.path}: tensor {src.name!r}: file ended early (truncated?)")
+                    self._pwrite_all(memoryview(chunk), pos + done)
+                    n = len(chunk)
+                done += n
+        finally:
+            os.close(fd)
+
+    def _pwrite_all(self, mv: memoryview, pos: int) -> None:
+        try:
+            while len(mv):
+                n = os.pwrite(self.fd, mv, pos)
+                mv, pos = mv[n:], pos + n
+        except OSError as e:
+            raise ShardconvError(f"{self.partial}: write failed: {e.strerror or e}") from None
+
+    def finish(self) -> None:
+        if self.pending:
+            raise RuntimeError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.partial.unlink(missing_ok=True)

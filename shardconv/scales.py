@@ -1,0 +1,45 @@
+"""Scale sources: where a fusion group's global amax and each member's block scales come from.
+
+- ``max``: from the weights (ModelOpt's dynamic export path): ``g`` is the group's max |W|.
+- ``amax``: from a saved amax file: static per-block amax with a global amax, or a per-tensor
+  (dynamic) amax, in which case block scales come from the weights as for ``max``.
+
+The group's ``g`` is settled before any block scale is computed (FORMAT.md §3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import numerics
+from .plan import Member
+
+METHODS = ("max", "amax")
+
+
+def weight_global_amax(member: Member, weight: torch.Tensor, method: str) -> torch.Tensor:
+    """This member's contribution to the group's global amax (fp32 0-d, on the weight's device)."""
+    if method == "amax":
+        a = member.amax
+        value = a.global_amax if a.static else a.weight
+        return value.reshape(()).to(weight.device)
+    return weight.abs().amax().float()
+
+
+def input_scale(members: list[Member]) -> torch.Tensor | None:
+    """Shared activation scale of the group: the max of the members' input amax."""
+    amaxes = [m.amax.input for m in members if m.amax is not None and m.amax.input is not None]
+    if not amaxes:
+        return None
+    return numerics.global_scale(torch.stack([a.reshape(()) for a in amaxes]).amax())
+
+
+def block_scales(
+    member: Member, weight: torch.Tensor, group_amax: torch.Tensor, method: str, rows: slice
+) -> torch.Tensor:
+    """e4m3 block scales for ``weight`` (the rows ``rows`` of the member) under the group's amax."""
+    if method == "amax" and member.amax.static:
+        n_blocks = member.in_features // numerics.BLOCK
+        block = member.amax.weight.reshape(member.out_features, n_blocks)[rows].to(weight.device)
+        return numerics.block_scales_static(block, group_amax)
+    return numerics.block_scales_dynamic(weight, numerics.global_scale(group_amax))

@@ -1,0 +1,118 @@
+"""The input checkpoint: where it is, its config, its shards and every tensor header, read once.
+
+Only headers are read here; tensor data is read later, one fusion group at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ShardconvError
+from .safetensors_io import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# What a conversion needs from a hub repo: weights, configs, tokenizer, chat template, remote code.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
+
+
+@dataclass
+class Source:
+    """A resolved input checkpoint: folder, parsed config, shard files and all tensor infos in file order."""
+
+    root: Path
+    config: dict
+    shards: list[Path]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def resolve(src: str) -> Path:
+    """A local folder as is; otherwise a hub repo id fetched with huggingface_hub (cache first)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ShardconvError(f"{src}: not a folder (SRC must be a checkpoint folder or a hub repo id)")
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise ShardconvError(f"{src}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise ShardconvError(f"{src}: not a folder, and huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise ShardconvError(f"{src}: not a local folder and could not be fetched from the hub: {e}") from None
+
+
+def _inside(root: Path, name: str) -> Path:
+    """The shard path named by the index; refuses names that leave SRC (symlinked files are fine)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ShardconvError(f"{root / INDEX_NAME}: shard name {name!r} points outside SRC")
+    return root / name
+
+
+def open_source(src: str) -> Source:
+    """Resolve SRC, read config.json, find the shards and read every header (no tensor data)."""
+    root = resolve(src)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise ShardconvError(f"{cfg_path}: not found (SRC must be a Hugging Face checkpoint folder)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardconvError(f"{cfg_path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ShardconvError(f"{cfg_path}: not a JSON object")
+
+    index_path = root / INDEX_NAME
+    weight_map: dict[str, str] | None = None
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except Exception:
+            raise ShardconvError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+        names = sorted(set(weight_map.values()))
+        shards = [_inside(root, n) for n in names]
+        for name, shard in zip(names, shards):
+            if not shard.is_file():
+                tensor = next(t for t, s in weight_map.items() if s == name)
+                raise ShardconvError(f"{index_path}: tensor {tensor!r} is in {name}, which does not exist")
+    elif (root / SINGLE_NAME).is_file():
+        shards = [root / SINGLE_NAME]
+    else:
+        shards = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+    if not shards:
+        raise ShardconvError(f"{root}: no .safetensors files (only safetensors checkpoints are supported)")
+
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        infos, _ = read_header(shard)
+        for name, info in sorted(infos.items(), key=lambda kv: kv[1].offset):
+            if name in tensors:
+                raise ShardconvError(f"{shard}: tensor {name!r} is also in {tensors[name].path.name}")
+            if weight_map is not None and weight_map.get(name) != str(shard.relative_to(root)):
+                # The header is the truth; a stale index entry is only worth a refusal if it points elsewhere.
+                if name in weight_map:
+                    raise ShardconvError(
+                        f"{index_path}: tensor {name!r} is listed in {weight_map[name]} but stored in {shard.name}"
+                    )
+            tensors[name] = info
+    if weight_map is not None:
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise ShardconvError(f"{index_path}: tensor {missing[0]!r} is listed but not in {weight_map[missing[0]]}")
+    return Source(root=root, config=config, shards=shards, tensors=tensors)
