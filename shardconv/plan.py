@@ -60,6 +60,15 @@ def matches(module: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*") for p in patterns)
 
 
+def fusion_rank(module: str) -> tuple[str, int]:
+    """Sort key putting group members in their conventional order (q, k, v; gate, up)."""
+    parent, _, leaf = module.rpartition(".")
+    for members in FUSION_SETS:
+        if leaf in members:
+            return (parent, members.index(leaf))
+    return (module, 0)
+
+
 def fusion_key(module: str) -> str | None:
     parent, _, leaf = module.rpartition(".")
     for members in FUSION_SETS:
@@ -215,7 +224,7 @@ def build_plan(
     quantized_names = {m.weight.name for ms in groups.values() for m in ms}
     units: list[Unit] = []
     for members in groups.values():
-        units.append(Unit(members=sorted(members, key=lambda m: m.module)))
+        units.append(Unit(members=sorted(members, key=lambda m: fusion_rank(m.module))))
     for info in source.tensors.values():
         if info.name not in quantized_names:
             units.append(Unit(copy=info))
@@ -255,7 +264,10 @@ def build_plan(
         shard_tensors[-1].extend(u.outputs)
         size += u.out_bytes
     n = len(shard_tensors)
-    shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if n == 1:
+        shard_names = ["model.safetensors"]  # as save_pretrained (and ModelOpt) name a single shard
+    else:
+        shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name)
 
 

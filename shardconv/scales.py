@@ -31,7 +31,10 @@ def input_scale(members: list[Member]) -> torch.Tensor | None:
     amaxes = [m.amax.input for m in members if m.amax is not None and m.amax.input is not None]
     if not amaxes:
         return None
-    return numerics.global_scale(torch.stack([a.reshape(()) for a in amaxes]).amax())
+    amax = torch.stack([a.reshape(()) for a in amaxes]).amax()
+    if amax == 0:  # ModelOpt's export_amax: an unused quantizer (amax 0) exports the fp4 max bound
+        amax = torch.tensor(numerics.FP4_MAX)
+    return numerics.global_scale(amax)
 
 
 def block_scales(

@@ -1,0 +1,159 @@
+"""Bad input: one clear line naming the file (and tensor), exit status 2, SRC untouched, no finished DST."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_cli, tree_digest
+from shardconv.synth import write_checkpoint
+
+
+@pytest.fixture()
+def src(tmp_path):
+    path = tmp_path / "src"
+    write_checkpoint(path, family="llama", num_layers=2, shard_size=100_000)
+    return path
+
+
+def shards(src):
+    return sorted(src.glob("model-*.safetensors"))
+
+
+def check_fails(src, dst, *needles, args=()):
+    before = tree_digest(src) if src.exists() else None
+    rc, err = run_cli("convert", src, dst, "--no-progress", *args)
+    assert rc == 2, err
+    assert err.startswith("shardconv: error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert str(n) in err, (n, err)
+    if before is not None:
+        assert tree_digest(src) == before
+    if dst.resolve() != src.resolve():
+        assert not (dst / "model.safetensors.index.json").exists()
+        assert not list(dst.glob("*.safetensors")) if dst.exists() else True
+    return err
+
+
+def test_missing_config(src, tmp_path):
+    (src / "config.json").unlink()
+    check_fails(src, tmp_path / "o", "config.json")
+
+
+def test_config_not_json(src, tmp_path):
+    (src / "config.json").write_text("{nope")
+    check_fails(src, tmp_path / "o", "config.json", "JSON")
+
+
+def test_no_safetensors(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    check_fails(src, tmp_path / "o", "no .safetensors")
+
+
+def test_index_names_missing_shard(src, tmp_path):
+    shards(src)[-1].unlink()
+    check_fails(src, tmp_path / "o", "model.safetensors.index.json", "does not exist")
+
+
+@pytest.mark.parametrize("bad", ["../outside.safetensors", "/etc/passwd"])
+def test_index_name_outside_src(src, tmp_path, bad):
+    idx = src / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = bad
+    idx.write_text(json.dumps(data))
+    check_fails(src, tmp_path / "o", "outside SRC", bad)
+
+
+def test_truncated_shard(src, tmp_path):
+    p = shards(src)[0]
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 100])
+    check_fails(src, tmp_path / "o", p.name, "truncated")
+
+
+def test_corrupt_header(src, tmp_path):
+    p = shards(src)[0]
+    data = bytearray(p.read_bytes())
+    data[8:12] = b"}}}}"
+    p.write_bytes(bytes(data))
+    check_fails(src, tmp_path / "o", p.name, "header")
+
+
+def test_header_length_beyond_file(src, tmp_path):
+    p = shards(src)[0]
+    data = bytearray(p.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) * 4)
+    p.write_bytes(bytes(data))
+    check_fails(src, tmp_path / "o", p.name, "header length")
+
+
+def test_unsupported_weight_dtype(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}))
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(32, 32, dtype=torch.int8)}, str(src / "model.safetensors"))
+    check_fails(src, tmp_path / "o", "model.safetensors", "model.layers.0.mlp.up_proj.weight", "I8")
+
+
+def test_nan_in_weight_names_tensor_and_cleans_up(src, tmp_path):
+    from safetensors.torch import load_file
+
+    p = next(p for p in shards(src) if any(n.endswith("o_proj.weight") for n in load_file(str(p))))
+    tensors = load_file(str(p))
+    name = next(n for n in tensors if n.endswith("o_proj.weight"))
+    tensors[name][1, 2] = float("nan")
+    save_file(tensors, str(p), metadata={"format": "pt"})
+    dst = tmp_path / "o"
+    check_fails(src, dst, p.name, name, "NaN")
+    assert not dst.exists()  # created by the run, removed by it
+
+
+def test_dst_not_empty_and_overwrite(src, tmp_path):
+    dst = tmp_path / "o"
+    dst.mkdir()
+    (dst / "something").write_text("x")
+    check_fails(src, dst, "not empty", "--overwrite")
+    assert (dst / "something").read_text() == "x"
+    rc, err = run_cli("convert", src, dst, "--overwrite", "--no-progress")
+    assert rc == 0, err and (dst / "model.safetensors.index.json").exists()
+
+
+def test_dst_inside_src(src):
+    check_fails(src, src / "out", "inside SRC")
+    check_fails(src, src, "inside SRC")
+
+
+def test_not_a_folder_or_repo(tmp_path):
+    rc, err = run_cli("convert", tmp_path / "nothing-here", tmp_path / "o")
+    assert rc == 2 and "nothing-here" in err
+
+
+def test_hub_repo_id_from_offline_cache(src, tmp_path, monkeypatch):
+    """A repo id resolves through huggingface_hub's cache layout (symlinked files), offline."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    blobs = repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        shutil.copyfile(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(blobs / f"blob{i}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache), raising=False)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
+    rc, err = run_cli("convert", "acme/tiny", tmp_path / "o", "--no-progress")
+    assert rc == 0, err
+    assert (tmp_path / "o" / "model.safetensors.index.json").exists()

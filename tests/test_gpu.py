@@ -1,0 +1,44 @@
+"""The CUDA path against the CPU reference: identical bytes (run on a GPU machine; skipped elsewhere)."""
+
+import pytest
+import torch
+
+from conftest import load_checkpoint, run_cli, same_bytes
+from shardconv import numerics as nx
+from shardconv.synth import write_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+
+def structured(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 0.05
+    idx = torch.randint(0, rows * cols, (rows * cols // 500,), generator=g)
+    w.view(-1)[idx] *= 40
+    w[:, :16] = 0
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_numerics_cuda_equals_cpu(dtype, seed):
+    w = structured(512, 1024, seed).to(dtype)
+    g = w.abs().max().float()
+    s2 = nx.global_scale(g)
+    cpu = (nx.block_scales_dynamic(w, s2), nx.block_scales_static(nx.block_amax(w) * 0.8, g))
+    wc = w.cuda()
+    gpu = (nx.block_scales_dynamic(wc, s2.cuda()), nx.block_scales_static(nx.block_amax(wc) * 0.8, g.cuda()))
+    for a, b in zip(cpu, gpu):
+        assert same_bytes(a, b.cpu())
+        assert same_bytes(nx.quantize(w, a, s2), nx.quantize(wc, b, s2.cuda()).cpu())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_conversion_cuda_equals_cpu(family, tmp_path):
+    src = tmp_path / "src"
+    write_checkpoint(src, family=family, weights="structured", num_layers=2, shard_size=200_000)
+    assert run_cli("convert", src, tmp_path / "cpu", "--device", "cpu", "--no-progress")[0] == 0
+    assert run_cli("convert", src, tmp_path / "gpu", "--device", "cuda", "--no-progress")[0] == 0
+    a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "gpu")
+    assert a.keys() == b.keys()
+    assert all(same_bytes(a[k], b[k]) for k in a)
