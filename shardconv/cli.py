@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
     c.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
                    help="largest output shard (default: 5GB)")
+    c.add_argument("--readers", type=int, default=4, metavar="N", help="reader threads (default: 4)")
+    c.add_argument("--host-buffer", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
+                   help="host staging buffers, pinned with a GPU (default: 1GiB; at least one fusion group)")
+    c.add_argument("--gpu-buffer", type=parse_size, default=parse_size("4GiB"), metavar="SIZE",
+                   help="GPU temporaries per quantize step (default: 4GiB)")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     c.add_argument("--overwrite", action="store_true", help="allow a non-empty DST (replaces its checkpoint files)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,7 +96,7 @@ def describe(plan) -> list[str]:
 def _convert(args) -> int:
     from .amax import load_amax
     from .formats import get_format
-    from .pipeline import convert
+    from .pipeline import Options, convert
     from .plan import build_plan
     from .quantize import pick_device
     from .source import open_source
@@ -118,8 +123,9 @@ def _convert(args) -> int:
             print("\n".join(describe(plan)))
             return 0
         device = pick_device(args.device)
-        summary = convert(plan, Path(dst), device=device, fmt=fmt, overwrite=overwrite,
-                          progress=not args.no_progress)
+        opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
+                       gpu_buffer=args.gpu_buffer, progress=not args.no_progress)
+        summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite)
         print(f"wrote {dst}")
         print("\n".join(summary.lines()))
         return 0

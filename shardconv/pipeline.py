@@ -1,31 +1,58 @@
-"""The streaming conversion: one unit (fusion group or passthrough tensor) at a time, in plan order.
+"""The streaming conversion, overlapped: reading, host-to-device copies, quantizing, device-to-host
+copies and writing all proceed at once, with bounded memory.
 
-Host memory holds one fusion group's weights and their quantized form; passthrough tensors go file
-to file. Output shards are written under ``.partial`` names and renamed when complete; the config
-files and, last, the index are written only after every shard is in place, so a DST without
-``model.safetensors.index.json`` is never a finished checkpoint. A failed run removes what it wrote.
+Stages:
+- reader threads fill reusable host buffers (pinned when a GPU is used) with ``pread``; tensors that
+  are kept go file to file (``copy_file_range``) on the same threads and never touch the GPU;
+- the main thread issues, per fusion group, the upload on a copy stream, the quantize kernels on a
+  compute stream and the download into pinned output buffers on a third stream, without waiting;
+- writer threads wait for a group's download, write its tensors at their planned offsets, and hand
+  the buffers back.
+Host memory is the two buffer pools (``--host-buffer``) plus a few small tensors, whatever the model
+size; the GPU holds one group plus row-chunked temporaries (``--gpu-buffer``). Output shards are
+written under ``.partial`` names and renamed when complete; the config files and, last, the index
+come after every shard, so a DST without ``model.safetensors.index.json`` is never a finished
+checkpoint. A failed run removes what it wrote.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ShardconvError
-from .plan import Plan
-from .quantize import quantize_group
+from .plan import Plan, Unit
+from .quantize import QuantizedWeight, check_finite, quantize_group
 from .safetensors_io import ShardWriter, read_into
 from .source import INDEX_NAME
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
 REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME}
 SKIP_DIRS = {"original"}  # Meta's consolidated weights in Llama repos
+DEFAULT_HOST_BUFFER = 1 * 2**30
+DEFAULT_GPU_BUFFER = 4 * 2**30
+LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
+
+
+@dataclass
+class Options:
+    """Pipeline knobs; the defaults suit one GPU and a fast local disk."""
+
+    device: torch.device = torch.device("cpu")
+    readers: int = 4
+    writers: int = 2
+    host_buffer: int = DEFAULT_HOST_BUFFER  # bytes of host staging buffers (pinned with a GPU)
+    gpu_buffer: int = DEFAULT_GPU_BUFFER  # bytes of GPU temporaries per quantize step
+    progress: bool = True
 
 
 @dataclass
@@ -69,14 +96,14 @@ def other_files(src: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
         rel_dir = Path(dirpath).relative_to(src)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (rel_dir == Path(".") and d in SKIP_DIRS))
+        top = rel_dir == Path(".")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d in SKIP_DIRS))
         for name in sorted(filenames):
-            rel = rel_dir / name
             if name.startswith(".") or name.endswith(SKIP_SUFFIXES) or name.endswith(".index.json"):
                 continue
-            if rel_dir == Path(".") and name in REWRITTEN:
+            if top and name in REWRITTEN:
                 continue
-            found.append(rel)
+            found.append(rel_dir / name)
     return found
 
 
@@ -86,10 +113,253 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def convert(plan: Plan, dst: Path, *, device: torch.device, fmt, overwrite: bool = False, progress: bool = True) -> Summary:
-    """Write the planned checkpoint into ``dst``."""
-    from tqdm.auto import tqdm
+class BufferPool:
+    """A fixed set of equal host buffers, taken several at a time (atomically, so no deadlock)."""
 
+    def __init__(self, count: int, size: int, pin: bool):
+        self.size = size
+        self.free = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+        self.count = count
+        self.cond = threading.Condition()
+
+    def take(self, n: int, block: bool = True) -> list[torch.Tensor] | None:
+        if n > self.count:
+            raise RuntimeError(f"a unit needs {n} buffers but the pool has {self.count}")
+        with self.cond:
+            while len(self.free) < n:
+                if not block:
+                    return None
+                self.cond.wait()
+            taken, self.free = self.free[:n], self.free[n:]
+            return taken
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        with self.cond:
+            self.free.extend(buffers)
+            self.cond.notify_all()
+
+
+class Shards:
+    """Output shard writers, opened on first use and finished when their last tensor is written."""
+
+    def __init__(self, plan: Plan, dst: Path):
+        self.plan, self.dst = plan, dst
+        self.writers: dict[int, ShardWriter] = {}
+        self.remaining = [len(ts) for ts in plan.shard_tensors]
+        self.finished: list[Path] = []
+        self.lock = threading.Lock()
+
+    def _writer(self, shard: int) -> ShardWriter:
+        with self.lock:
+            if shard not in self.writers:
+                path = self.dst / self.plan.shard_names[shard]
+                self.writers[shard] = ShardWriter(path, self.plan.shard_tensors[shard], {"format": "pt"})
+            return self.writers[shard]
+
+    def _done(self, shard: int, n: int) -> None:
+        with self.lock:
+            self.remaining[shard] -= n
+            last = self.remaining[shard] == 0
+        if last:
+            w = self.writers[shard]
+            w.finish()
+            with self.lock:
+                self.finished.append(w.path)
+
+    def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        w = self._writer(shard)
+        for name, t in tensors.items():
+            w.write(name, t)
+        self._done(shard, len(tensors))
+
+    def copy(self, shard: int, unit: Unit) -> None:
+        w = self._writer(shard)
+        w.copy_from(unit.copy.name, unit.copy)
+        self._done(shard, 1)
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+def _largest_member(plan: Plan) -> int:
+    return max((m.weight.nbytes for m in plan.quantized), default=0)
+
+
+def _largest_output(plan: Plan, fmt) -> int:
+    sizes = [0]
+    for u in plan.units:
+        for m in u.members:
+            outs = fmt.quantized_outputs(m.module, m.out_features, m.in_features, plan.w4a4)
+            sizes.append(sum(_aligned(t.nbytes) for t in outs))
+    return max(sizes)
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+class Converter:
+    """Runs one plan through the stages described in the module docstring."""
+
+    def __init__(self, plan: Plan, dst: Path, fmt, opts: Options):
+        self.plan, self.dst, self.fmt, self.opts = plan, dst, fmt, opts
+        self.cuda = opts.device.type == "cuda"
+        max_members = max((len(u.members) for u in plan.units), default=1)
+        slab = max(_largest_member(plan), 1)
+        # Enough buffers to keep every reader busy while a group is on the device, within the budget.
+        count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, opts.readers) + max_members))
+        self.inputs = BufferPool(count, slab, pin=self.cuda)
+        self.outputs = BufferPool(count, max(_largest_output(plan, fmt), 1), pin=self.cuda) if self.cuda else None
+        self.shards = Shards(plan, dst)
+        self.readers = ThreadPoolExecutor(max(1, opts.readers), thread_name_prefix="shardconv-read")
+        self.writers = ThreadPoolExecutor(max(1, opts.writers), thread_name_prefix="shardconv-write")
+        self.chunk = max(1 << 20, opts.gpu_buffer // 32) if self.cuda else None
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(opts.device)
+            self.compute = torch.cuda.Stream(opts.device)
+            self.d2h = torch.cuda.Stream(opts.device)
+        self.bar = None
+
+    # -- stage 1: readers -------------------------------------------------------------------------
+    def _read(self, unit: Unit, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [read_into(m.weight, buf) for m, buf in zip(unit.members, buffers)]
+
+    def _copy(self, unit: Unit) -> None:
+        if unit.copy is not None:
+            self.shards.copy(unit.shard, unit)
+        if unit.extra:
+            self.shards.write(unit.shard, dict(unit.extra))
+        self._advance(unit.in_bytes)
+
+    # -- stage 2: device work ---------------------------------------------------------------------
+    def _quantize_cuda(self, unit: Unit, weights: list[torch.Tensor], in_bufs):
+        dev = self.opts.device
+        with torch.cuda.stream(self.h2d):
+            on_dev = [w.to(dev, non_blocking=True) for w in weights]
+            uploaded = torch.cuda.Event()
+            uploaded.record(self.h2d)
+        self.compute.wait_event(uploaded)
+        with torch.cuda.stream(self.compute):
+            for t in on_dev:
+                t.record_stream(self.compute)
+            finite = torch.stack([torch.isfinite(t).all() for t in on_dev])
+            results = quantize_group(unit.members, on_dev, self.plan.scales, dev, to_cpu=False,
+                                     chunk=self.chunk, check=False)
+            done = torch.cuda.Event()
+            done.record(self.compute)
+        self.d2h.wait_event(done)
+        out_bufs = self.outputs.take(len(unit.members))
+        host: list[dict[str, torch.Tensor]] = []
+        with torch.cuda.stream(self.d2h):
+            finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+            finite.record_stream(self.d2h)
+            finite_host.copy_(finite, non_blocking=True)
+            for m, q, buf in zip(unit.members, results, out_bufs):
+                tensors = self.fmt.quantized_tensors(m.module, q)
+                pos, mine = 0, {}
+                for name, t in tensors.items():
+                    t.record_stream(self.d2h)
+                    raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+                    if raw.device.type != "cuda":  # e.g. input_scale built on the CPU
+                        mine[name] = t
+                        continue
+                    dst = buf[pos : pos + raw.numel()]
+                    dst.copy_(raw, non_blocking=True)
+                    mine[name] = dst.view(t.dtype).reshape(t.shape)
+                    pos += _aligned(raw.numel())
+                host.append(mine)
+            downloaded = torch.cuda.Event()
+            downloaded.record(self.d2h)
+        return host, (downloaded, finite_host, weights, in_bufs, out_bufs)
+
+    def _write_cuda(self, unit: Unit, host, state) -> None:
+        downloaded, finite_host, weights, in_bufs, out_bufs = state
+        try:
+            downloaded.synchronize()
+            for m, w, ok in zip(unit.members, weights, finite_host.tolist()):
+                if not ok:
+                    check_finite(m, w)  # raises with the position of the first bad value
+            for tensors in host:
+                self.shards.write(unit.shard, tensors)
+            if unit.extra:
+                self.shards.write(unit.shard, dict(unit.extra))
+        finally:
+            self.inputs.give(in_bufs)
+            self.outputs.give(out_bufs)
+        self._advance(unit.in_bytes)
+
+    def _write_cpu(self, unit: Unit, results: list[QuantizedWeight]) -> None:
+        for m, q in zip(unit.members, results):
+            self.shards.write(unit.shard, self.fmt.quantized_tensors(m.module, q))
+        if unit.extra:
+            self.shards.write(unit.shard, dict(unit.extra))
+        self._advance(unit.in_bytes)
+
+    def _advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        units = self.plan.units
+        pending: collections.deque[tuple[Unit, Future | None, list | None]] = collections.deque()
+        jobs: list[Future] = []
+        self.bar = tqdm(total=self.plan.in_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
+        nxt = 0
+
+        def submit(block: bool) -> None:
+            nonlocal nxt
+            while nxt < len(units) and len(pending) < LOOKAHEAD_UNITS:
+                u = units[nxt]
+                if not u.members:
+                    jobs.append(self.readers.submit(self._copy, u))
+                    pending.append((u, None, None))
+                else:
+                    bufs = self.inputs.take(len(u.members), block=block and not pending)
+                    if bufs is None:
+                        return
+                    pending.append((u, self.readers.submit(self._read, u, bufs), bufs))
+                nxt += 1
+
+        try:
+            while pending or nxt < len(units):
+                submit(block=True)
+                unit, future, bufs = pending.popleft()
+                if future is None:
+                    continue
+                weights = future.result()
+                if self.cuda:
+                    host, state = self._quantize_cuda(unit, weights, bufs)
+                    jobs.append(self.writers.submit(self._write_cuda, unit, host, state))
+                else:
+                    try:
+                        results = quantize_group(unit.members, weights, self.plan.scales, "cpu")
+                    finally:
+                        self.inputs.give(bufs)
+                    jobs.append(self.writers.submit(self._write_cpu, unit, results))
+                # surface a failed job early rather than after the whole model
+                while jobs and jobs[0].done():
+                    jobs.pop(0).result()
+            for job in jobs:
+                job.result()
+        finally:
+            self.readers.shutdown(wait=True, cancel_futures=True)
+            self.writers.shutdown(wait=True, cancel_futures=True)
+            self.bar.close()
+
+
+def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
+            device: torch.device | None = None, progress: bool | None = None) -> Summary:
+    """Write the planned checkpoint into ``dst``."""
+    opts = opts or Options()
+    if device is not None:
+        opts.device = device
+    if progress is not None:
+        opts.progress = progress
     src = plan.source.root
     dst = Path(dst)
     check_destination(src, dst, overwrite)
@@ -99,32 +369,10 @@ def convert(plan: Plan, dst: Path, *, device: torch.device, fmt, overwrite: bool
         for old in list(dst.glob("*.safetensors")) + list(dst.glob("*.partial")) + [dst / INDEX_NAME]:
             old.unlink(missing_ok=True)
     written: list[Path] = []
-    writer: ShardWriter | None = None
     start = time.perf_counter()
-    bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
-               disable=not progress, dynamic_ncols=True)
+    converter = Converter(plan, dst, fmt, opts)
     try:
-        last_unit_of_shard = {u.shard: i for i, u in enumerate(plan.units)}
-        for i, unit in enumerate(plan.units):
-            if writer is None:
-                path = dst / plan.shard_names[unit.shard]
-                writer = ShardWriter(path, plan.shard_tensors[unit.shard], {"format": "pt"})
-            if unit.copy is not None:
-                writer.copy_from(unit.copy.name, unit.copy)
-            if unit.members:
-                weights = [read_into(m.weight) for m in unit.members]
-                results = quantize_group(unit.members, weights, plan.scales, device)
-                del weights
-                for m, q in zip(unit.members, results):
-                    for name, tensor in fmt.quantized_tensors(m.module, q).items():
-                        writer.write(name, tensor)
-            for name, tensor in unit.extra.items():
-                writer.write(name, tensor)
-            bar.update(unit.in_bytes)
-            if last_unit_of_shard[unit.shard] == i:
-                writer.finish()
-                written.append(writer.path)
-                writer = None
+        converter.run()
         for rel in other_files(src):
             target = dst / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +385,12 @@ def convert(plan: Plan, dst: Path, *, device: torch.device, fmt, overwrite: bool
         index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        for path in written:
+        converter.shards.abort()
+        for path in written + converter.shards.finished:
             path.unlink(missing_ok=True)
         if created_dir:
             shutil.rmtree(dst, ignore_errors=True)
         raise
-    finally:
-        bar.close()
     return Summary(
         quantized=len(plan.quantized),
         kept=sum(1 for u in plan.units if u.copy is not None),
@@ -153,5 +398,5 @@ def convert(plan: Plan, dst: Path, *, device: torch.device, fmt, overwrite: bool
         out_bytes=plan.out_bytes,
         seconds=time.perf_counter() - start,
         shards=len(plan.shard_names),
-        device=str(device),
+        device=str(opts.device),
     )

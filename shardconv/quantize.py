@@ -27,8 +27,8 @@ class QuantizedWeight:
     input_scale: torch.Tensor | None  # float32 0-d, W4A4 only
 
 
-def _row_chunks(rows: int, cols: int):
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+def _row_chunks(rows: int, cols: int, chunk: int | None = None):
+    step = max(1, (chunk or CHUNK_ELEMENTS) // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
@@ -44,23 +44,33 @@ def check_finite(member: Member, weight: torch.Tensor) -> None:
 
 
 def quantize_group(
-    members: list[Member], weights: list[torch.Tensor], method: str, device: torch.device | str = "cpu"
+    members: list[Member],
+    weights: list[torch.Tensor],
+    method: str,
+    device: torch.device | str = "cpu",
+    *,
+    to_cpu: bool = True,
+    chunk: int | None = None,
+    check: bool = True,
 ) -> list[QuantizedWeight]:
     """Quantize every member of a group with one shared ``weight_scale_2`` and ``input_scale``.
 
-    ``weights`` are CPU (or device) tensors in their source dtype; results come back on the CPU.
+    ``weights`` are CPU (or device) tensors in their source dtype; results come back on the CPU
+    unless ``to_cpu`` is False (the pipeline copies them back itself, on its own stream).
+    ``check=False`` skips the NaN/Inf check, which synchronises a GPU; the caller then checks.
     """
     device = torch.device(device)
     on_device = [w.to(device, non_blocking=True) for w in weights]
     for m, w in zip(members, on_device):
-        check_finite(m, w)
+        if check:
+            check_finite(m, w)
     per_member = []
     for m, w in zip(members, on_device):
         if method == "amax":
             per_member.append(scales.weight_global_amax(m, w, method))
         else:  # chunked max, so no full-size temporary is made
             per_member.append(
-                torch.stack([w[r].abs().amax().float() for r in _row_chunks(*w.shape)]).amax()
+                torch.stack([w[r].abs().amax().float() for r in _row_chunks(*w.shape, chunk)]).amax()
             )
     group_amax = torch.stack(per_member).amax()
     scale_2 = numerics.global_scale(group_amax)
@@ -70,18 +80,16 @@ def quantize_group(
         out, cols = w.shape
         packed = torch.empty((out, cols // 2), dtype=torch.uint8, device=device)
         bscale = torch.empty((out, cols // numerics.BLOCK), dtype=torch.float8_e4m3fn, device=device)
-        for rows in _row_chunks(out, cols):
+        for rows in _row_chunks(out, cols, chunk):
             s = scales.block_scales(m, w[rows], group_amax, method, rows)
             bscale[rows] = s
             packed[rows] = numerics.quantize(w[rows], s, scale_2)
-        results.append(
-            QuantizedWeight(
-                packed.cpu(),
-                bscale.cpu(),
-                scale_2.cpu(),
-                None if in_scale is None else in_scale.cpu(),
-            )
-        )
+        results.append(QuantizedWeight(packed, bscale, scale_2, in_scale))
+    if to_cpu:
+        results = [
+            QuantizedWeight(*(None if t is None else t.cpu() for t in (q.packed, q.scale, q.scale_2, q.input_scale)))
+            for q in results
+        ]
     return results
 
 
