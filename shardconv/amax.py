@@ -4,7 +4,8 @@ Accepted: a torch file (``torch.load(weights_only=True)``, so a pickle carrying 
 a safetensors file, holding ModelOpt's state-dict keys (FORMAT.md §7). Extra keys (weights, other
 buffers) are ignored. transformers-5 fused-expert quantizers
 (``experts.gate_up_proj_weight_quantizers.{e}``) are split back into the per-expert modules that
-checkpoints store on disk.
+checkpoints store on disk; BMM-style stacks (GPT-OSS ``experts.gate_up_proj_weight_quantizer``) are
+kept under the stacked tensor's name.
 """
 
 from __future__ import annotations
@@ -139,6 +140,20 @@ def load_amax(path: str | Path) -> AmaxFile:
     # transformers-5 fused experts: per-expert weight quantizers over [2I, H] (gate rows first),
     # one input quantizer per projection shared by all experts.
     shared_inputs = {(mod, proj): v for mod, proj, kind, e, buf, v in fused if kind == "input" and buf == "_amax"}
+    # BMM-style stacks (GPT-OSS, Llama-4: ``experts.gate_up_proj [E, in, out]`` on disk): one weight
+    # quantizer per projection covers every expert; static block amax are over the transpose,
+    # ``[E, out, in/16]``. Planned under the stacked tensor's name.
+    for module, proj, kind, expert, buffer, value in fused:
+        if expert is not None:
+            continue
+        entry = modules.setdefault(f"{module}.{proj}", ModuleAmax())
+        if kind == "input":
+            if buffer == "_amax":
+                entry.input = value.reshape(-1).amax()
+        elif buffer == "_global_amax":
+            entry.global_amax = value.reshape(())
+        else:
+            entry.weight = value.reshape(()) if value.numel() == 1 else value
     for module, proj, kind, expert, buffer, value in fused:
         if kind != "weight" or expert is None:
             continue

@@ -45,10 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "file has weight amax, else max)")
     c.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep matching modules in source precision (glob over module names; repeatable)")
-    c.add_argument("--format", default="modelopt", choices=("modelopt",), help="output layout (default: modelopt)")
+    c.add_argument("--format", default="modelopt", choices=("modelopt", "compressed-tensors"),
+                   help="output layout: modelopt (ModelOpt's unified HF checkpoint) or compressed-tensors "
+                   "(nvfp4-pack-quantized) (default: modelopt)")
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
     c.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
                    help="largest output shard (default: 5GB)")
+    c.add_argument("--export-rounding", choices=("cpu", "cuda"), default="cpu",
+                   help="reproduce the bytes of a ModelOpt export that ran on this device kind: its scalar "
+                   "divisions round differently on CUDA (default: cpu)")
     c.add_argument("--readers", type=int, default=4, metavar="N", help="reader threads (default: 4)")
     c.add_argument("--host-buffer", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
                    help="host staging buffers, pinned with a GPU (default: 1GiB; at least one fusion group)")
@@ -64,17 +69,49 @@ def _pattern(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
+_TESTED_MODEL_TYPES = {"llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"}
+
+
+def _family(plan) -> str:
+    """What the plan found in this model family: MoE layout, shared experts, MLA, kept subtrees, FP8."""
+    model_type = plan.source.config.get("model_type") or "?"
+    names = [m.module for m in plan.quantized] + list(plan.excluded)
+    found = []
+    per_expert = {m.group(1) for n in names if (m := re.search(r"^(.*\.experts\.\d+)\.", n))}
+    if per_expert:
+        layers = {re.sub(r"\.\d+$", "", e) for e in per_expert}
+        found.append(f"MoE, {len(per_expert)} per-expert MLPs in {len(layers)} layers")
+    stacked = [m for m in plan.quantized if m.stacked]
+    if stacked:
+        found.append(f"{len(stacked)} stacked [E, in, out] expert tensors (ModelOpt's transposed layout)")
+    if any(re.search(r"\.shared_experts?\.", n) for n in names):
+        found.append("shared experts")
+    if any(n.endswith("q_a_proj") or n.endswith("kv_a_proj_with_mqa") for n in names):
+        found.append("MLA (q_a_proj + kv_a_proj_with_mqa grouped)")
+    subtrees = [p for p in plan.exclude_list() if p.endswith(".*")]
+    if subtrees:
+        found.append("kept whole: " + ", ".join(subtrees))
+    if plan.fp8 is not None:
+        found.append(f"FP8 source, {plan.fp8.block[0]}x{plan.fp8.block[1]} blocks, dequantized to bf16")
+    if model_type not in _TESTED_MODEL_TYPES:
+        found.append("not a tested family: fusion groups found by name")
+    return model_type + (": " + "; ".join(found) if found else "")
+
+
 def describe(plan) -> list[str]:
     """The --dry-run report: counts, bytes, fusion groups and exclusions, grouped by name pattern."""
     src = plan.source
     arch = ",".join(src.config.get("architectures") or ["?"])
+    n_dequant = sum(1 for u in plan.units if getattr(u, "dequant", None) is not None)
     lines = [
         f"source      {src.root}  ({len(src.shards)} shards, {src.total_bytes / 1e9:.3f} GB, {arch})",
+        f"family      {_family(plan)}",
         f"scales      {plan.scales}  -> quant_algo {plan.quant_algo}" + ("  + FP8 KV cache" if plan.kv_cache else ""),
         f"quantize    {len(plan.quantized)} Linear weights in {sum(1 for u in plan.units if u.members)} units "
         f"({len(plan.groups)} fusion groups)",
         f"keep        {sum(1 for u in plan.units if u.copy is not None)} tensors as they are "
-        f"({len(plan.excluded)} excluded Linear modules)",
+        f"({len(plan.excluded)} excluded Linear modules)"
+        + (f", {n_dequant} excluded FP8 weights dequantized to bf16" if n_dequant else ""),
         f"output      {len(plan.shard_names)} shards, {plan.out_bytes / 1e9:.3f} GB "
         f"({src.total_bytes / max(plan.out_bytes, 1):.2f}x smaller), format {plan.format_name}",
     ]
@@ -88,8 +125,22 @@ def describe(plan) -> list[str]:
             lines.append(f"  {n:5d} x {common}.{{{leaves}}}")
     if plan.excluded:
         lines.append("excluded (kept in source precision):")
-        for (pattern, reason), n in sorted(Counter((_pattern(m), r) for m, r in plan.excluded.items()).items()):
+        from .plan import excluded_subtree
+
+        rows: Counter = Counter()
+        for m, r in plan.excluded.items():
+            root = excluded_subtree(m, src.config)
+            if root:  # an MTP layer or tower is listed whole, as it is in the config
+                r = "MTP layer" if "MTP" in r or root.rsplit(".", 1)[-1].isdigit() else "vision/audio tower"
+                rows[(f"{root}.*", f"{r}, kept whole")] += 1
+            else:
+                rows[(_pattern(m), r)] += 1
+        for (pattern, reason), n in sorted(rows.items()):
             lines.append(f"  {n:5d} x {pattern}  ({reason})")
+        ignore = plan.exclude_list()
+        lines.append(f"exclusion list ({len(ignore)} entries in the config): " + ", ".join(ignore[:6])
+                     + (", ..." if len(ignore) > 6 else ""))
+    lines += [f"note        {n}" for n in plan.notes]
     return lines
 
 
@@ -112,6 +163,9 @@ def _convert(args) -> int:
         if dst is None:
             dst, overwrite = SAMPLE_DST, True
     try:
+        from .numerics import set_export_rounding
+
+        set_export_rounding(args.export_rounding)
         source = open_source(src)
         if dst is None:
             dst = f"{source.root.name}-NVFP4"
@@ -122,6 +176,8 @@ def _convert(args) -> int:
         if args.dry_run:
             print("\n".join(describe(plan)))
             return 0
+        for note in plan.notes:
+            print(f"note: {note}")
         device = pick_device(args.device)
         opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
                        gpu_buffer=args.gpu_buffer, progress=not args.no_progress)

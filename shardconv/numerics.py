@@ -21,9 +21,34 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
+# How a tensor is divided by a Python number. ModelOpt writes ``amax / 2688.0``, ``amax / 6.0``,
+# ``amax / 448.0``: on the CPU torch divides (one rounding); on CUDA it multiplies by the fp32
+# reciprocal (``a * fp32(1/d)``, ATen's div_true_kernel_cuda), which is one ulp off for some values.
+# So ModelOpt's own bytes depend on where its export ran. We compute either rule on any device:
+# "cpu" (the default, checked against ModelOpt exports in tests/golden) or "cuda".
+EXPORT_ROUNDING = "cpu"
+
+
+def set_export_rounding(kind: str) -> None:
+    """Reproduce a ModelOpt export that ran on ``"cpu"`` or on ``"cuda"``."""
+    global EXPORT_ROUNDING
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"export rounding must be 'cpu' or 'cuda', not {kind!r}")
+    EXPORT_ROUNDING = kind
+
+
+def div_scalar(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` for a Python number ``d``, rounded as ModelOpt's export on EXPORT_ROUNDING's device."""
+    if EXPORT_ROUNDING == "cuda":
+        inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(d, dtype=torch.float32)
+        return x * inv.to(x.device)
+    # a divisor tensor on x's own device keeps CUDA from substituting the reciprocal
+    return x / torch.tensor(d, dtype=torch.float32, device=x.device)
+
+
 def global_scale(global_amax: torch.Tensor) -> torch.Tensor:
     """``weight_scale_2`` (and ``input_scale``): amax / (6 * 448) in fp32, a 0-d tensor."""
-    return global_amax.float().reshape(()) / (FP4_MAX * FP8_MAX)
+    return div_scalar(global_amax.float().reshape(()), FP4_MAX * FP8_MAX)
 
 
 def block_amax(weight: torch.Tensor) -> torch.Tensor:
@@ -43,9 +68,9 @@ def block_scales_dynamic(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> 
 
 def block_scales_static(block_amax_: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     """e4m3 block scales from saved per-block amax and the (group's) global amax (static path)."""
-    scale = block_amax_.float() / FP4_MAX
+    scale = div_scalar(block_amax_.float(), FP4_MAX)
     scale[scale == 0] = 1.0
-    scale_max = global_amax.float().reshape(()).to(scale.device) / FP4_MAX
+    scale_max = div_scalar(global_amax.float().reshape(()).to(scale.device), FP4_MAX)
     return (scale * FP8_MAX / scale_max).clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from .errors import ShardconvError
 from .plan import Plan, Unit
+from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
 from .safetensors_io import ShardWriter, read_into
 from .source import INDEX_NAME
@@ -41,6 +42,22 @@ SKIP_DIRS = {"original"}  # Meta's consolidated weights in Llama repos
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
+PROFILE = bool(os.environ.get("SHARDCONV_PROFILE"))
+
+
+class StageClock:
+    """Seconds spent per stage (summed over threads), printed with SHARDCONV_PROFILE=1."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.lock = threading.Lock()
+
+    def add(self, stage: str, since: float) -> None:
+        with self.lock:
+            self.seconds[stage] += time.perf_counter() - since
+
+    def report(self) -> str:
+        return "  ".join(f"{k} {v:.1f}s" for k, v in sorted(self.seconds.items()))
 
 
 @dataclass
@@ -64,6 +81,7 @@ class Summary:
     seconds: float
     shards: int
     device: str
+    gpu_peak: int | None = None  # bytes
 
     def lines(self) -> list[str]:
         gbps = self.in_bytes / max(self.seconds, 1e-9) / 1e9
@@ -75,7 +93,7 @@ class Summary:
             f"bytes out          {self.out_bytes / 1e9:.3f} GB  ({self.shards} shards)",
             f"compression        {ratio:.2f}x",
             f"time               {self.seconds:.1f} s  ({gbps:.2f} GB/s of input, {self.device})",
-        ]
+        ] + ([f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -190,7 +208,7 @@ def _largest_output(plan: Plan, fmt) -> int:
     sizes = [0]
     for u in plan.units:
         for m in u.members:
-            outs = fmt.quantized_outputs(m.module, m.out_features, m.in_features, plan.w4a4)
+            outs = fmt.quantized_outputs(m.module, m.out_features, m.in_features, plan.w4a4, experts=m.experts)
             sizes.append(sum(_aligned(t.nbytes) for t in outs))
     return max(sizes)
 
@@ -220,14 +238,22 @@ class Converter:
             self.compute = torch.cuda.Stream(opts.device)
             self.d2h = torch.cuda.Stream(opts.device)
         self.bar = None
+        self.clock = StageClock()
 
     # -- stage 1: readers -------------------------------------------------------------------------
     def _read(self, unit: Unit, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [read_into(m.weight, buf) for m, buf in zip(unit.members, buffers)]
+        t0 = time.perf_counter()
+        out = [read_into(m.weight, buf) for m, buf in zip(unit.members, buffers)]
+        self.clock.add("read", t0)
+        return out
 
     def _copy(self, unit: Unit) -> None:
         if unit.copy is not None:
+            t0 = time.perf_counter()
             self.shards.copy(unit.shard, unit)
+            self.clock.add("copy", t0)
+        if unit.dequant is not None:  # an excluded FP8 weight, written dequantized as bf16 (fp8.py)
+            self.shards.write(unit.shard, {unit.dequant[0].name: fp8.dequantize_tensor(*unit.dequant)})
         if unit.extra:
             self.shards.write(unit.shard, dict(unit.extra))
         self._advance(unit.in_bytes)
@@ -243,7 +269,7 @@ class Converter:
         with torch.cuda.stream(self.compute):
             for t in on_dev:
                 t.record_stream(self.compute)
-            finite = torch.stack([torch.isfinite(t).all() for t in on_dev])
+            finite = torch.stack([fp8.isfinite(t).all() for t in on_dev])  # fp8.py: FP8 sources too
             results = quantize_group(unit.members, on_dev, self.plan.scales, dev, to_cpu=False,
                                      chunk=self.chunk, check=False)
             done = torch.cuda.Event()
@@ -276,7 +302,10 @@ class Converter:
     def _write_cuda(self, unit: Unit, host, state) -> None:
         downloaded, finite_host, weights, in_bufs, out_bufs = state
         try:
+            t0 = time.perf_counter()
             downloaded.synchronize()
+            self.clock.add("gpu-wait", t0)
+            t0 = time.perf_counter()
             for m, w, ok in zip(unit.members, weights, finite_host.tolist()):
                 if not ok:
                     check_finite(m, w)  # raises with the position of the first bad value
@@ -284,16 +313,19 @@ class Converter:
                 self.shards.write(unit.shard, tensors)
             if unit.extra:
                 self.shards.write(unit.shard, dict(unit.extra))
+            self.clock.add("write", t0)
         finally:
             self.inputs.give(in_bufs)
             self.outputs.give(out_bufs)
         self._advance(unit.in_bytes)
 
     def _write_cpu(self, unit: Unit, results: list[QuantizedWeight]) -> None:
+        t0 = time.perf_counter()
         for m, q in zip(unit.members, results):
             self.shards.write(unit.shard, self.fmt.quantized_tensors(m.module, q))
         if unit.extra:
             self.shards.write(unit.shard, dict(unit.extra))
+        self.clock.add("write", t0)
         self._advance(unit.in_bytes)
 
     def _advance(self, n: int) -> None:
@@ -331,7 +363,10 @@ class Converter:
                 unit, future, bufs = pending.popleft()
                 if future is None:
                     continue
+                t0 = time.perf_counter()
                 weights = future.result()
+                self.clock.add("main-wait-read", t0)
+                t0 = time.perf_counter()
                 if self.cuda:
                     host, state = self._quantize_cuda(unit, weights, bufs)
                     jobs.append(self.writers.submit(self._write_cuda, unit, host, state))
@@ -341,15 +376,24 @@ class Converter:
                     finally:
                         self.inputs.give(bufs)
                     jobs.append(self.writers.submit(self._write_cpu, unit, results))
+                self.clock.add("main-quantize", t0)
                 # surface a failed job early rather than after the whole model
                 while jobs and jobs[0].done():
                     jobs.pop(0).result()
+            t0 = time.perf_counter()
             for job in jobs:
                 job.result()
+            self.clock.add("main-drain", t0)
         finally:
             self.readers.shutdown(wait=True, cancel_futures=True)
             self.writers.shutdown(wait=True, cancel_futures=True)
             self.bar.close()
+            if PROFILE:
+                import resource
+
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"profile: {self.clock.report()}  peak RSS {rss:.0f} MB  "
+                      f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB", flush=True)
 
 
 def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
@@ -399,4 +443,5 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         seconds=time.perf_counter() - start,
         shards=len(plan.shard_names),
         device=str(opts.device),
+        gpu_peak=torch.cuda.max_memory_reserved(opts.device) if opts.device.type == "cuda" else None,
     )

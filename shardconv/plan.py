@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fp8 as fp8_input
 from .amax import AmaxFile, ModuleAmax
 from .errors import ShardconvError
 from .numerics import BLOCK
@@ -31,6 +32,36 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|word_embeddings|embed_
 _ROUTER_LEAVES = {"gate", "router", "shared_expert_gate"}
 _TOWERS = {"visual", "vision_tower", "vision_model", "vision_encoder", "multi_modal_projector", "mm_projector",
            "audio_tower", "audio_model"}
+# Stacked ("BMM-style") experts ModelOpt exports transposed (FORMAT.md §5): [E, in, out] on disk.
+STACKED_EXPERT_MODEL_TYPES = {"gpt_oss", "llama4", "llama4_text"}
+_STACKED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _model_types(config: dict) -> set:
+    types = {config.get("model_type")}
+    for key in ("text_config", "language_config", "llm_config"):
+        if isinstance(config.get(key), dict):
+            types.add(config[key].get("model_type"))
+    return types
+
+
+def excluded_subtree(module: str, config: dict) -> str | None:
+    """The root of the MTP layer or vision/audio tower holding ``module``: a subtree kept whole.
+
+    Exclusion lists name such a subtree as ``root.*`` (FORMAT.md §4): engines rename modules inside
+    it (vLLM's DeepSeek MTP adds ``mtp_block``), so exact names would miss, and a bare prefix would
+    also hit ``model.layers.10`` when excluding ``model.layers.1``.
+    """
+    parts = module.split(".")
+    for i, p in enumerate(parts):
+        if p in _TOWERS or p == "mtp":
+            return ".".join(parts[: i + 1])
+    num_layers = config.get("num_hidden_layers")
+    if (config.get("num_nextn_predict_layers") or 0) and num_layers is not None:
+        for i, p in enumerate(parts[:-1]):
+            if p == "layers" and parts[i + 1].isdigit() and int(parts[i + 1]) >= num_layers:
+                return ".".join(parts[: i + 2])
+    return None
 
 
 def default_exclusion(module: str, config: dict) -> str | None:
@@ -81,17 +112,24 @@ def fusion_key(module: str) -> str | None:
 class Member:
     """One quantized Linear: its module name, weight tensor and saved amax (if any)."""
 
-    module: str
+    module: str  # stacked experts: the tensor name (``...experts.gate_up_proj``), which outputs extend
     weight: TensorInfo
     amax: ModuleAmax | None = None
+    scale_inv: TensorInfo | None = None  # FP8 block-quantized source: its weight_scale_inv
+    fp8_block: tuple[int, int] | None = None
+    stacked: bool = False  # [E, in, out] expert stack, quantized per expert along `in`
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[-1] if self.stacked else self.weight.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight.shape[-2] if self.stacked else self.weight.shape[1]
+
+    @property
+    def experts(self) -> int | None:
+        return self.weight.shape[0] if self.stacked else None
 
 
 @dataclass
@@ -103,18 +141,26 @@ class Unit:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # small tensors known at plan time
     outputs: list[PlannedTensor] = field(default_factory=list)
     shard: int = 0
+    # an excluded FP8 weight, written dequantized (bf16): (weight, weight_scale_inv, block)
+    dequant: tuple[TensorInfo, TensorInfo, tuple[int, int]] | None = None
 
     @property
     def in_bytes(self) -> int:
-        return sum(m.weight.nbytes for m in self.members) + (self.copy.nbytes if self.copy else 0)
+        fp8 = self.dequant[0].nbytes + self.dequant[1].nbytes if self.dequant else 0
+        return sum(m.weight.nbytes for m in self.members) + (self.copy.nbytes if self.copy else 0) + fp8
 
     @property
     def out_bytes(self) -> int:
         return sum(t.nbytes for t in self.outputs)
 
     @property
+    def first(self) -> TensorInfo:
+        """The unit's first input tensor (units are processed in input order)."""
+        return self.copy or (self.dequant[0] if self.dequant else self.members[0].weight)
+
+    @property
     def position(self) -> tuple[str, int]:
-        info = self.copy or self.members[0].weight
+        info = self.first
         return (str(info.path), info.offset)
 
 
@@ -129,6 +175,8 @@ class Plan:
     w4a4: bool
     kv_cache: bool
     format_name: str
+    notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
+    fp8: fp8_input.Fp8Blocks | None = None  # FP8 block-quantized source, dequantized on the fly
 
     @property
     def quantized(self) -> list[Member]:
@@ -151,8 +199,13 @@ class Plan:
         return "NVFP4" if self.w4a4 else "W4A16_NVFP4"
 
     def exclude_list(self) -> list[str]:
-        """Excluded modules for the config files: exact module names, sorted."""
-        return sorted(self.excluded)
+        """Excluded modules for the config files, sorted: exact module names, and ``root.*`` for a
+        whole MTP layer or vision/audio tower (never a bare prefix, FORMAT.md §4)."""
+        out = set()
+        for module in self.excluded:
+            root = excluded_subtree(module, self.source.config)
+            out.add(f"{root}.*" if root else module)
+        return sorted(out)
 
 
 def _is_linear_weight(info: TensorInfo) -> bool:
@@ -174,35 +227,52 @@ def build_plan(
         scales = "amax" if amax is not None and amax.has_weight_amax else "max"
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
         raise ShardconvError("--scales amax needs an --amax file with weight_quantizer amax entries")
-    if source.config.get("quantization_config"):
-        method = source.config["quantization_config"].get("quant_method", "?")
-        raise ShardconvError(
-            f"{source.root / 'config.json'}: the checkpoint is already quantized (quant_method {method!r}); "
-            "shardconv needs bf16, fp16 or fp32 weights"
-        )
+    fp8 = fp8_input.input_quantization(source)  # refuses 4-bit and other quantized inputs
+    notes: list[str] = []
+    stack_types = _model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
+    fmt_stacked = getattr(fmt, "supports_stacked_experts", True)
 
     excluded: dict[str, str] = {}
     candidates: list[Member] = []
+    dropped: set[str] = set()  # FP8 weight_scale_inv / input_scale tensors: not part of the output
+    fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight name -> its weight_scale_inv
     for info in source.tensors.values():
-        if not _is_linear_weight(info):
+        stacked = len(info.shape) == 3 and bool(_STACKED.search(info.name))
+        if not (_is_linear_weight(info) or stacked):
             continue
-        module = info.name[: -len(".weight")]
-        reason = default_exclusion(module, source.config)
-        if reason is None and matches(module, excludes):
+        # A stacked tensor's outputs extend its own name; exclusion lists name its experts module.
+        module = info.name if stacked else info.name[: -len(".weight")]
+        owner = module.rpartition(".")[0] if stacked else module
+        reason = default_exclusion(owner, source.config)
+        if reason is None and (matches(owner, excludes) or matches(module, excludes)):
             reason = "--exclude"
-        if reason is None and info.dtype not in QUANTIZABLE_DTYPES:
+        scale = None
+        if fp8 is not None and info.dtype == "F8_E4M3" and not stacked:
+            scale = source.tensors.get(module + fp8_input.SCALE_SUFFIX)
+            fp8_input.check_scale(info, scale, fp8)
+            fp8_scales[info.name] = scale
+            dropped.update((scale.name, f"{module}.input_scale"))
+        if reason is None and stacked and not stack_types:
+            reason = "3-D expert stack of unknown layout (only GPT-OSS / Llama-4 [E, in, out] stacks are quantized)"
+        if reason is None and stacked and not fmt_stacked:
+            reason = f"stacked experts have no {fmt.name} layout"
+        if reason is None and info.dtype not in QUANTIZABLE_DTYPES and scale is None:
             raise ShardconvError(
                 f"{info.path}: tensor {info.name!r} has dtype {info.dtype}; only BF16, F16 and F32 weights "
-                "can be quantized (use --exclude to keep it)"
+                "(or FP8 with weight_scale_inv blocks) can be quantized (use --exclude to keep it)"
             )
-        if reason is None and info.shape[1] % BLOCK:
-            reason = f"in_features {info.shape[1]} is not a multiple of {BLOCK}"
-        if reason is None and info.shape[0] == 0:
+        in_features = info.shape[1]
+        if reason is None and in_features % BLOCK:
+            reason = f"in_features {in_features} is not a multiple of {BLOCK}"
+        if reason is None and 0 in info.shape:
             reason = "empty"
         if reason:
-            excluded[module] = reason
+            excluded[owner] = reason
         else:
-            candidates.append(Member(module, info))
+            candidates.append(Member(module, info, scale_inv=scale, fp8_block=fp8.block if scale else None,
+                                     stacked=stacked))
+    # A stack's gate_up_proj and down_proj are listed under one experts module: both or neither.
+    candidates = [m for m in candidates if not (m.stacked and m.module.rpartition(".")[0] in excluded)]
 
     # Fusion groups: all members quantized, or none.
     groups: dict[str, list[Member]] = {}
@@ -226,14 +296,20 @@ def build_plan(
     for members in groups.values():
         units.append(Unit(members=sorted(members, key=lambda m: fusion_rank(m.module))))
     for info in source.tensors.values():
-        if info.name not in quantized_names:
+        if info.name in quantized_names or info.name in dropped:
+            continue
+        if info.name in fp8_scales:  # an excluded FP8 weight: written dequantized, as bf16
+            units.append(Unit(dequant=(info, fp8_scales[info.name], fp8.block)))
+        else:
             units.append(Unit(copy=info))
     order = {p: i for i, p in enumerate(source.shards)}
-    units.sort(key=lambda u: (order[(u.copy or u.members[0].weight).path], u.position[1]))
+    units.sort(key=lambda u: (order[u.first.path], u.first.offset))
 
     # KV-cache scales ride with the unit holding the attention's k_proj.
     kv_cache = False
-    if amax is not None and amax.kv:
+    if amax is not None and amax.kv and not getattr(fmt, "supports_kv_cache", True):
+        notes.append(f"the amax file's k/v cache amax are not used: the {fmt.name} output has no FP8 KV-cache scales")
+    elif amax is not None and amax.kv:
         kv_cache = True
         by_module = {m.module: u for u in units for m in u.members}
         for attention, kv in sorted(amax.kv.items()):
@@ -248,8 +324,10 @@ def build_plan(
     for u in units:
         if u.copy is not None:
             u.outputs = [PlannedTensor(u.copy.name, u.copy.dtype, u.copy.shape)]
+        if u.dequant is not None:
+            u.outputs = [PlannedTensor(u.dequant[0].name, fp8_input.DEQUANT_DTYPE_NAME, u.dequant[0].shape)]
         for m in u.members:
-            u.outputs += fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4)
+            u.outputs += fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
         for name, t in u.extra.items():
             u.outputs.append(PlannedTensor(name, fmt.dtype_name(t), tuple(t.shape)))
 
@@ -268,7 +346,11 @@ def build_plan(
         shard_names = ["model.safetensors"]  # as save_pretrained (and ModelOpt) name a single shard
     else:
         shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name)
+    if fp8 is not None:
+        notes.append(f"FP8 source ({fp8.block[0]}x{fp8.block[1]} blocks): weights are dequantized to bf16 first; "
+                     "its quantization_config and weight_scale_inv tensors are replaced")
+    return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
+                notes=notes, fp8=fp8)
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:
@@ -280,7 +362,7 @@ def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> No
         return
     if a is None or a.weight is None:
         raise ShardconvError(f"{where}: no weight_quantizer._amax")
-    n_blocks = m.out_features * (m.in_features // BLOCK)
+    n_blocks = m.out_features * (m.in_features // BLOCK) * (m.experts or 1)
     if a.static:
         if a.weight.numel() != n_blocks:
             raise ShardconvError(

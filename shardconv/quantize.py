@@ -6,11 +6,12 @@ correctly rounded fp32 operations (see numerics.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from . import numerics, scales
+from . import fp8, numerics, scales
+from .amax import ModuleAmax
 from .errors import ShardconvError
 from .plan import Member
 
@@ -21,8 +22,8 @@ CHUNK_ELEMENTS = 1 << 24  # rows per step are chosen so fp32 temporaries stay ar
 class QuantizedWeight:
     """An NVFP4 Linear weight, on the CPU, in ModelOpt's conventions."""
 
-    packed: torch.Tensor  # uint8 [out, in/2]
-    scale: torch.Tensor  # float8_e4m3fn [out, in/16]
+    packed: torch.Tensor  # uint8 [out, in/2] (stacked experts: [E, in/2, out], ModelOpt's BMM layout)
+    scale: torch.Tensor  # float8_e4m3fn [out, in/16] (stacked experts: [E, in/16, out])
     scale_2: torch.Tensor  # float32 0-d
     input_scale: torch.Tensor | None  # float32 0-d, W4A4 only
 
@@ -34,12 +35,14 @@ def _row_chunks(rows: int, cols: int, chunk: int | None = None):
 
 
 def check_finite(member: Member, weight: torch.Tensor) -> None:
-    for rows in _row_chunks(*weight.shape):
-        if not torch.isfinite(weight[rows]).all():
-            bad = (~torch.isfinite(weight[rows])).nonzero()[0].tolist()
+    for rows in _row_chunks(weight.shape[0], weight[0].numel() if len(weight) else 1):
+        if not fp8.isfinite(weight[rows]).all():
+            bad = (~fp8.isfinite(weight[rows])).nonzero()[0].tolist()
+            bad[0] += rows.start
+            where = f"row {bad[0]}, column {bad[1]}" if len(bad) == 2 else f"index {bad}"
             raise ShardconvError(
                 f"{member.weight.path}: tensor {member.weight.name!r} has NaN/Inf values "
-                f"(first at row {bad[0] + rows.start}, column {bad[1]}); cannot quantize it"
+                f"(first at {where}); cannot quantize it"
             )
 
 
@@ -61,6 +64,7 @@ def quantize_group(
     """
     device = torch.device(device)
     on_device = [w.to(device, non_blocking=True) for w in weights]
+    on_device = [fp8.source_weight(m, w) for m, w in zip(members, on_device)]  # FP8 blocks -> bf16
     for m, w in zip(members, on_device):
         if check:
             check_finite(m, w)
@@ -70,13 +74,16 @@ def quantize_group(
             per_member.append(scales.weight_global_amax(m, w, method))
         else:  # chunked max, so no full-size temporary is made
             per_member.append(
-                torch.stack([w[r].abs().amax().float() for r in _row_chunks(*w.shape, chunk)]).amax()
+                torch.stack([w[r].abs().amax().float() for r in _row_chunks(w.shape[0], w[0].numel(), chunk)]).amax()
             )
     group_amax = torch.stack(per_member).amax()
     scale_2 = numerics.global_scale(group_amax)
     in_scale = scales.input_scale(members)
     results = []
     for m, w in zip(members, on_device):
+        if m.stacked:
+            results.append(_quantize_stacked(m, w, group_amax, scale_2, in_scale, method, device, chunk))
+            continue
         out, cols = w.shape
         packed = torch.empty((out, cols // 2), dtype=torch.uint8, device=device)
         bscale = torch.empty((out, cols // numerics.BLOCK), dtype=torch.float8_e4m3fn, device=device)
@@ -91,6 +98,27 @@ def quantize_group(
             for q in results
         ]
     return results
+
+
+def _quantize_stacked(m: Member, w: torch.Tensor, group_amax, scale_2, in_scale, method, device, chunk):
+    """A stacked ``[E, in, out]`` expert tensor (GPT-OSS, Llama-4), as ModelOpt exports it: each expert's
+    transpose ``[out, in]`` is quantized (blocks along ``in``) under the one ``scale_2`` of the whole
+    stack, and the results are transposed back: ``[E, in/2, out]`` and ``[E, in/16, out]``."""
+    experts, cols, out = w.shape
+    packed = torch.empty((experts, cols // 2, out), dtype=torch.uint8, device=device)
+    bscale = torch.empty((experts, cols // numerics.BLOCK, out), dtype=torch.float8_e4m3fn, device=device)
+    a = m.amax
+    for e in range(experts):
+        # this expert as a plain [out, in] Linear (static block amax are in transposed order, [E, out, in/16])
+        sub = replace(m, stacked=False, weight=replace(m.weight, shape=(out, cols)))
+        if a is not None and a.static:
+            sub.amax = ModuleAmax(weight=a.weight.reshape(experts, -1)[e], global_amax=a.global_amax, input=a.input)
+        we = w[e].T
+        for rows in _row_chunks(out, cols, chunk):
+            s = scales.block_scales(sub, we[rows], group_amax, method, rows)
+            bscale[e, :, rows] = s.T
+            packed[e, :, rows] = numerics.quantize(we[rows], s, scale_2).T
+    return QuantizedWeight(packed, bscale, scale_2, in_scale)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -42,3 +42,16 @@ def test_conversion_cuda_equals_cpu(family, tmp_path):
     a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "gpu")
     assert a.keys() == b.keys()
     assert all(same_bytes(a[k], b[k]) for k in a)
+
+
+def test_export_rounding_cuda_rule_is_what_cuda_does_and_cpu_rule_holds_on_cuda():
+    x = torch.rand(1_000_000, generator=torch.Generator().manual_seed(6)) * 10
+    native_cuda = (x.cuda() / 2688.0).cpu()  # ATen multiplies by the reciprocal here
+    native_cpu = x / 2688.0
+    try:
+        nx.set_export_rounding("cuda")
+        assert torch.equal(nx.div_scalar(x, 2688.0), native_cuda)
+        assert torch.equal(nx.div_scalar(x.cuda(), 2688.0).cpu(), native_cuda)
+    finally:
+        nx.set_export_rounding("cpu")
+    assert torch.equal(nx.div_scalar(x.cuda(), 2688.0).cpu(), native_cpu)

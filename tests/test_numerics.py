@@ -100,3 +100,20 @@ def test_source_dtypes(dtype):
     s = nx.block_scales_dynamic(w, s2)
     ref = nx.quantize(w.float(), s, s2)
     assert torch.equal(nx.quantize(w, s, s2), ref)
+
+
+def test_export_rounding_rules_differ_by_at_most_one_ulp():
+    x = torch.rand(100_000, generator=torch.Generator().manual_seed(5)) * 10
+    try:
+        nx.set_export_rounding("cuda")
+        recip = nx.div_scalar(x, 2688.0)
+        inv = torch.tensor(1.0) / torch.tensor(2688.0)
+        assert torch.equal(recip, x * inv)
+    finally:
+        nx.set_export_rounding("cpu")
+    true = nx.div_scalar(x, 2688.0)
+    assert torch.equal(true, (x.double() / 2688.0).float())  # one correctly rounded division
+    differ = (recip != true).sum().item()
+    assert 0 < differ < x.numel() // 2
+    ulps = (recip.view(torch.int32) - true.view(torch.int32)).abs().max().item()
+    assert ulps == 1

@@ -11,7 +11,7 @@ shardconv). Run it from a separate environment, e.g.::
         transformers==5.14.1 safetensors accelerate requests
     /tmp/movenv/bin/python tools/make_golden.py [--out tests/golden]
 
-CPU only. For each family in {llama, qwen3, qwen3_moe} it writes::
+CPU only. For each family in {llama, qwen3, qwen3_moe, mixtral, gpt_oss} it writes::
 
     <out>/<family>/source/            config.json, model-0000{1,2}-of-00002.safetensors,
                                       model.safetensors.index.json  (bf16, HF on-disk names)
@@ -19,10 +19,22 @@ CPU only. For each family in {llama, qwen3, qwen3_moe} it writes::
                                       config.json, hf_quant_config.json, amax.pt
 
 Cases: max_w4a16 (NVFP4 weight-only, max calib), max_w4a4 (mtq.NVFP4_DEFAULT_CFG with
-calibration), static (NVFP4 static per-block weight amax, max calib, W4A4) and static_kv
-(static + FP8 KV cache k/v bmm quantizers). amax.pt is
+calibration), static (NVFP4 static per-block weight amax, max calib, W4A4), static_kv
+(static + FP8 KV cache k/v bmm quantizers), mse (mtq.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG: the
+126-value FP8 scale sweep) and four_over_six (mtq.NVFP4_FOUR_OVER_SIX_CFG). amax.pt is
 ``{k: v for k, v in model.state_dict().items() if "_amax" in k}`` of the quantized model,
 taken right before export. Output is deterministic (fixed seeds, CPU).
+
+mixtral (per-expert ``block_sparse_moe.experts.N.w1/w2/w3`` on disk) and gpt_oss (stacked
+``experts.gate_up_proj [E, in, out]``, ModelOpt's transposed BMM export) only run the
+max_w4a16 and static cases (MOE_CASES), with a smaller vocabulary, to keep tests/golden small.
+
+mse and four_over_six calibrate with ModelOpt's static NVFP4 fake quantizer, which is a Triton
+kernel (CUDA only). Without CUDA, that one call (``static_blockwise_fp4_fake_quant`` as imported by
+ModelOpt's tensor_quantizer) is replaced by an equivalent torch function written here
+(``_torch_static_fp4_fake_quant``: the block scale ``amax / 6`` fake-quantized to e4m3 by
+ModelOpt's own eager ``scaled_e4m3_impl``, then per element ``|x| / scale`` rounded to e2m1 and
+multiplied back, all in fp32). The sweep then runs ModelOpt's reference (non-Triton) path.
 """
 
 from __future__ import annotations
@@ -51,8 +63,11 @@ from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-FAMILIES = ("llama", "qwen3", "qwen3_moe")
-CASES = ("max_w4a16", "max_w4a4", "static", "static_kv")
+FAMILIES = ("llama", "qwen3", "qwen3_moe", "mixtral", "gpt_oss")
+CASES = ("max_w4a16", "max_w4a4", "static", "static_kv", "mse", "four_over_six")
+PRESETS = {"mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG"}
+MOE_CASES = ("max_w4a16", "static")  # the only cases generated for mixtral and gpt_oss
+SMALL = ("mixtral", "gpt_oss")
 SEED = 1234
 CALIB_SEED = 4321
 CALIB_BATCHES = 4
@@ -89,6 +104,23 @@ def make_config(family: str):
             decoder_sparse_step=1,
             mlp_only_layers=[],
         )
+    small = dict(COMMON, vocab_size=64)
+    small.pop("intermediate_size")  # the expert width below
+    if family == "mixtral":
+        small.pop("head_dim")
+        return transformers.MixtralConfig(
+            **small, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
+        )
+    if family == "gpt_oss":
+        return transformers.GptOssConfig(
+            **small,
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=128,
+            attention_bias=True,
+        )
     raise ValueError(family)
 
 
@@ -97,6 +129,8 @@ def model_class(family: str):
         "llama": transformers.LlamaForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+        "mixtral": transformers.MixtralForCausalLM,
+        "gpt_oss": transformers.GptOssForCausalLM,
     }[family]
 
 
@@ -140,6 +174,12 @@ def build_model(family: str):
             elif p.dim() == 2:
                 vals = _interesting_matrix(tuple(p.shape), gen, mat_id)
                 mat_id += 1
+            elif p.dim() == 3 and family == "gpt_oss":  # BMM experts [E, in, out], blocks along in
+                n_exp, in_f, out_f = p.shape
+                vals = torch.stack(
+                    [_interesting_matrix((out_f, in_f), gen, mat_id + e).T for e in range(n_exp)]
+                )
+                mat_id += n_exp
             elif p.dim() == 3:  # transformers-5 fused experts [E, out, in]
                 n_exp, out_f, in_f = p.shape
                 if name.endswith("gate_up_proj"):
@@ -171,12 +211,12 @@ def _in_shard1(name: str) -> bool:
     """Shard assignment: shard 1 = embeddings + most of layer 0, shard 2 = the rest.
 
     Layer 0's k_proj/v_proj (q_proj stays in shard 1), layer 0's up_proj (gate_proj in shard 1)
-    and every layer-0 expert's up_proj go to shard 2, so fusion groups straddle the shards.
+    and every layer-0 expert's up_proj (Mixtral: w3) go to shard 2, so fusion groups straddle the shards.
     """
     if name.startswith("model.embed_tokens"):
         return True
     if name.startswith("model.layers.0."):
-        return not any(s in name for s in ("k_proj", "v_proj", "up_proj"))
+        return not any(s in name for s in ("k_proj", "v_proj", "up_proj", ".w3."))
     return False
 
 
@@ -232,6 +272,8 @@ NVFP4_STATIC_WEIGHT = {
 
 
 def quant_config(case: str) -> dict:
+    if case in PRESETS:  # ModelOpt's own preset, its MSE algorithm included
+        return copy.deepcopy(getattr(mtq, PRESETS[case]))
     base = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     qc = list(base["quant_cfg"])
     if case == "max_w4a16":
@@ -255,6 +297,43 @@ def quant_config(case: str) -> dict:
     base["quant_cfg"] = qc
     base["algorithm"] = "max"
     return base
+
+
+# E2M1 rounding of |x| / scale: (bound, strict, value): the value once t passes the bound (ties to even)
+_E2M1_ROUND = ((0.25, True, 0.5), (0.75, False, 1.0), (1.25, True, 1.5), (1.75, False, 2.0),
+               (2.5, True, 3.0), (3.5, False, 4.0), (5.0, True, 6.0))
+
+
+def _torch_static_fp4_fake_quant(x, amax, global_amax=None, quantize_block_scales=True,
+                                 fp8_max_for_normalization=448.0, out_dtype=None, pass_through_bwd=False):
+    """CPU stand-in for ModelOpt's Triton ``static_blockwise_fp4_fake_quant`` (same fp32 arithmetic)."""
+    from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
+
+    n_blocks = amax.numel()
+    blocks = x.float().reshape(n_blocks, x.numel() // n_blocks)
+    scale = amax.float().reshape(n_blocks, 1) / 6.0
+    if quantize_block_scales:
+        g = amax.float().amax() if global_amax is None else global_amax.float()
+        scale = scaled_e4m3_impl(scale, g * (448.0 / fp8_max_for_normalization) / 6.0)
+    bad = (scale == 0) | ~torch.isfinite(scale)
+    safe = torch.where(bad, torch.ones_like(scale), scale)
+    t = blocks.abs() / safe
+    q = torch.zeros_like(t)
+    for bound, strict, value in _E2M1_ROUND:
+        q = torch.where(t > bound if strict else t >= bound, torch.full_like(t, value), q)
+    y = q * safe
+    y = torch.where(blocks >= 0, y, -y)
+    y = torch.where(scale == 0, torch.zeros_like(y), y)
+    return y.reshape(x.shape).to(out_dtype or x.dtype)
+
+
+def install_cpu_fake_quant() -> None:
+    """Without CUDA, route ModelOpt's static NVFP4 fake quant (a Triton kernel) to the torch version."""
+    if torch.cuda.is_available():
+        return
+    import modelopt.torch.quantization.nn.modules.tensor_quantizer as tq
+
+    tq.static_blockwise_fp4_fake_quant = _torch_static_fp4_fake_quant
 
 
 def calib_batches(vocab: int):
@@ -319,6 +398,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    install_cpu_fake_quant()
     print(f"modelopt {modelopt.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
 
     failures = []
@@ -329,6 +409,8 @@ def main(argv=None) -> int:
         del model
         digest = dir_digest(src_dir)
         for case in args.cases:
+            if family in SMALL and case not in MOE_CASES:
+                continue
             try:
                 info = run_case(family, case, src_dir, out / family / case)
             except Exception as exc:  # keep going: report which case failed

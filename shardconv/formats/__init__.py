@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..errors import ShardconvError
+from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModelOptFormat
 
-FORMATS = {"modelopt": ModelOptFormat}
+FORMATS = {"modelopt": ModelOptFormat, "compressed-tensors": CompressedTensorsFormat}
 
 
 def get_format(name: str):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics import BLOCK, FP8_MAX
+from ..numerics import BLOCK, FP8_MAX, div_scalar
 from ..safetensors_io import DTYPE_NAMES, PlannedTensor
 
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}
@@ -19,7 +19,17 @@ class ModelOptFormat:
     def dtype_name(t: torch.Tensor) -> str:
         return DTYPE_NAMES[t.dtype]
 
-    def quantized_outputs(self, module: str, out: int, in_: int, w4a4: bool) -> list[PlannedTensor]:
+    def quantized_outputs(self, module: str, out: int, in_: int, w4a4: bool,
+                          experts: int | None = None) -> list[PlannedTensor]:
+        if experts is not None:  # stacked experts: ModelOpt's transposed BMM layout, names extend the tensor's
+            tensors = [
+                PlannedTensor(module, "U8", (experts, in_ // 2, out)),
+                PlannedTensor(f"{module}_weight_scale", "F8_E4M3", (experts, in_ // BLOCK, out)),
+                PlannedTensor(f"{module}_weight_scale_2", "F32", ()),
+            ]
+            if w4a4:
+                tensors.append(PlannedTensor(f"{module}_input_scale", "F32", ()))
+            return tensors
         tensors = [
             PlannedTensor(f"{module}.weight", "U8", (out, in_ // 2)),
             PlannedTensor(f"{module}.weight_scale", "F8_E4M3", (out, in_ // BLOCK)),
@@ -30,6 +40,11 @@ class ModelOptFormat:
         return tensors
 
     def quantized_tensors(self, module: str, q) -> dict[str, torch.Tensor]:
+        if q.packed.dim() == 3:  # stacked experts: ``gate_up_proj``, ``gate_up_proj_weight_scale``, ...
+            out = {module: q.packed, f"{module}_weight_scale": q.scale, f"{module}_weight_scale_2": q.scale_2.reshape(())}
+            if q.input_scale is not None:
+                out[f"{module}_input_scale"] = q.input_scale.reshape(())
+            return out
         out = {
             f"{module}.weight": q.packed,
             f"{module}.weight_scale": q.scale,
@@ -41,8 +56,8 @@ class ModelOptFormat:
 
     def kv_scales(self, attention: str, k_amax: torch.Tensor, v_amax: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
-            f"{attention}.k_proj.k_scale": (k_amax.float() / FP8_MAX).reshape(()),
-            f"{attention}.v_proj.v_scale": (v_amax.float() / FP8_MAX).reshape(()),
+            f"{attention}.k_proj.k_scale": div_scalar(k_amax.float(), FP8_MAX).reshape(()),
+            f"{attention}.v_proj.v_scale": div_scalar(v_amax.float(), FP8_MAX).reshape(()),
         }
 
     def config_files(self, plan, config: dict) -> dict[str, dict]:

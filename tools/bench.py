@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Conversion speed and memory against disk-speed baselines, measured in one run.
+
+For each model it writes a synthetic checkpoint with real layer shapes and structured weights
+(one generated tensor per distinct shape and role, reused across layers, so writing is I/O-bound),
+then, with a cold page cache for every step (drop_caches as root when allowed, else
+posix_fadvise(DONTNEED) on every file):
+  (a) read every input shard to /dev/null with cat,
+  (b) cp -r of the input folder,
+  (c) shardconv convert with --scales max, and with the default scales,
+  (d) llm-compressor model_free_ptq(scheme="NVFP4A16") when llmcompressor is importable.
+It prints wall time, GB/s of input, the ratios (c)/(a), (c)/(b), (c)/(d), peak host RSS (of that
+process, from wait4) and peak GPU memory (reported by shardconv).
+
+    python tools/bench.py --models llama3-8b,llama70b:10,llama70b:20,qwen3moe:8 --work /tmp/bench
+    python tools/bench.py --models tiny:4 --device cpu        # a CPU-sized run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shardconv.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter
+from shardconv.synth import make_config, make_tensor, plan_shards, tensor_specs
+
+MODELS = {  # name -> (family, config kwargs, default layers)
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
+                                head_dim=128, vocab_size=128256), 32),
+    "llama70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8,
+                               head_dim=128, vocab_size=128256), 10),
+    "qwen3moe": ("qwen3_moe", dict(hidden_size=2048, num_experts=128, moe_intermediate_size=768, num_heads=32,
+                                   num_kv_heads=4, head_dim=128, vocab_size=151936), 8),
+    "tiny": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_heads=16, num_kv_heads=4, head_dim=128,
+                           vocab_size=32000), 4),
+}
+
+
+def role(name: str) -> str:
+    """Tensors of the same role and shape share generated values (layer and expert indices dropped)."""
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
+def write_model(path: Path, family: str, layers: int, kw: dict, shard_size: int) -> int:
+    config = make_config(family, num_layers=layers, **kw)
+    specs = tensor_specs(config)
+    sizes = [2 * _numel(s) for _, s in specs]
+    shard_of = plan_shards(sizes, shard_size)
+    n = max(shard_of) + 1
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    cache: dict[tuple, torch.Tensor] = {}
+    weight_map = {}
+    for s in range(n):
+        names = [(nm, sh) for (nm, sh), o in zip(specs, shard_of) if o == s]
+        fname = f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+        planned = [PlannedTensor(nm, DTYPE_NAMES[torch.bfloat16], tuple(sh)) for nm, sh in names]
+        w = ShardWriter(path / fname, planned, {"format": "pt"})
+        for nm, sh in names:
+            key = (role(nm), tuple(sh))
+            if key not in cache:
+                cache[key] = make_tensor(key[0], tuple(sh), weights="structured")
+            w.write(nm, cache[key])
+            weight_map[nm] = fname
+        w.finish()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}))
+    return sum(sizes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def drop_cache(*folders: Path) -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for folder in folders:
+            for p in Path(folder).rglob("*"):
+                if p.is_file():
+                    fd = os.open(p, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+        return "fadvise"
+
+
+def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float, str]:
+    """(wall s, peak RSS MB of the process tree's largest member, stdout) of one command."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"failed: {cmd}\n{out[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama3-8b,llama70b:10,llama70b:20,qwen3moe:8")
+    ap.add_argument("--work", default="/tmp/shardconv-bench")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--shard-size", type=int, default=5 * 10**9)
+    ap.add_argument("--no-cp-above", type=float, default=25.0, help="skip cp -r for inputs above this many GB")
+    ap.add_argument("--extra", default="", help="extra arguments for shardconv convert")
+    args = ap.parse_args()
+    work = Path(args.work)
+    rows = []
+    for spec in args.models.split(","):
+        name, _, layers = spec.partition(":")
+        family, kw, default_layers = MODELS[name]
+        layers = int(layers or default_layers)
+        label = f"{name}:{layers}"
+        src = work / "src"
+        shutil.rmtree(work, ignore_errors=True)
+        t0 = time.perf_counter()
+        size = write_model(src, family, layers, kw, args.shard_size)
+        print(f"[{label}] wrote {size / 1e9:.1f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
+        gb = size / 1e9
+        how = drop_cache(src)
+        shards = sorted(str(p) for p in src.glob("*.safetensors"))
+        read_s, _, _ = timed("cat " + " ".join(shards) + " > /dev/null", shell=True)
+        rows.append((label, "(a) cat > /dev/null", read_s, gb, None, None))
+        cp_s = None
+        if gb <= args.no_cp_above:
+            drop_cache(src)
+            cp_s, _, _ = timed(["cp", "-r", str(src), str(work / "copy")])
+            rows.append((label, "(b) cp -r", cp_s, gb, None, None))
+            shutil.rmtree(work / "copy")
+        for scales in ("max", None):
+            drop_cache(src)
+            dst = work / "out"
+            cmd = [sys.executable, "-m", "shardconv", "convert", str(src), str(dst), "--device", args.device,
+                   "--no-progress", *args.extra.split()]
+            if scales:
+                cmd += ["--scales", scales]
+            wall, rss, out = timed(cmd)
+            for line in out.splitlines():
+                if line.startswith("profile:"):
+                    print(f"[{label}] --scales {scales or 'default'} {line}", flush=True)
+            m = re.search(r"peak GPU memory\s+([0-9.]+) GB", out)
+            rows.append((label, f"(c) shardconv --scales {scales or 'default'}", wall, gb, rss, float(m.group(1)) if m else None))
+            shutil.rmtree(dst)
+        try:
+            import llmcompressor  # noqa: F401
+
+            drop_cache(src)
+            code = ("from llmcompressor import model_free_ptq; import sys; "
+                    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='NVFP4A16', device='cuda:0')")
+            wall, rss, _ = timed([sys.executable, "-c", code, str(src), str(work / "lc")])
+            rows.append((label, "(d) llm-compressor model_free_ptq", wall, gb, rss, None))
+        except ImportError:
+            rows.append((label, "(d) llm-compressor: not installed", None, gb, None, None))
+        print(f"[{label}] cache: {how}", flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, {gpu}; torch {torch.__version__}")
+    print(f"{'model':14} {'step':38} {'wall s':>8} {'GB/s':>6} {'/(a)':>6} {'/(b)':>6} {'/(d)':>6} {'RSS MB':>8} {'GPU GB':>7}")
+    for label, step, wall, gb, rss, gpu_gb in rows:
+        base = {s: w for lb, s, w, *_ in rows if lb == label}
+        a = base.get("(a) cat > /dev/null")
+        b = base.get("(b) cp -r")
+        d = base.get("(d) llm-compressor model_free_ptq")
+        r = lambda x: f"{wall / x:6.2f}" if (x and wall and step.startswith("(c)")) else f"{'':6}"  # noqa: E731
+        w = f"{wall:8.1f}" if wall else f"{'-':>8}"
+        rate = f"{gb / wall:6.2f}" if wall else f"{'':6}"
+        print(f"{label:14} {step:38} {w} {rate} {r(a)} {r(b)} {r(d)} "
+              f"{(f'{rss:8.0f}' if rss else ''):>8} {(f'{gpu_gb:7.2f}' if gpu_gb is not None else ''):>7}")
+
+
+if __name__ == "__main__":
+    main()
