@@ -6,6 +6,7 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", nargs="?", help="checkpoint folder or hub repo id (default: a built-in sample)")
     c.add_argument("dst", nargs="?", help="output folder (must be empty; default: <name>-NVFP4 here)")
     c.add_argument("--amax", metavar="FILE", help="saved ModelOpt amax file (.pt or .safetensors)")
-    c.add_argument("--scales", choices=("max", "amax"), default=None,
-                   help="weight scales: 'max' from the weights, 'amax' from --amax (default: amax when the "
+    c.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six"), default=None,
+                   help="weight scales: 'max' from the weights, 'amax' from --amax, 'mse' the FP8 scale sweep "
+                   "(least squared error per block), 'four-over-six' per-block 6 or 4 (default: amax when the "
                    "file has weight amax, else max)")
     c.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep matching modules in source precision (glob over module names; repeatable)")
@@ -62,7 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     c.add_argument("--overwrite", action="store_true", help="allow a non-empty DST (replaces its checkpoint files)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v = sub.add_parser("verify", help="check a converted checkpoint (no GPU, never loaded whole)",
+                       description="Check DST (ModelOpt or compressed-tensors NVFP4): index and headers, journal "
+                       "hashes, fusion-group scales, block scales, exclusion lists; with --source, kept tensors and "
+                       "per-layer reconstruction error. Exit status 0: pass, 1: problems found, 2: usage error.")
+    v.add_argument("dst", help="converted checkpoint folder")
+    v.add_argument("--source", metavar="SRC", help="the source checkpoint (folder or hub repo id) to compare against")
+    v.add_argument("--max-error", type=float, default=None, metavar="X",
+                   help="largest relative reconstruction error accepted with --source (default: 0.5)")
+    v.add_argument("--top", type=int, default=20, metavar="N", help="rows of the error table (default: 20)")
     return parser
+
+
+def _verify(args) -> int:
+    from .verify import DEFAULT_MAX_ERROR, MAX_REPORTED, error_table, verify
+
+    max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
+    report = verify(args.dst, args.source, max_error=max_error)
+    print("\n".join(report.info + error_table(report, args.top)))
+    for w in report.warnings:
+        print(f"warning: {w}")
+    for problem in report.problems[:MAX_REPORTED]:
+        print(f"shardconv: verify: {problem}", file=sys.stderr)
+    if len(report.problems) > MAX_REPORTED:
+        print(f"shardconv: verify: ... and {len(report.problems) - MAX_REPORTED} more problems", file=sys.stderr)
+    print(f"verify: {'PASS' if report.ok else f'FAIL ({len(report.problems)} problems)'}")
+    return 0 if report.ok else 1
 
 
 def _pattern(name: str) -> str:
@@ -144,11 +171,22 @@ def describe(plan) -> list[str]:
     return lines
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Linux), for SHARDCONV_PROFILE's startup figure."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return float(open("/proc/uptime").read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def _convert(args) -> int:
     from .amax import load_amax
     from .formats import get_format
     from .pipeline import Options, convert
     from .plan import build_plan
+    import torch
+
     from .quantize import pick_device
     from .source import open_source
 
@@ -179,9 +217,15 @@ def _convert(args) -> int:
         for note in plan.notes:
             print(f"note: {note}")
         device = pick_device(args.device)
+        if os.environ.get("SHARDCONV_PROFILE"):
+            if device.type == "cuda":
+                torch.zeros(1, device=device)
+            print(f"profile: ready to convert {_process_age():.1f} s after process start (imports, CUDA, plan)")
         opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
                        gpu_buffer=args.gpu_buffer, progress=not args.no_progress)
         summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite)
+        if os.environ.get("SHARDCONV_PROFILE"):
+            print(f"profile: done {_process_age():.1f} s after process start")
         print(f"wrote {dst}")
         print("\n".join(summary.lines()))
         return 0
@@ -195,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
+        if args.command == "verify":
+            return _verify(args)
     except ShardconvError as e:
         print(f"shardconv: error: {e}", file=sys.stderr)
         return 2

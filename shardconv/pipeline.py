@@ -136,9 +136,29 @@ class BufferPool:
 
     def __init__(self, count: int, size: int, pin: bool):
         self.size = size
-        self.free = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+        self.registered: list[torch.Tensor] = []
+        self.free = [self._allocate(size, pin) for _ in range(count)]
         self.count = count
         self.cond = threading.Condition()
+
+    def _allocate(self, size: int, pin: bool) -> torch.Tensor:
+        """Plain memory, page-locked in place with cudaHostRegister when a GPU is used.
+
+        ``pin_memory=True`` would round every buffer up to a power of two (PyTorch's caching host
+        allocator), up to doubling the resident set.
+        """
+        t = torch.empty(size, dtype=torch.uint8)
+        if pin:
+            if torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, 0) == 0:
+                self.registered.append(t)
+            else:
+                t = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return t
+
+    def close(self) -> None:
+        for t in self.registered:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        self.registered.clear()
 
     def take(self, n: int, block: bool = True) -> list[torch.Tensor] | None:
         if n > self.count:
@@ -387,6 +407,10 @@ class Converter:
         finally:
             self.readers.shutdown(wait=True, cancel_futures=True)
             self.writers.shutdown(wait=True, cancel_futures=True)
+            if self.cuda:
+                torch.cuda.synchronize(self.opts.device)
+                self.inputs.close()
+                self.outputs.close()
             self.bar.close()
             if PROFILE:
                 import resource

@@ -100,11 +100,37 @@ def drop_cache(*folders: Path) -> str:
         return "fadvise"
 
 
+SAMPLED: dict[int, float] = {}
+TIMED_PID = [0]
+
+
+def _sample(pid: int, stop) -> None:
+    """Largest VmRSS seen in /proc every 20 ms (cross-checks the kernel's ru_maxrss)."""
+    peak = 0.0
+    while not stop.is_set():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except OSError:
+            break
+        time.sleep(0.02)
+    SAMPLED[pid] = peak
+
+
 def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float, str]:
-    """(wall s, peak RSS MB of the process tree's largest member, stdout) of one command."""
+    """(wall s, peak RSS MB from wait4, stdout) of one command; SAMPLED[pid] gets the sampled peak."""
+    import threading
+
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(p.pid, stop), daemon=True)
+    sampler.start()
     out = p.stdout.read()
+    stop.set()
+    sampler.join()
+    TIMED_PID[0] = p.pid
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status):
@@ -157,6 +183,8 @@ def main() -> None:
                     print(f"[{label}] --scales {scales or 'default'} {line}", flush=True)
             m = re.search(r"peak GPU memory\s+([0-9.]+) GB", out)
             rows.append((label, f"(c) shardconv --scales {scales or 'default'}", wall, gb, rss, float(m.group(1)) if m else None))
+            print(f"[{label}] --scales {scales or 'default'}: peak RSS {rss:.0f} MB (wait4), "
+                  f"{SAMPLED.get(TIMED_PID[0], 0):.0f} MB (VmRSS sampled every 20 ms)", flush=True)
             shutil.rmtree(dst)
         try:
             import llmcompressor  # noqa: F401

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Each pipeline stage alone on one checkpoint, to see which one limits a conversion.
+
+    python tools/stages.py SRC [--readers 1,2,4,8] [--device cuda]
+
+Prints GB/s for: reading the quantized weights with shardconv's reader (N threads, cold cache),
+copying the kept tensors file to file, quantizing from host memory on the device, and writing
+the quantized bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from shardconv.formats import get_format
+from shardconv.plan import build_plan
+from shardconv.quantize import quantize_group
+from shardconv.safetensors_io import PlannedTensor, ShardWriter, read_into
+from shardconv.source import open_source
+
+
+def drop_cache(paths) -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src")
+    ap.add_argument("--readers", default="1,2,4,8")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    source = open_source(args.src)
+    plan = build_plan(source, get_format("modelopt"))
+    members = [m for u in plan.units for m in u.members]
+    copies = [u.copy for u in plan.units if u.copy is not None]
+    qbytes = sum(m.weight.nbytes for m in members)
+    rows = []
+    biggest = max(m.weight.nbytes for m in members)
+    for n in [int(x) for x in args.readers.split(",")]:
+        drop_cache(source.shards)
+        bufs = [torch.empty(biggest, dtype=torch.uint8) for _ in range(n)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            for i in range(0, len(members), n):
+                list(pool.map(lambda j: read_into(members[j].weight, bufs[j - i]), range(i, min(i + n, len(members)))))
+        rows.append((f"read quantized weights, {n} threads", qbytes, time.perf_counter() - t0))
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.src))) as tmp:
+        drop_cache(source.shards)
+        planned = [PlannedTensor(c.name, c.dtype, c.shape) for c in copies]
+        w = ShardWriter(Path(tmp) / "copy.safetensors", planned)
+        t0 = time.perf_counter()
+        for c in copies:
+            w.copy_from(c.name, c)
+        w.finish()
+        rows.append(("copy kept tensors (copy_file_range)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
+        # quantize from host memory (warm), one group at a time, results back on the host
+        dev = torch.device(args.device)
+        sample = [u for u in plan.units if u.members][:24]
+        weights = [[read_into(m.weight) for m in u.members] for u in sample]
+        if dev.type == "cuda":
+            weights = [[w.pin_memory() for w in ws] for ws in weights]
+            quantize_group(sample[0].members, weights[0], "max", dev)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = [quantize_group(u.members, ws, "max", dev) for u, ws in zip(sample, weights)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        sbytes = sum(m.weight.nbytes for u in sample for m in u.members)
+        rows.append((f"quantize on {dev} (host to host)", sbytes, time.perf_counter() - t0))
+        flat = [q.packed for qs in outs for q in qs]
+        planned = [PlannedTensor(f"t{i}", "U8", tuple(t.shape)) for i, t in enumerate(flat)]
+        w = ShardWriter(Path(tmp) / "write.safetensors", planned)
+        t0 = time.perf_counter()
+        for i, t in enumerate(flat):
+            w.write(f"t{i}", t)
+        w.finish()
+        rows.append(("write quantized bytes (pwrite + fsync)", sum(t.numel() for t in flat), time.perf_counter() - t0))
+    print(f"\n{'stage':42} {'GB':>7} {'s':>7} {'GB/s':>7}")
+    for name, nbytes, secs in rows:
+        print(f"{name:42} {nbytes / 1e9:7.2f} {secs:7.2f} {nbytes / 1e9 / secs:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
