@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six"), default=None,
                    help="weight scales: 'max' from the weights, 'amax' from --amax, 'mse' the FP8 scale sweep "
                    "(least squared error per block), 'four-over-six' per-block 6 or 4 (default: amax when the "
-                   "file has weight amax, else max)")
+                   "file has weight amax, else mse)")
     c.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep matching modules in source precision (glob over module names; repeatable)")
     c.add_argument("--format", default="modelopt", choices=("modelopt", "compressed-tensors"),
@@ -223,7 +223,11 @@ def _convert(args) -> int:
             print(f"profile: ready to convert {_process_age():.1f} s after process start (imports, CUDA, plan)")
         opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
                        gpu_buffer=args.gpu_buffer, progress=not args.no_progress)
-        summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite)
+        extra = {}
+        if args.amax:
+            st = Path(args.amax).stat()
+            extra["amax"] = [str(Path(args.amax).resolve()), st.st_size, st.st_mtime_ns]
+        summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra)
         if os.environ.get("SHARDCONV_PROFILE"):
             print(f"profile: done {_process_age():.1f} s after process start")
         print(f"wrote {dst}")
@@ -244,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     except ShardconvError as e:
         print(f"shardconv: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk, not the input: e.g. DST filled up while config files were written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"shardconv: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("shardconv: interrupted; no finished output was left behind", file=sys.stderr)
+        print("shardconv: interrupted; finished shards were kept: run the same command again to resume",
+              file=sys.stderr)
         return 130
     return 1
 

@@ -46,9 +46,11 @@ def div_scalar(x: torch.Tensor, d: float) -> torch.Tensor:
     return x / torch.tensor(d, dtype=torch.float32, device=x.device)
 
 
-def global_scale(global_amax: torch.Tensor) -> torch.Tensor:
-    """``weight_scale_2`` (and ``input_scale``): amax / (6 * 448) in fp32, a 0-d tensor."""
-    return div_scalar(global_amax.float().reshape(()), FP4_MAX * FP8_MAX)
+def global_scale(global_amax: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """``weight_scale_2`` (and ``input_scale``): amax / (6 * 448) in fp32, a 0-d tensor.
+
+    ``fp8_max``: the e4m3 value that ``amax / 6`` maps to (256 for four-over-six weights)."""
+    return div_scalar(global_amax.float().reshape(()), FP4_MAX * fp8_max)
 
 
 def block_amax(weight: torch.Tensor) -> torch.Tensor:
@@ -66,12 +68,14 @@ def block_scales_dynamic(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> 
     return scale.clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def block_scales_static(block_amax_: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
-    """e4m3 block scales from saved per-block amax and the (group's) global amax (static path)."""
+def block_scales_static(block_amax_: torch.Tensor, global_amax: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """e4m3 block scales from saved per-block amax and the (group's) global amax (static path).
+
+    ``fp8_max`` normalises as in :func:`global_scale` (four-over-six: 256); the clamp stays 448."""
     scale = div_scalar(block_amax_.float(), FP4_MAX)
     scale[scale == 0] = 1.0
     scale_max = div_scalar(global_amax.float().reshape(()).to(scale.device), FP4_MAX)
-    return (scale * FP8_MAX / scale_max).clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
+    return (scale * fp8_max / scale_max).clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import journal
 from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
@@ -82,6 +84,7 @@ class Summary:
     shards: int
     device: str
     gpu_peak: int | None = None  # bytes
+    resumed: int = 0  # output shards kept from an interrupted run
 
     def lines(self) -> list[str]:
         gbps = self.in_bytes / max(self.seconds, 1e-9) / 1e9
@@ -90,7 +93,8 @@ class Summary:
             f"tensors quantized  {self.quantized}",
             f"tensors kept       {self.kept}",
             f"bytes in           {self.in_bytes / 1e9:.3f} GB",
-            f"bytes out          {self.out_bytes / 1e9:.3f} GB  ({self.shards} shards)",
+            f"bytes out          {self.out_bytes / 1e9:.3f} GB  ({self.shards} shards"
+            + (f", {self.resumed} kept from an interrupted run)" if self.resumed else ")"),
             f"compression        {ratio:.2f}x",
             f"time               {self.seconds:.1f} s  ({gbps:.2f} GB/s of input, {self.device})",
         ] + ([f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
@@ -105,7 +109,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise ShardconvError(f"{dst}: DST contains SRC {src}; choose an empty folder")
     if dst.exists() and not dst.is_dir():
         raise ShardconvError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite and journal.Journal.read(dst) is None:
         raise ShardconvError(f"{dst}: not empty (use --overwrite to replace a previous output)")
 
 
@@ -180,8 +184,8 @@ class BufferPool:
 class Shards:
     """Output shard writers, opened on first use and finished when their last tensor is written."""
 
-    def __init__(self, plan: Plan, dst: Path):
-        self.plan, self.dst = plan, dst
+    def __init__(self, plan: Plan, dst: Path, log: journal.Journal | None = None):
+        self.plan, self.dst, self.log = plan, dst, log
         self.writers: dict[int, ShardWriter] = {}
         self.remaining = [len(ts) for ts in plan.shard_tensors]
         self.finished: list[Path] = []
@@ -203,6 +207,8 @@ class Shards:
             w.finish()
             with self.lock:
                 self.finished.append(w.path)
+            if self.log is not None:
+                self.log.record(w.path.name, journal.file_sha256(w.path))
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         w = self._writer(shard)
@@ -240,8 +246,10 @@ def _aligned(n: int) -> int:
 class Converter:
     """Runs one plan through the stages described in the module docstring."""
 
-    def __init__(self, plan: Plan, dst: Path, fmt, opts: Options):
+    def __init__(self, plan: Plan, dst: Path, fmt, opts: Options, log: journal.Journal | None = None,
+                 skip_shards: set[int] = frozenset()):
         self.plan, self.dst, self.fmt, self.opts = plan, dst, fmt, opts
+        self.skip_shards = skip_shards
         self.cuda = opts.device.type == "cuda"
         max_members = max((len(u.members) for u in plan.units), default=1)
         slab = max(_largest_member(plan), 1)
@@ -249,7 +257,7 @@ class Converter:
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, opts.readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda)
         self.outputs = BufferPool(count, max(_largest_output(plan, fmt), 1), pin=self.cuda) if self.cuda else None
-        self.shards = Shards(plan, dst)
+        self.shards = Shards(plan, dst, log)
         self.readers = ThreadPoolExecutor(max(1, opts.readers), thread_name_prefix="shardconv-read")
         self.writers = ThreadPoolExecutor(max(1, opts.writers), thread_name_prefix="shardconv-write")
         self.chunk = max(1 << 20, opts.gpu_buffer // 32) if self.cuda else None
@@ -356,10 +364,10 @@ class Converter:
     def run(self) -> None:
         from tqdm.auto import tqdm
 
-        units = self.plan.units
+        units = [u for u in self.plan.units if u.shard not in self.skip_shards]
         pending: collections.deque[tuple[Unit, Future | None, list | None]] = collections.deque()
         jobs: list[Future] = []
-        self.bar = tqdm(total=self.plan.in_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+        self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1024,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
 
@@ -420,9 +428,14 @@ class Converter:
                       f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB", flush=True)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
-            device: torch.device | None = None, progress: bool | None = None) -> Summary:
-    """Write the planned checkpoint into ``dst``."""
+            device: torch.device | None = None, progress: bool | None = None,
+            fingerprint_extra: dict | None = None) -> Summary:
+    """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan."""
     opts = opts or Options()
     if device is not None:
         opts.device = device
@@ -431,14 +444,30 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     src = plan.source.root
     dst = Path(dst)
     check_destination(src, dst, overwrite)
+    digest = journal.fingerprint(plan, fingerprint_extra)
+    old = journal.Journal.read(dst) if dst.is_dir() else None
+    if old is not None and old.get("fingerprint") != digest and not overwrite:
+        raise ShardconvError(f"{dst}: holds a run of a different conversion (other source, options or version); "
+                             "use --overwrite to replace it")
+    resume = old is not None and old.get("fingerprint") == digest and not overwrite
     created_dir = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for old in list(dst.glob("*.safetensors")) + list(dst.glob("*.partial")) + [dst / INDEX_NAME]:
-            old.unlink(missing_ok=True)
+    # The index (the "finished" mark) goes first, so no kill leaves it beside missing shards.
+    if not resume:
+        for path in [dst / INDEX_NAME, dst / journal.NAME, *dst.glob("*.safetensors"), *dst.glob("*.partial")]:
+            path.unlink(missing_ok=True)
+    log = journal.Journal(dst, digest)
+    kept = log.adopt(old, plan, dst) if resume else set()
+    if len(kept) < len(plan.shard_names):
+        (dst / INDEX_NAME).unlink(missing_ok=True)
+    for path in dst.glob("*.partial"):
+        path.unlink()
     written: list[Path] = []
     start = time.perf_counter()
-    converter = Converter(plan, dst, fmt, opts)
+    converter = Converter(plan, dst, fmt, opts, log, kept)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         converter.run()
         for rel in other_files(src):
@@ -452,13 +481,19 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         weight_map = {t.name: plan.shard_names[s] for s, ts in enumerate(plan.shard_tensors) for t in ts}
         index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
+        log.finish()
     except BaseException:
         converter.shards.abort()
-        for path in written + converter.shards.finished:
+        for path in written:
             path.unlink(missing_ok=True)
-        if created_dir:
-            shutil.rmtree(dst, ignore_errors=True)
+        if not log.shards:  # nothing worth resuming: leave DST as we found it
+            (dst / journal.NAME).unlink(missing_ok=True)
+            if created_dir:
+                shutil.rmtree(dst, ignore_errors=True)
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return Summary(
         quantized=len(plan.quantized),
         kept=sum(1 for u in plan.units if u.copy is not None),
@@ -467,5 +502,6 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         seconds=time.perf_counter() - start,
         shards=len(plan.shard_names),
         device=str(opts.device),
+        resumed=len(kept),
         gpu_peak=torch.cuda.max_memory_reserved(opts.device) if opts.device.type == "cuda" else None,
     )

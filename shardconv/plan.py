@@ -171,7 +171,7 @@ class Plan:
     shard_names: list[str]
     shard_tensors: list[list[PlannedTensor]]
     excluded: dict[str, str]  # module -> reason, every 2-D weight kept in source precision
-    scales: str  # "max" or "amax"
+    scales: str  # "max", "amax", "mse" or "four-over-six" (scales.METHODS)
     w4a4: bool
     kv_cache: bool
     format_name: str
@@ -224,7 +224,7 @@ def build_plan(
     """Decide everything about the output from headers (and the amax file), reading no tensor data."""
     excludes = list(excludes or [])
     if scales is None:
-        scales = "amax" if amax is not None and amax.has_weight_amax else "max"
+        scales = "amax" if amax is not None and amax.has_weight_amax else "mse"  # README: Scale methods
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
         raise ShardconvError("--scales amax needs an --amax file with weight_quantizer amax entries")
     fp8 = fp8_input.input_quantization(source)  # refuses 4-bit and other quantized inputs
@@ -239,6 +239,9 @@ def build_plan(
     for info in source.tensors.values():
         stacked = len(info.shape) == 3 and bool(_STACKED.search(info.name))
         if not (_is_linear_weight(info) or stacked):
+            if info.name.endswith(".weight") and fusion_key(info.name[: -len(".weight")]):
+                # a fusion-group member that is no 2-D Linear weight: its partners stay unquantized too
+                excluded[info.name[: -len(".weight")]] = f"{len(info.shape)}-D weight, not a Linear"
             continue
         # A stacked tensor's outputs extend its own name; exclusion lists name its experts module.
         module = info.name if stacked else info.name[: -len(".weight")]

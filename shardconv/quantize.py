@@ -77,7 +77,7 @@ def quantize_group(
                 torch.stack([w[r].abs().amax().float() for r in _row_chunks(w.shape[0], w[0].numel(), chunk)]).amax()
             )
     group_amax = torch.stack(per_member).amax()
-    scale_2 = numerics.global_scale(group_amax)
+    scale_2 = scales.weight_scale_2(group_amax, method)
     in_scale = scales.input_scale(members)
     results = []
     for m, w in zip(members, on_device):

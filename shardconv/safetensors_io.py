@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,33 @@ class TensorInfo:
         return n
 
 
+def _short(value: object, limit: int = 120) -> str:
+    """repr for an error message, cut short: hostile headers can hold megabyte-long names and shapes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: a name twice in one header would silently hide a tensor."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a shard header; returns tensors by name and the ``__metadata__`` dict."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise ShardconvError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -82,9 +105,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as e:
         raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardconvError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise ShardconvError(f"{path}: corrupt safetensors header (key {_short(e.args[0])} appears twice)") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and int literals too long to convert
+        raise ShardconvError(f"{path}: corrupt safetensors header (invalid JSON: {_short(str(e), 200)[1:-1]})") from None
+    except RecursionError:
+        raise ShardconvError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise ShardconvError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -95,29 +122,32 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {_short(name)}"
         if not isinstance(entry, dict):
             raise ShardconvError(f"{where}: corrupt header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise ShardconvError(f"{where}: unsupported dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ShardconvError(f"{where}: unsupported dtype {_short(dtype)}")
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
-            raise ShardconvError(f"{where}: invalid shape {shape!r}")
+            raise ShardconvError(f"{where}: invalid shape {_short(shape)}")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            raise ShardconvError(f"{where}: invalid data_offsets {offsets!r}")
-        numel = 1
-        for d in shape:
+            raise ShardconvError(f"{where}: invalid data_offsets {_short(offsets)}")
+        numel = 0 if 0 in shape else 1
+        for d in shape:  # stop past 2**64: a hostile shape must not build a huge integer
+            if numel >= 2**64:
+                break
             numel *= d
         nbytes = numel * DTYPES[dtype][1]
         if offsets[1] - offsets[0] != nbytes:
+            need = nbytes if numel < 2**64 else "more than 2**64"
             raise ShardconvError(
-                f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
-                f"but {dtype}{shape} needs {nbytes}"
+                f"{where}: data_offsets {_short(offsets)} hold {_short(offsets[1] - offsets[0])} bytes, "
+                f"but {dtype}{shape[:8]}{'...' if len(shape) > 8 else ''} needs {need}"
             )
         if offsets[1] > data_len:
             raise ShardconvError(
@@ -128,7 +158,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     spans.sort()
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
-            raise ShardconvError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
+            raise ShardconvError(f"{path}: corrupt header: tensors {_short(n0)} and {_short(n1)} overlap")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 

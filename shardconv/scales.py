@@ -3,6 +3,8 @@
 - ``max``: from the weights (ModelOpt's dynamic export path): ``g`` is the group's max |W|.
 - ``amax``: from a saved amax file: static per-block amax with a global amax, or a per-tensor
   (dynamic) amax, in which case block scales come from the weights as for ``max``.
+- ``mse``, ``four-over-six``: data-free searches (``sweep.py``) that pick a static per-block amax
+  from the weights under ``g`` = the group's max |W|; four-over-six also normalises by 256.
 
 The group's ``g`` is settled before any block scale is computed (FORMAT.md §3).
 """
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from . import numerics
+from . import numerics, sweep
 from .plan import Member
 
-METHODS = ("max", "amax")
+METHODS = ("max", "amax", *sweep.METHODS)
 
 
 def weight_global_amax(member: Member, weight: torch.Tensor, method: str) -> torch.Tensor:
@@ -37,6 +39,11 @@ def input_scale(members: list[Member]) -> torch.Tensor | None:
     return numerics.global_scale(amax)
 
 
+def weight_scale_2(group_amax: torch.Tensor, method: str) -> torch.Tensor:
+    """The group's ``weight_scale_2``: g / (6 * 448), or g / (6 * 256) for four-over-six."""
+    return numerics.global_scale(group_amax, sweep.fp8_norm(method))
+
+
 def block_scales(
     member: Member, weight: torch.Tensor, group_amax: torch.Tensor, method: str, rows: slice
 ) -> torch.Tensor:
@@ -45,4 +52,7 @@ def block_scales(
         n_blocks = member.in_features // numerics.BLOCK
         block = member.amax.weight.reshape(member.out_features, n_blocks)[rows].to(weight.device)
         return numerics.block_scales_static(block, group_amax)
+    if method in sweep.METHODS:
+        return numerics.block_scales_static(sweep.block_amax(weight, group_amax, method), group_amax,
+                                            sweep.fp8_norm(method))
     return numerics.block_scales_dynamic(weight, numerics.global_scale(group_amax))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ShardconvError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo, _short, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,12 +33,20 @@ class Source:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def _check(test, path: Path) -> bool:
+    """``path.is_file()`` and friends, False where the name itself is unusable (too long, NUL byte)."""
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(src: str) -> Path:
     """A local folder as is; otherwise a hub repo id fetched with huggingface_hub (cache first)."""
     path = Path(src).expanduser()
-    if path.is_dir():
+    if _check(Path.is_dir, path):
         return path.resolve()
-    if path.exists():
+    if _check(Path.exists, path):
         raise ShardconvError(f"{src}: not a folder (SRC must be a checkpoint folder or a hub repo id)")
     if src.count("/") != 1 or src.startswith((".", "/", "~")):
         raise ShardconvError(f"{src}: no such folder")
@@ -58,9 +66,41 @@ def resolve(src: str) -> Path:
 
 def _inside(root: Path, name: str) -> Path:
     """The shard path named by the index; refuses names that leave SRC (symlinked files are fine)."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ShardconvError(f"{root / INDEX_NAME}: shard name {name!r} points outside SRC")
+    if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name)
+            or ".." in Path(name).parts):
+        raise ShardconvError(f"{root / INDEX_NAME}: shard name {_short(name)} points outside SRC")
     return root / name
+
+
+# config.json fields that planning reads, and the JSON types a Hugging Face config gives them
+_CONFIG_TYPES = {
+    "model_type": (str,),
+    "architectures": (list,),
+    "num_hidden_layers": (int,),
+    "num_nextn_predict_layers": (int,),
+    "quantization_config": (dict,),
+    "text_config": (dict,),
+    "language_config": (dict,),
+    "llm_config": (dict,),
+}
+
+
+def _check_config(cfg_path: Path, config: dict, where: str = "") -> None:
+    """Refuse, with one line, a config.json whose planning fields have impossible types."""
+    for key, types in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool) or (
+                key == "architectures" and not all(isinstance(a, str) for a in value)):
+            raise ShardconvError(f"{cfg_path}: {where}{key} is {_short(value)}, not a {types[0].__name__}"
+                                 + (" of strings" if key == "architectures" else ""))
+        if isinstance(value, int) and value < 0:
+            raise ShardconvError(f"{cfg_path}: {where}{key} is negative ({value})")
+    if not where:
+        for key in ("text_config", "language_config", "llm_config"):
+            if isinstance(config.get(key), dict):
+                _check_config(cfg_path, config[key], f"{key}.")
 
 
 def open_source(src: str) -> Source:
@@ -71,10 +111,15 @@ def open_source(src: str) -> Source:
         raise ShardconvError(f"{cfg_path}: not found (SRC must be a Hugging Face checkpoint folder)")
     try:
         config = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and int literals too long to convert
         raise ShardconvError(f"{cfg_path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ShardconvError(f"{cfg_path}: not valid JSON: nested too deeply") from None
+    except OSError as e:
+        raise ShardconvError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
     if not isinstance(config, dict):
         raise ShardconvError(f"{cfg_path}: not a JSON object")
+    _check_config(cfg_path, config)
 
     index_path = root / INDEX_NAME
     weight_map: dict[str, str] | None = None
@@ -82,15 +127,22 @@ def open_source(src: str) -> Source:
         try:
             index = json.loads(index_path.read_text())
             weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
         except Exception:
-            raise ShardconvError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+            weight_map = None
+        if not isinstance(weight_map, dict):
+            raise ShardconvError(f"{index_path}: not a valid index (needs a 'weight_map' object)")
+        for tensor, shard_name in weight_map.items():
+            if not isinstance(shard_name, str):
+                raise ShardconvError(f"{index_path}: tensor {_short(tensor)} has shard name {_short(shard_name)}, not a string")
+            _inside(root, shard_name)
+        # "a.safetensors" and "./a.safetensors" name one shard: read it once
+        weight_map = {t: os.path.normpath(s) for t, s in weight_map.items()}
         names = sorted(set(weight_map.values()))
-        shards = [_inside(root, n) for n in names]
+        shards = [root / n for n in names]
         for name, shard in zip(names, shards):
-            if not shard.is_file():
+            if not _check(Path.is_file, shard):
                 tensor = next(t for t, s in weight_map.items() if s == name)
-                raise ShardconvError(f"{index_path}: tensor {tensor!r} is in {name}, which does not exist")
+                raise ShardconvError(f"{index_path}: tensor {_short(tensor)} is in {_short(name)}, which does not exist")
     elif (root / SINGLE_NAME).is_file():
         shards = [root / SINGLE_NAME]
     else:
@@ -103,16 +155,18 @@ def open_source(src: str) -> Source:
         infos, _ = read_header(shard)
         for name, info in sorted(infos.items(), key=lambda kv: kv[1].offset):
             if name in tensors:
-                raise ShardconvError(f"{shard}: tensor {name!r} is also in {tensors[name].path.name}")
+                raise ShardconvError(f"{shard}: tensor {_short(name)} is also in {tensors[name].path.name}")
             if weight_map is not None and weight_map.get(name) != str(shard.relative_to(root)):
                 # The header is the truth; a stale index entry is only worth a refusal if it points elsewhere.
                 if name in weight_map:
                     raise ShardconvError(
-                        f"{index_path}: tensor {name!r} is listed in {weight_map[name]} but stored in {shard.name}"
+                        f"{index_path}: tensor {_short(name)} is listed in {_short(weight_map[name])} but stored in {shard.name}"
                     )
             tensors[name] = info
     if weight_map is not None:
         missing = [n for n in weight_map if n not in tensors]
         if missing:
-            raise ShardconvError(f"{index_path}: tensor {missing[0]!r} is listed but not in {weight_map[missing[0]]}")
+            raise ShardconvError(
+                f"{index_path}: tensor {_short(missing[0])} is listed but not in {_short(weight_map[missing[0]])}"
+            )
     return Source(root=root, config=config, shards=shards, tensors=tensors)

@@ -62,7 +62,8 @@ def llama(tmp_path_factory):
 def test_llama_max_matches_reference_and_copies_the_rest(llama, tmp_path):
     before = tree_digest(llama)
     dst = tmp_path / "out"
-    rc, err = run_cli("convert", llama, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress")
+    rc, err = run_cli("convert", llama, dst, "--device", "cpu", "--max-shard-size", "200KB", "--scales", "max",
+                      "--no-progress")
     assert rc == 0, err
     assert tree_digest(llama) == before  # SRC is only read
     assert split_groups(llama), "the fixture must split a fusion group across input shards"
@@ -118,7 +119,7 @@ def test_families_with_unaligned_layer_and_tied_embeddings(family, tmp_path):
         kwargs["moe_intermediate_size"] = 40
     write_checkpoint(src, family=family, weights="structured", shard_size=100_000, **kwargs)
     dst = tmp_path / "out"
-    rc, err = run_cli("convert", src, dst, "--device", "cpu", "--no-progress")
+    rc, err = run_cli("convert", src, dst, "--device", "cpu", "--scales", "max", "--no-progress")
     assert rc == 0, err
     srct, out = source_tensors(src), load_checkpoint(dst)
     mods = quantized_modules(out)

@@ -49,6 +49,8 @@ def reference(src, modules):
 
 
 def convert(src, dst, *args):
+    if "--scales" not in args and "--amax" not in args:  # these tests check max scales (the default is mse)
+        args = ("--scales", "max", *args)
     rc, err = run_cli("convert", src, dst, "--device", "cpu", "--no-progress", *args)
     assert rc == 0, err
     return load_checkpoint(dst), json.loads((Path(dst) / "hf_quant_config.json").read_text())
@@ -244,3 +246,13 @@ def test_dry_run_reports_family_layout(families, capsys):
     assert main(["convert", str(families["mixtral"]), "/nonexistent/dst", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "block_sparse_moe.experts.*.{w1,w3}" in text and "block_sparse_moe.gate  (router)" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "mixtral"])
+def test_family_cuda_equals_cpu(families, family, tmp_path):
+    a, _ = convert(families[family], tmp_path / "cpu")
+    rc, err = run_cli("convert", families[family], tmp_path / "gpu", "--device", "cuda", "--no-progress")
+    assert rc == 0, err
+    b = load_checkpoint(tmp_path / "gpu")
+    assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)

@@ -28,6 +28,8 @@ def test_matches_modelopt_export(family, case, tmp_path):
     args = ["convert", GOLDEN / family / "source", tmp_path / "out", "--device", "cpu", "--no-progress"]
     if case != "max_w4a16":  # max W4A16 needs no calibration data: computed from the weights alone
         args += ["--amax", gold / "amax.pt"]
+    else:  # (the default without an amax file is mse)
+        args += ["--scales", "max"]
     rc, err = run_cli(*args)
     assert rc == 0, err
     want = load_file(str(gold / "model.safetensors"))

@@ -1,0 +1,105 @@
+"""The run journal in DST: what plan is being written and which shards are finished.
+
+A conversion of hundreds of GB will be interrupted. The journal (``DST/.shardconv-journal.json``,
+replaced atomically) holds a fingerprint of the run (source file sizes and mtimes, the amax file,
+the planned output layout and options, the shardconv version) and the SHA-256 of every finished
+shard. A new run with the same fingerprint keeps the finished shards and writes only the rest; a
+different fingerprint is refused unless ``--overwrite``. Shards appear under their final names only
+once complete (``.partial`` before), and the index is written last, so an unfinished DST never looks
+like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from . import __version__
+from .safetensors_io import layout
+
+NAME = ".shardconv-journal.json"
+
+
+def fingerprint(plan, extra: dict | None = None) -> str:
+    """A digest of everything that decides the output bytes."""
+    from . import numerics
+
+    src = plan.source
+    files = []
+    for p in [src.root / "config.json", *src.shards]:
+        st = p.stat()
+        files.append([str(p.relative_to(src.root)) if p.is_relative_to(src.root) else str(p), st.st_size, st.st_mtime_ns])
+    shards = [[name, [[t.name, t.dtype, list(t.shape)] for t in ts]] for name, ts in zip(plan.shard_names, plan.shard_tensors)]
+    doc = {
+        "shardconv": __version__,
+        "files": files,
+        "shards": shards,
+        "scales": plan.scales,
+        "format": plan.format_name,
+        "export_rounding": numerics.EXPORT_ROUNDING,
+        "extra": extra or {},
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def planned_size(tensors) -> int:
+    return len(layout(list(tensors))) + sum(t.nbytes for t in tensors)
+
+
+class Journal:
+    """Reads and updates DST's journal; safe to call from writer threads."""
+
+    def __init__(self, dst: Path, digest: str):
+        self.path = Path(dst) / NAME
+        self.digest = digest
+        self.shards: dict[str, str] = {}
+        self.complete = False
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def read(dst: Path) -> dict | None:
+        try:
+            data = json.loads((Path(dst) / NAME).read_text())
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def adopt(self, old: dict, plan, dst: Path) -> set[int]:
+        """Shards of ``old`` (same fingerprint) still present with their planned size: kept."""
+        kept = set()
+        recorded = old.get("shards") or {}
+        for i, (name, tensors) in enumerate(zip(plan.shard_names, plan.shard_tensors)):
+            path = Path(dst) / name
+            if name in recorded and path.is_file() and path.stat().st_size == planned_size(tensors):
+                kept.add(i)
+                self.shards[name] = recorded[name]
+        self._save()
+        return kept
+
+    def record(self, name: str, sha: str) -> None:
+        with self.lock:
+            self.shards[name] = sha
+            self._save()
+
+    def finish(self) -> None:
+        with self.lock:
+            self.complete = True
+            self._save()
+
+    def _save(self) -> None:
+        doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete,
+               "shards": dict(sorted(self.shards.items()))}
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self.path)

@@ -1,0 +1,129 @@
+"""Interrupted runs: killed at random points, stopped by signals, resumed to byte-identical output."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli, tree_digest
+from shardconv import pipeline
+from shardconv.synth import write_checkpoint
+
+ARGS = ("--device", "cpu", "--max-shard-size", "120KB", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "src"
+    write_checkpoint(path, family="llama", weights="structured", num_layers=4, shard_size=300_000,
+                     hidden_size=256, intermediate_size=512)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("ref") / "out"
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 0, err
+    assert len(list(dst.glob("model-*.safetensors"))) >= 6
+    return dst
+
+
+def without_journal(path):
+    return {k: v for k, v in tree_digest(path).items() if k != ".shardconv-journal.json"}
+
+
+def spawn(src, dst, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "shardconv", "convert", str(src), str(dst), *ARGS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    calls = {"n": 0}
+    real = pipeline.Shards._done
+
+    def failing(self, shard, n):
+        real(self, shard, n)
+        calls["n"] += self.remaining[shard] == 0
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.Shards, "_done", failing)
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 2 and "No space left on device" in err and err.count("\n") == 1, err
+    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    assert not (dst / "model.safetensors.index.json").exists() and not list(dst.glob("*.partial"))
+    finished = json.loads((dst / ".shardconv-journal.json").read_text())["shards"]
+    assert finished and not json.loads((dst / ".shardconv-journal.json").read_text())["complete"]
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 0, err
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
+    rng = random.Random(1234)
+    dst = tmp_path / "out"
+    kills = tries = 0
+    while kills < 24 and tries < 60:  # a run that finishes before its kill does not count
+        tries += 1
+        p = spawn(src, dst)
+        time.sleep(rng.uniform(0.2, 2.5))
+        if p.poll() is None:
+            p.kill()
+            kills += 1
+        p.communicate()
+        if (dst / "model.safetensors.index.json").exists():  # the index is written last: all else is done
+            assert without_journal(dst) == without_journal(reference)
+        if p.returncode == 0:  # finished before the kill: start over to keep killing mid-run
+            assert tree_digest(dst) == tree_digest(reference)
+            p = spawn(src, dst, "--overwrite")
+            time.sleep(rng.uniform(0.2, 1.0))
+            p.kill()
+            p.communicate()
+    assert kills >= 20
+    p = spawn(src, dst)
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_sigterm_stops_cleanly_and_resumes(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    for delay in (0.9, 1.2, 1.6, 2.0):
+        p = spawn(src, dst)
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate()
+        if p.returncode == 130:
+            break
+    assert p.returncode == 130, (p.returncode, err)
+    assert "resume" in err and err.count("\n") == 1
+    assert not list(dst.glob("*.partial")) and not (dst / "model.safetensors.index.json").exists()
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 0, err
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+
+    def boom(self, shard, n):
+        raise OSError(5, "I/O error")
+
+    real = pipeline.Shards._done
+    monkeypatch.setattr(pipeline.Shards, "_done", lambda self, s, n: (real(self, s, n), boom(self, s, n))
+                        if self.remaining[s] - n == 0 and s == 1 else real(self, s, n))
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 2 and "I/O error" in err, err
+    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    rc, err = run_cli("convert", src, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress")
+    assert rc == 2 and "different conversion" in err
+    rc, err = run_cli("convert", src, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress", "--overwrite")
+    assert rc == 0, err
