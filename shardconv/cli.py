@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host staging buffers, pinned with a GPU (default: 1GiB; at least one fusion group)")
     c.add_argument("--gpu-buffer", type=parse_size, default=parse_size("4GiB"), metavar="SIZE",
                    help="GPU temporaries per quantize step (default: 4GiB)")
+    c.add_argument("--fsync", action="store_true",
+                   help="flush each output shard to disk before recording it as finished (a resume after a power "
+                   "loss then trusts it without re-hashing; costs write-back time at each shard)")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     c.add_argument("--overwrite", action="store_true", help="allow a non-empty DST (replaces its checkpoint files)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -180,6 +184,16 @@ def _process_age() -> float:
         return float("nan")
 
 
+def _start_cuda(device: str) -> None:
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda" if device == "auto" else device)
+    except Exception:  # pick_device reports a bad --device later, in the main thread
+        pass
+
+
 def _convert(args) -> int:
     from .amax import load_amax
     from .formats import get_format
@@ -191,6 +205,8 @@ def _convert(args) -> int:
     from .source import open_source
 
     src, dst, overwrite = args.src, args.dst, args.overwrite
+    if not args.dry_run and args.device != "cpu":  # CUDA's start-up (a second or more) overlaps planning
+        threading.Thread(target=_start_cuda, args=(args.device,), daemon=True).start()
     tmp = None
     if src is None:
         from .synth import sample_checkpoint
@@ -222,7 +238,7 @@ def _convert(args) -> int:
                 torch.zeros(1, device=device)
             print(f"profile: ready to convert {_process_age():.1f} s after process start (imports, CUDA, plan)")
         opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
-                       gpu_buffer=args.gpu_buffer, progress=not args.no_progress)
+                       gpu_buffer=args.gpu_buffer, progress=not args.no_progress, fsync=args.fsync)
         extra = {}
         if args.amax:
             st = Path(args.amax).stat()

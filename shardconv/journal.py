@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .safetensors_io import layout
+from .safetensors_io import file_size
 
 NAME = ".shardconv-journal.json"
 
@@ -53,16 +53,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def planned_size(tensors) -> int:
-    return len(layout(list(tensors))) + sum(t.nbytes for t in tensors)
-
-
 class Journal:
     """Reads and updates DST's journal; safe to call from writer threads."""
 
-    def __init__(self, dst: Path, digest: str):
+    def __init__(self, dst: Path, digest: str, synced: bool = False):
         self.path = Path(dst) / NAME
         self.digest = digest
+        self.synced = synced  # shards were fsync'ed before being recorded
         self.shards: dict[str, str] = {}
         self.complete = False
         self.lock = threading.Lock()
@@ -76,12 +73,18 @@ class Journal:
             return None
 
     def adopt(self, old: dict, plan, dst: Path) -> set[int]:
-        """Shards of ``old`` (same fingerprint) still present with their planned size: kept."""
+        """Shards of ``old`` (same fingerprint) still present with their planned size: kept.
+
+        Shards that were not fsync'ed when recorded are also re-hashed: a kill never loses written
+        data (it is in the page cache), but a power loss can leave a renamed shard incomplete.
+        """
         kept = set()
         recorded = old.get("shards") or {}
+        trust = bool(old.get("synced"))
         for i, (name, tensors) in enumerate(zip(plan.shard_names, plan.shard_tensors)):
             path = Path(dst) / name
-            if name in recorded and path.is_file() and path.stat().st_size == planned_size(tensors):
+            if name in recorded and path.is_file() and path.stat().st_size == file_size(tensors) and (
+                    trust or file_sha256(path) == recorded[name]):
                 kept.add(i)
                 self.shards[name] = recorded[name]
         self._save()
@@ -99,7 +102,7 @@ class Journal:
 
     def _save(self) -> None:
         doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete,
-               "shards": dict(sorted(self.shards.items()))}
+               "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
         tmp = self.path.with_name(self.path.name + ".partial")
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, self.path)

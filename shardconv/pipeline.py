@@ -35,7 +35,7 @@ from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
-from .safetensors_io import ShardWriter, read_into
+from .safetensors_io import SHARD_METADATA, ShardWriter, read_into
 from .source import INDEX_NAME
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
@@ -72,6 +72,7 @@ class Options:
     host_buffer: int = DEFAULT_HOST_BUFFER  # bytes of host staging buffers (pinned with a GPU)
     gpu_buffer: int = DEFAULT_GPU_BUFFER  # bytes of GPU temporaries per quantize step
     progress: bool = True
+    fsync: bool = False  # flush each shard to disk before recording it (power-loss safe resume)
 
 
 @dataclass
@@ -184,8 +185,8 @@ class BufferPool:
 class Shards:
     """Output shard writers, opened on first use and finished when their last tensor is written."""
 
-    def __init__(self, plan: Plan, dst: Path, log: journal.Journal | None = None):
-        self.plan, self.dst, self.log = plan, dst, log
+    def __init__(self, plan: Plan, dst: Path, log: journal.Journal | None = None, sync: bool = False):
+        self.plan, self.dst, self.log, self.sync = plan, dst, log, sync
         self.writers: dict[int, ShardWriter] = {}
         self.remaining = [len(ts) for ts in plan.shard_tensors]
         self.finished: list[Path] = []
@@ -195,7 +196,7 @@ class Shards:
         with self.lock:
             if shard not in self.writers:
                 path = self.dst / self.plan.shard_names[shard]
-                self.writers[shard] = ShardWriter(path, self.plan.shard_tensors[shard], {"format": "pt"})
+                self.writers[shard] = ShardWriter(path, self.plan.shard_tensors[shard], SHARD_METADATA)
             return self.writers[shard]
 
     def _done(self, shard: int, n: int) -> None:
@@ -204,7 +205,7 @@ class Shards:
             last = self.remaining[shard] == 0
         if last:
             w = self.writers[shard]
-            w.finish()
+            w.finish(sync=self.sync)
             with self.lock:
                 self.finished.append(w.path)
             if self.log is not None:
@@ -257,7 +258,7 @@ class Converter:
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, opts.readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda)
         self.outputs = BufferPool(count, max(_largest_output(plan, fmt), 1), pin=self.cuda) if self.cuda else None
-        self.shards = Shards(plan, dst, log)
+        self.shards = Shards(plan, dst, log, sync=opts.fsync)
         self.readers = ThreadPoolExecutor(max(1, opts.readers), thread_name_prefix="shardconv-read")
         self.writers = ThreadPoolExecutor(max(1, opts.writers), thread_name_prefix="shardconv-write")
         self.chunk = max(1 << 20, opts.gpu_buffer // 32) if self.cuda else None
@@ -294,6 +295,12 @@ class Converter:
             uploaded = torch.cuda.Event()
             uploaded.record(self.h2d)
         self.compute.wait_event(uploaded)
+        # The host buffers are free once uploaded (a few ms over PCIe), not once the group is written:
+        # holding them through the writers' disk time starves the readers.
+        t0 = time.perf_counter()
+        uploaded.synchronize()
+        self.clock.add("main-wait-upload", t0)
+        self.inputs.give(in_bufs)
         with torch.cuda.stream(self.compute):
             for t in on_dev:
                 t.record_stream(self.compute)
@@ -325,25 +332,24 @@ class Converter:
                 host.append(mine)
             downloaded = torch.cuda.Event()
             downloaded.record(self.d2h)
-        return host, (downloaded, finite_host, weights, in_bufs, out_bufs)
+        return host, (downloaded, finite_host, out_bufs)
 
     def _write_cuda(self, unit: Unit, host, state) -> None:
-        downloaded, finite_host, weights, in_bufs, out_bufs = state
+        downloaded, finite_host, out_bufs = state
         try:
             t0 = time.perf_counter()
             downloaded.synchronize()
             self.clock.add("gpu-wait", t0)
             t0 = time.perf_counter()
-            for m, w, ok in zip(unit.members, weights, finite_host.tolist()):
-                if not ok:
-                    check_finite(m, w)  # raises with the position of the first bad value
+            for m, ok in zip(unit.members, finite_host.tolist()):
+                if not ok:  # the input buffer is reused by now: read the weight again to say where
+                    check_finite(m, read_into(m.weight))
             for tensors in host:
                 self.shards.write(unit.shard, tensors)
             if unit.extra:
                 self.shards.write(unit.shard, dict(unit.extra))
             self.clock.add("write", t0)
         finally:
-            self.inputs.give(in_bufs)
             self.outputs.give(out_bufs)
         self._advance(unit.in_bytes)
 
@@ -456,7 +462,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     if not resume:
         for path in [dst / INDEX_NAME, dst / journal.NAME, *dst.glob("*.safetensors"), *dst.glob("*.partial")]:
             path.unlink(missing_ok=True)
-    log = journal.Journal(dst, digest)
+    log = journal.Journal(dst, digest, synced=opts.fsync)
     kept = log.adopt(old, plan, dst) if resume else set()
     if len(kept) < len(plan.shard_names):
         (dst / INDEX_NAME).unlink(missing_ok=True)

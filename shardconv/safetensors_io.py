@@ -226,6 +226,14 @@ def layout(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None)
     return struct.pack("<Q", len(raw)) + raw
 
 
+SHARD_METADATA = {"format": "pt"}  # the one metadata key output shards carry (FORMAT.md §5)
+
+
+def file_size(tensors: list[PlannedTensor], metadata: dict[str, str] | None = SHARD_METADATA) -> int:
+    """Bytes of a shard holding ``tensors`` as :class:`ShardWriter` writes it."""
+    return len(layout(list(tensors), metadata)) + sum(t.nbytes for t in tensors)
+
+
 class ShardWriter:
     """An output shard whose header is known up front; tensors are written at their planned offsets.
 
@@ -299,10 +307,12 @@ class ShardWriter:
         except OSError as e:
             raise ShardconvError(f"{self.partial}: write failed: {e.strerror or e}") from None
 
-    def finish(self) -> None:
+    def finish(self, sync: bool = False) -> None:
+        """Rename to the final name; with ``sync``, flush to the disk first (survives a power loss)."""
         if self.pending:
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
-        os.fsync(self.fd)
+        if sync:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.partial, self.path)

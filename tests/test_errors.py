@@ -101,7 +101,8 @@ def test_unsupported_weight_dtype(tmp_path):
     check_fails(src, tmp_path / "o", "model.safetensors", "model.layers.0.mlp.up_proj.weight", "I8")
 
 
-def test_nan_in_weight_names_tensor_and_cleans_up(src, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nan_in_weight_names_tensor_and_cleans_up(src, tmp_path, device):
     from safetensors.torch import load_file
 
     p = next(p for p in shards(src) if any(n.endswith("o_proj.weight") for n in load_file(str(p))))
@@ -110,7 +111,7 @@ def test_nan_in_weight_names_tensor_and_cleans_up(src, tmp_path):
     tensors[name][1, 2] = float("nan")
     save_file(tensors, str(p), metadata={"format": "pt"})
     dst = tmp_path / "o"
-    check_fails(src, dst, p.name, name, "NaN")
+    check_fails(src, dst, p.name, name, "NaN", "row 1, column 2", args=("--device", device))
     assert not dst.exists()  # created by the run, removed by it
 
 

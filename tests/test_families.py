@@ -249,10 +249,12 @@ def test_dry_run_reports_family_layout(families, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scales", ["max", "mse"])
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "mixtral"])
-def test_family_cuda_equals_cpu(families, family, tmp_path):
-    a, _ = convert(families[family], tmp_path / "cpu")
-    rc, err = run_cli("convert", families[family], tmp_path / "gpu", "--device", "cuda", "--no-progress")
+def test_family_cuda_equals_cpu(families, family, scales, tmp_path):
+    a, _ = convert(families[family], tmp_path / "cpu", "--scales", scales)
+    rc, err = run_cli("convert", families[family], tmp_path / "gpu", "--device", "cuda", "--no-progress",
+                      "--scales", scales)
     assert rc == 0, err
     b = load_checkpoint(tmp_path / "gpu")
     assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)

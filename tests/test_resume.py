@@ -62,9 +62,11 @@ def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_p
     assert not (dst / "model.safetensors.index.json").exists() and not list(dst.glob("*.partial"))
     finished = json.loads((dst / ".shardconv-journal.json").read_text())["shards"]
     assert finished and not json.loads((dst / ".shardconv-journal.json").read_text())["complete"]
+    stamps = {n: (dst / n).stat().st_ino for n in finished}
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 0, err
     assert tree_digest(dst) == tree_digest(reference)
+    assert {n: (dst / n).stat().st_ino for n in finished} == stamps  # kept, not written again
 
 
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
@@ -127,3 +129,39 @@ def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch
     assert rc == 2 and "different conversion" in err
     rc, err = run_cli("convert", src, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress", "--overwrite")
     assert rc == 0, err
+
+
+def test_a_damaged_finished_shard_is_rewritten_on_resume(src, reference, tmp_path, monkeypatch):
+    """Without --fsync a power loss can leave a renamed shard incomplete: resume re-hashes what it keeps."""
+    dst = tmp_path / "out"
+    real = pipeline.Shards._done
+    done = {"n": 0}
+
+    def failing(self, shard, n):
+        real(self, shard, n)
+        done["n"] += self.remaining[shard] == 0
+        if done["n"] == 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.Shards, "_done", failing)
+    assert run_cli("convert", src, dst, *ARGS)[0] == 2
+    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    log = json.loads((dst / ".shardconv-journal.json").read_text())
+    assert log["synced"] is False and len(log["shards"]) >= 2
+    victim = dst / sorted(log["shards"])[0]
+    data = bytearray(victim.read_bytes())
+    data[-4096:] = bytes(b ^ 0x5A for b in data[-4096:])  # same size, other bytes: a page lost in a crash
+    victim.write_bytes(bytes(data))
+    others = {n: (dst / n).stat().st_ino for n in log["shards"] if n != victim.name}
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 0, err
+    assert tree_digest(dst) == tree_digest(reference)
+    assert {n: (dst / n).stat().st_ino for n in others} == others  # the undamaged ones were kept
+
+
+def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    rc, err = run_cli("convert", src, dst, *ARGS, "--fsync")
+    assert rc == 0, err
+    assert json.loads((dst / ".shardconv-journal.json").read_text())["synced"] is True
+    assert without_journal(dst) == without_journal(reference)

@@ -51,7 +51,8 @@ def role(name: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", name)
 
 
-def write_model(path: Path, family: str, layers: int, kw: dict, shard_size: int) -> int:
+def write_model(path: Path | str, family: str, layers: int, kw: dict, shard_size: int) -> int:
+    path = Path(path)
     config = make_config(family, num_layers=layers, **kw)
     specs = tensor_specs(config)
     sizes = [2 * _numel(s) for _, s in specs]
@@ -118,8 +119,12 @@ def _sample(pid: int, stop) -> None:
     SAMPLED[pid] = peak
 
 
-def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float, str]:
-    """(wall s, peak RSS MB from wait4, stdout) of one command; SAMPLED[pid] gets the sampled peak."""
+def timed(cmd: list[str] | str, shell: bool = False, limit: float | None = None) -> tuple[float, float, str]:
+    """(wall s, peak RSS MB from wait4, stdout) of one command; SAMPLED[pid] gets the sampled peak.
+
+    With ``limit``, a command still running after that many seconds is killed and its wall time is
+    returned negated (a lower bound: "more than").
+    """
     import threading
 
     t0 = time.perf_counter()
@@ -127,12 +132,19 @@ def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float, str]
     stop = threading.Event()
     sampler = threading.Thread(target=_sample, args=(p.pid, stop), daemon=True)
     sampler.start()
+    killer = threading.Timer(limit, p.kill) if limit else None
+    if killer:
+        killer.start()
     out = p.stdout.read()
     stop.set()
     sampler.join()
     TIMED_PID[0] = p.pid
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
+    if killer:
+        killer.cancel()
+        if wall >= limit:
+            return -wall, usage.ru_maxrss / 1024, out
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"failed: {cmd}\n{out[-3000:]}")
     return wall, usage.ru_maxrss / 1024, out
@@ -146,9 +158,21 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=5 * 10**9)
     ap.add_argument("--no-cp-above", type=float, default=25.0, help="skip cp -r for inputs above this many GB")
     ap.add_argument("--extra", default="", help="extra arguments for shardconv convert")
+    ap.add_argument("--scales", default="max,default", help="--scales runs of (c), 'default' = no --scales")
+    ap.add_argument("--lc-limit", type=float, default=300, help="stop model_free_ptq after this many seconds")
+    ap.add_argument("--json", metavar="FILE", help="also append every row to FILE as a JSON line")
     args = ap.parse_args()
     work = Path(args.work)
     rows = []
+
+    def add(*row) -> None:  # (label, step, wall, gb, rss, gpu_gb): printed at once, so a cut-off run still tells
+        rows.append(row)
+        label, step, wall, gb, rss, gpu_gb = row
+        print(f"[{label}] {step}: {wall if wall is None else round(wall, 2)} s, {gb:.2f} GB, RSS {rss} MB, "
+              f"GPU {gpu_gb} GB", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(dict(zip(("model", "step", "wall_s", "gb", "rss_mb", "gpu_gb"), row)),) + "\n")
     for spec in args.models.split(","):
         name, _, layers = spec.partition(":")
         family, kw, default_layers = MODELS[name]
@@ -157,20 +181,27 @@ def main() -> None:
         src = work / "src"
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
-        size = write_model(src, family, layers, kw, args.shard_size)
+        # In a child process: a child's peak RSS (wait4's ru_maxrss) starts at its parent's peak, so
+        # this process must never hold the generated tensors itself.
+        code = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from bench import write_model; "
+                "print(write_model(*json.loads(sys.argv[2])))")
+        size = int(subprocess.run(
+            [sys.executable, "-c", code, json.dumps([str(Path(__file__).parent), os.getcwd()]),
+             json.dumps([str(src), family, layers, kw, args.shard_size])],
+            check=True, capture_output=True, text=True).stdout.split()[-1])
         print(f"[{label}] wrote {size / 1e9:.1f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
         gb = size / 1e9
         how = drop_cache(src)
         shards = sorted(str(p) for p in src.glob("*.safetensors"))
         read_s, _, _ = timed("cat " + " ".join(shards) + " > /dev/null", shell=True)
-        rows.append((label, "(a) cat > /dev/null", read_s, gb, None, None))
+        add(label, "(a) cat > /dev/null", read_s, gb, None, None)
         cp_s = None
         if gb <= args.no_cp_above:
             drop_cache(src)
             cp_s, _, _ = timed(["cp", "-r", str(src), str(work / "copy")])
-            rows.append((label, "(b) cp -r", cp_s, gb, None, None))
+            add(label, "(b) cp -r", cp_s, gb, None, None)
             shutil.rmtree(work / "copy")
-        for scales in ("max", None):
+        for scales in [None if s == "default" else s for s in args.scales.split(",")]:
             drop_cache(src)
             dst = work / "out"
             cmd = [sys.executable, "-m", "shardconv", "convert", str(src), str(dst), "--device", args.device,
@@ -182,7 +213,7 @@ def main() -> None:
                 if line.startswith("profile:"):
                     print(f"[{label}] --scales {scales or 'default'} {line}", flush=True)
             m = re.search(r"peak GPU memory\s+([0-9.]+) GB", out)
-            rows.append((label, f"(c) shardconv --scales {scales or 'default'}", wall, gb, rss, float(m.group(1)) if m else None))
+            add(label, f"(c) shardconv --scales {scales or 'default'}", wall, gb, rss, float(m.group(1)) if m else None)
             print(f"[{label}] --scales {scales or 'default'}: peak RSS {rss:.0f} MB (wait4), "
                   f"{SAMPLED.get(TIMED_PID[0], 0):.0f} MB (VmRSS sampled every 20 ms)", flush=True)
             shutil.rmtree(dst)
@@ -190,12 +221,15 @@ def main() -> None:
             import llmcompressor  # noqa: F401
 
             drop_cache(src)
-            code = ("from llmcompressor import model_free_ptq; import sys; "
-                    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='NVFP4A16', device='cuda:0')")
-            wall, rss, _ = timed([sys.executable, "-c", code, str(src), str(work / "lc")])
-            rows.append((label, "(d) llm-compressor model_free_ptq", wall, gb, rss, None))
-        except ImportError:
-            rows.append((label, "(d) llm-compressor: not installed", None, gb, None, None))
+            # lm_head is kept, as shardconv keeps it; the rest are model_free_ptq's defaults
+            code = ("from llmcompressor import model_free_ptq; import sys; model_free_ptq(sys.argv[1], sys.argv[2], "
+                    "scheme='NVFP4A16', ignore=['lm_head'], device='cuda:0' if sys.argv[3] != 'cpu' else 'cpu')")
+            wall, rss, out = timed([sys.executable, "-c", code, str(src), str(work / "lc"), args.device],
+                                   limit=args.lc_limit)
+            add(label, "(d) llm-compressor model_free_ptq", wall, gb, rss, None)
+            shutil.rmtree(work / "lc", ignore_errors=True)
+        except ImportError as e:
+            add(label, f"(d) llm-compressor: not importable ({e})", None, gb, None, None)
         print(f"[{label}] cache: {how}", flush=True)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -207,9 +241,10 @@ def main() -> None:
         a = base.get("(a) cat > /dev/null")
         b = base.get("(b) cp -r")
         d = base.get("(d) llm-compressor model_free_ptq")
-        r = lambda x: f"{wall / x:6.2f}" if (x and wall and step.startswith("(c)")) else f"{'':6}"  # noqa: E731
-        w = f"{wall:8.1f}" if wall else f"{'-':>8}"
-        rate = f"{gb / wall:6.2f}" if wall else f"{'':6}"
+        r = lambda x: (f"{wall / abs(x):6.2f}" if x > 0 else f"<{wall / -x:5.2f}") if (  # noqa: E731
+            x and wall and step.startswith("(c)")) else f"{'':6}"
+        w = (f"{wall:8.1f}" if wall > 0 else f">{-wall:7.0f}") if wall else f"{'-':>8}"  # negative: stopped at the limit
+        rate = f"{gb / abs(wall):6.2f}" if wall else f"{'':6}"
         print(f"{label:14} {step:38} {w} {rate} {r(a)} {r(b)} {r(d)} "
               f"{(f'{rss:8.0f}' if rss else ''):>8} {(f'{gpu_gb:7.2f}' if gpu_gb is not None else ''):>7}")
 
