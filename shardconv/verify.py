@@ -316,7 +316,11 @@ def _check_module_values(q: QModule, report: Report) -> None:
             report.fail(f"{q.scale.path}: tensor {q.scale.name!r} has {n} {what} block scales (first at {first})")
 
 
-def _check_groups(mods: dict[str, QModule], tensors: dict[str, TensorInfo], report: Report) -> int:
+def _check_groups(mods: dict[str, QModule], tensors: dict[str, TensorInfo], report: Report,
+                  found: dict[str, QModule] | None = None) -> int:
+    """``mods``: the well-formed modules (their scales are compared); ``found``: every quantized module,
+    malformed ones included (those are reported already, not as unquantized)."""
+    found = mods if found is None else found
     groups: dict[str, list[QModule]] = {}
     for q in mods.values():
         key = fusion_key(q.module)
@@ -328,7 +332,7 @@ def _check_groups(mods: dict[str, QModule], tensors: dict[str, TensorInfo], repo
         leaves = next(s for s in FUSION_SETS if key.endswith("{" + ",".join(s) + "}"))
         for leaf in leaves:
             other = f"{parent}{leaf}"
-            if other not in mods and f"{other}.weight" in tensors:
+            if other not in found and f"{other}.weight" in tensors:
                 report.fail(f"fusion group {key}: {members[0].module} is quantized but {other} is not "
                             "(engines fuse them into one GEMM)")
         if len(members) < 2:
@@ -500,13 +504,14 @@ def _rel_error(source_w: torch.Tensor, q: QModule, s2: torch.Tensor) -> float:
 
 
 def _compare_source(src: str, mods: dict[str, QModule], convention: str, tensors: dict[str, TensorInfo],
-                    report: Report, max_error: float) -> None:
+                    report: Report, max_error: float, found: dict[str, QModule] | None = None) -> None:
     from . import fp8
     from .source import open_source
 
     source = open_source(src)  # a ShardconvError here is the user's (usage, exit 2)
     fp8_blocks = fp8.input_quantization(source)
-    by_weight = {(q.module if q.stacked else f"{q.module}.weight"): q for q in mods.values()}
+    # every quantized module, malformed ones too: their packed ``.weight`` is no kept tensor
+    by_weight = {(q.module if q.stacked else f"{q.module}.weight"): q for q in (found or mods).values()}
     dropped = set()
     if fp8_blocks is not None:
         for name in source.tensors:
@@ -529,7 +534,7 @@ def _compare_source(src: str, mods: dict[str, QModule], convention: str, tensors
             elif (out.dtype, out.shape) != (info.dtype, info.shape) or not _same_bytes(info, out):
                 differ.append(name)
             continue
-        if q.packed is None or q.scale is None or q.scale_2 is None:
+        if q.module not in mods or q.packed is None or q.scale is None or q.scale_2 is None:
             continue  # already reported
         in_features = q.packed.shape[-2 if q.stacked else -1] * 2
         want_shape = ((q.packed.shape[0], in_features, q.packed.shape[2]) if q.stacked
@@ -586,7 +591,7 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
     good = {m: q for m, q in mods.items() if _check_shapes(q, convention, report)}
     for q in good.values():
         _check_module_values(q, report)
-    n_groups = _check_groups(good, tensors, report)
+    n_groups = _check_groups(good, tensors, report, mods)
     _check_algo(config, hf_quant, convention, mods, tensors, report, dst)
     lists = _exclusion_lists(config, hf_quant, convention, dst, report)
     n_kept = _check_exclusions(lists, convention, mods, tensors, report)
@@ -596,7 +601,7 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
         f"kept        {n_kept} Linear weights in source precision, {len(lists)} exclusion lists checked",
     ]
     if source is not None:
-        _compare_source(source, good, convention, tensors, report, max_error)
+        _compare_source(source, good, convention, tensors, report, max_error, mods)
     if not mods and not report.problems:
         report.fail(f"{dst}: no NVFP4-quantized modules found")
     return report

@@ -93,6 +93,61 @@ def test_header_length_beyond_file(src, tmp_path):
     check_fails(src, tmp_path / "o", p.name, "header length")
 
 
+def rewrite_header(path, edit):
+    """Apply ``edit`` to a shard's parsed header and write it back with the same data section."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _tensors(header):
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _overlap(h):
+    a, b = _tensors(h)[:2]
+    h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + (h[b]["data_offsets"][1] - h[b]["data_offsets"][0])]
+
+
+def _out_of_range(h):
+    last = _tensors(h)[-1]
+    span = h[last]["data_offsets"][1] - h[last]["data_offsets"][0]
+    h[last]["data_offsets"] = [h[last]["data_offsets"][0] + 4096, h[last]["data_offsets"][1] + 4096]
+    assert span
+
+
+def _huge_shape(h):
+    h[_tensors(h)[0]]["shape"] = [2**40, 2**40]
+
+
+@pytest.mark.parametrize("edit, needle", [(_overlap, "overlap"), (_out_of_range, "truncated"), (_huge_shape, "needs")])
+def test_hostile_header_offsets_and_shapes(src, tmp_path, edit, needle):
+    def count(path):
+        return len(_tensors(json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])))
+
+    p = max(shards(src), key=count)
+    assert count(p) >= 2
+    rewrite_header(p, edit)
+    check_fails(src, tmp_path / "o", p.name, needle)
+
+
+def test_duplicate_tensor_across_shards(src, tmp_path):
+    first, second = shards(src)[:2]
+    n = struct.unpack("<Q", first.read_bytes()[:8])[0]
+    name = _tensors(json.loads(first.read_bytes()[8 : 8 + n]))[0]
+
+    def add_twin(h):  # the second shard also claims a tensor of the first, over one of its own spans
+        own = _tensors(h)[0]
+        h[name] = dict(h.pop(own))
+
+    rewrite_header(second, add_twin)
+    check_fails(src, tmp_path / "o", name)
+
+
 def test_unsupported_weight_dtype(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--no-cp-above", type=float, default=25.0, help="skip cp -r for inputs above this many GB")
     ap.add_argument("--extra", default="", help="extra arguments for shardconv convert")
     ap.add_argument("--scales", default="max,default", help="--scales runs of (c), 'default' = no --scales")
-    ap.add_argument("--lc-limit", type=float, default=300, help="stop model_free_ptq after this many seconds")
+    ap.add_argument("--lc-limit", type=float, default=300, help="stop model_free_ptq after this many seconds (0: skip it)")
     ap.add_argument("--json", metavar="FILE", help="also append every row to FILE as a JSON line")
     args = ap.parse_args()
     work = Path(args.work)
@@ -218,6 +218,8 @@ def main() -> None:
                   f"{SAMPLED.get(TIMED_PID[0], 0):.0f} MB (VmRSS sampled every 20 ms)", flush=True)
             shutil.rmtree(dst)
         try:
+            if args.lc_limit <= 0:
+                raise ImportError("skipped: --lc-limit 0")
             import llmcompressor  # noqa: F401
 
             drop_cache(src)

@@ -5,7 +5,7 @@ Writes synthetic Llama-style checkpoints of about 2 GB and 4 GB (512 MB shards),
 with ``shardconv convert --device cpu`` and reports the peak resident set size (which counts mapped
 file pages too). The point: the peak must not grow with the model.
 
-    python tools/memcheck.py [--sizes 2,4] [--work /tmp/shardconv-mem] [--keep]
+    python tools/memcheck.py [--sizes 2,4] [--work /tmp/shardconv-mem] [--keep] [--extra '--scales max']
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="2,4", help="checkpoint sizes in GB (comma separated)")
     ap.add_argument("--work", default="/tmp/shardconv-mem")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--extra", default="", help="more arguments for shardconv convert, e.g. '--scales max'")
     args = ap.parse_args()
     work = Path(args.work)
     rows = []
@@ -49,7 +50,8 @@ def main() -> None:
             layers = layers_for_size("llama", int(gb * 1e9), **SHAPE)
             write_checkpoint(src, family="llama", num_layers=layers, shard_size=512 * 2**20, weights="random", **SHAPE)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        cmd = [sys.executable, "-m", "shardconv", "convert", str(src), str(dst), "--device", "cpu", "--no-progress"]
+        cmd = [sys.executable, "-m", "shardconv", "convert", str(src), str(dst), "--device", "cpu", "--no-progress",
+               *args.extra.split()]
         rss, wall = peak_rss(cmd)
         baseline, _ = peak_rss([sys.executable, "-c", "import torch, shardconv.pipeline"])
         rows.append((gb, size / 1e9, len(list(src.glob('*.safetensors'))), rss, baseline, wall))
