@@ -44,21 +44,27 @@ def spawn(src, dst, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_path, monkeypatch):
-    dst = tmp_path / "out"
-    calls = {"n": 0}
+def disk_full_after(n_shards, monkeypatch):
+    """Make the writer fail (ENOSPC) right after the n-th output shard is finished; returns the undo."""
     real = pipeline.Shards._done
+    finished = {"n": 0}
 
     def failing(self, shard, n):
         real(self, shard, n)
-        calls["n"] += self.remaining[shard] == 0
-        if calls["n"] == 3:
+        finished["n"] += self.remaining[shard] == 0
+        if finished["n"] == n_shards:
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline.Shards, "_done", failing)
+    return lambda: monkeypatch.setattr(pipeline.Shards, "_done", real)
+
+
+def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    undo = disk_full_after(3, monkeypatch)
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 2 and "No space left on device" in err and err.count("\n") == 1, err
-    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    undo()
     assert not (dst / "model.safetensors.index.json").exists() and not list(dst.glob("*.partial"))
     finished = json.loads((dst / ".shardconv-journal.json").read_text())["shards"]
     assert finished and not json.loads((dst / ".shardconv-journal.json").read_text())["complete"]
@@ -134,18 +140,9 @@ def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch
 def test_a_damaged_finished_shard_is_rewritten_on_resume(src, reference, tmp_path, monkeypatch):
     """Without --fsync a power loss can leave a renamed shard incomplete: resume re-hashes what it keeps."""
     dst = tmp_path / "out"
-    real = pipeline.Shards._done
-    done = {"n": 0}
-
-    def failing(self, shard, n):
-        real(self, shard, n)
-        done["n"] += self.remaining[shard] == 0
-        if done["n"] == 3:
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(pipeline.Shards, "_done", failing)
+    undo = disk_full_after(3, monkeypatch)
     assert run_cli("convert", src, dst, *ARGS)[0] == 2
-    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    undo()
     log = json.loads((dst / ".shardconv-journal.json").read_text())
     assert log["synced"] is False and len(log["shards"]) >= 2
     victim = dst / sorted(log["shards"])[0]
