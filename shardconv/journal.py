@@ -87,6 +87,12 @@ class Journal:
                     trust or file_sha256(path) == recorded[name]):
                 kept.add(i)
                 self.shards[name] = recorded[name]
+                if self.synced and not trust:  # this run promises flushed shards: these too
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
         self._save()
         return kept
 

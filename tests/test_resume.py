@@ -162,3 +162,16 @@ def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_pa
     assert rc == 0, err
     assert json.loads((dst / ".shardconv-journal.json").read_text())["synced"] is True
     assert without_journal(dst) == without_journal(reference)
+
+
+def test_resume_with_fsync_after_a_run_without(src, reference, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    undo = disk_full_after(2, monkeypatch)
+    assert run_cli("convert", src, dst, *ARGS)[0] == 2
+    undo()
+    assert json.loads((dst / ".shardconv-journal.json").read_text())["synced"] is False
+    rc, err = run_cli("convert", src, dst, *ARGS, "--fsync")  # fsync is no part of the plan: a resume
+    assert rc == 0, err
+    log = json.loads((dst / ".shardconv-journal.json").read_text())
+    assert log["synced"] is True and log["complete"] is True
+    assert without_journal(dst) == without_journal(reference)
