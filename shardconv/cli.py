@@ -32,6 +32,10 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_size(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardconv", description="Convert Hugging Face checkpoints to NVFP4, one shard at a time.")
     parser.add_argument("--version", action="version", version=f"shardconv {__version__}")
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host staging buffers, pinned with a GPU (default: 1GiB; at least one fusion group)")
     c.add_argument("--gpu-buffer", type=parse_size, default=parse_size("4GiB"), metavar="SIZE",
                    help="GPU temporaries per quantize step (default: 4GiB)")
+    c.add_argument("--prefetch", type=parse_size_or_zero, default=parse_size("2GiB"), metavar="SIZE",
+                   help="how far ahead of the readers the kernel is asked to read input into the page cache "
+                   "(posix_fadvise WILLNEED; page cache, not process memory; 0: no hints; default: 2GiB)")
     c.add_argument("--fsync", action="store_true",
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")
@@ -238,7 +245,8 @@ def _convert(args) -> int:
                 torch.zeros(1, device=device)
             print(f"profile: ready to convert {_process_age():.1f} s after process start (imports, CUDA, plan)")
         opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
-                       gpu_buffer=args.gpu_buffer, progress=not args.no_progress, fsync=args.fsync)
+                       gpu_buffer=args.gpu_buffer, progress=not args.no_progress, fsync=args.fsync,
+                       prefetch=args.prefetch)
         extra = {}
         if args.amax:
             st = Path(args.amax).stat()

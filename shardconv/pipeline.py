@@ -35,7 +35,7 @@ from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
-from .safetensors_io import SHARD_METADATA, ShardWriter, read_into
+from .safetensors_io import SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into
 from .source import INDEX_NAME
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
@@ -43,6 +43,7 @@ REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME}
 SKIP_DIRS = {"original"}  # Meta's consolidated weights in Llama repos
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
+DEFAULT_PREFETCH = 2 * 2**30
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
 PROFILE = bool(os.environ.get("SHARDCONV_PROFILE"))
 
@@ -72,6 +73,7 @@ class Options:
     host_buffer: int = DEFAULT_HOST_BUFFER  # bytes of host staging buffers (pinned with a GPU)
     gpu_buffer: int = DEFAULT_GPU_BUFFER  # bytes of GPU temporaries per quantize step
     progress: bool = True
+    prefetch: int = DEFAULT_PREFETCH  # bytes of input the kernel is asked to read ahead (0: no hints)
     fsync: bool = False  # flush each shard to disk before recording it (power-loss safe resume)
 
 
@@ -180,6 +182,45 @@ class BufferPool:
         with self.cond:
             self.free.extend(buffers)
             self.cond.notify_all()
+
+
+def unit_inputs(unit: Unit) -> list[TensorInfo]:
+    """The input byte ranges a unit reads."""
+    out = [m.weight for m in unit.members] + [m.scale_inv for m in unit.members if m.scale_inv is not None]
+    if unit.copy is not None:
+        out.append(unit.copy)
+    if unit.dequant is not None:
+        out += list(unit.dequant[:2])
+    return out
+
+
+class Prefetcher:
+    """Keeps the page cache filling ``window`` bytes ahead of the readers (POSIX_FADV_WILLNEED).
+
+    The host buffer pools bound what shardconv itself holds; without hints the disk idles whenever
+    every buffer is in use. The hints go out from one background thread, in input order.
+    """
+
+    def __init__(self, units: list[Unit], window: int):
+        self.units, self.window = units, window
+        self.hinted = 0  # units [0, hinted) have been hinted
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardconv-prefetch") if window > 0 else None
+
+    def ahead_of(self, current: int) -> None:
+        """Hint units from ``current`` on until ``window`` bytes are covered."""
+        if self.pool is None:
+            return
+        self.hinted = max(self.hinted, current)
+        ahead = sum(self.units[i].in_bytes for i in range(current, self.hinted))
+        while self.hinted < len(self.units) and ahead < self.window:
+            infos = unit_inputs(self.units[self.hinted])
+            self.pool.submit(lambda infos=infos: [prefetch(t) for t in infos])
+            ahead += self.units[self.hinted].in_bytes
+            self.hinted += 1
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Shards:
@@ -376,6 +417,7 @@ class Converter:
         self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1024,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
+        prefetcher = Prefetcher(units, self.opts.prefetch)
 
         def submit(block: bool) -> None:
             nonlocal nxt
@@ -394,6 +436,7 @@ class Converter:
         try:
             while pending or nxt < len(units):
                 submit(block=True)
+                prefetcher.ahead_of(nxt)  # the units after those the readers have
                 unit, future, bufs = pending.popleft()
                 if future is None:
                     continue
@@ -419,6 +462,7 @@ class Converter:
                 job.result()
             self.clock.add("main-drain", t0)
         finally:
+            prefetcher.close()
             self.readers.shutdown(wait=True, cancel_futures=True)
             self.writers.shutdown(wait=True, cancel_futures=True)
             if self.cuda:

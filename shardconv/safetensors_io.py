@@ -162,6 +162,32 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
+def advise(fd: int, offset: int, nbytes: int, advice: str) -> None:
+    """``posix_fadvise`` where the OS has it (a hint: failures are ignored).
+
+    ``advice``: "sequential" (read the range front to back: larger kernel read-ahead) or "willneed"
+    (start reading it into the page cache now, without waiting).
+    """
+    flag = {"sequential": "POSIX_FADV_SEQUENTIAL", "willneed": "POSIX_FADV_WILLNEED"}[advice]
+    if hasattr(os, "posix_fadvise") and nbytes > 0:
+        try:
+            os.posix_fadvise(fd, offset, nbytes, getattr(os, flag))
+        except OSError:
+            pass
+
+
+def prefetch(info: TensorInfo) -> None:
+    """Ask the kernel to start reading a tensor's bytes into the page cache (returns at once)."""
+    try:
+        fd = os.open(info.path, os.O_RDONLY)
+    except OSError:
+        return  # the read itself reports the problem
+    try:
+        advise(fd, info.offset, info.nbytes, "willneed")
+    finally:
+        os.close(fd)
+
+
 def read_into(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor's bytes with pread into ``out`` (a uint8 CPU tensor, reused) or a new tensor.
 
@@ -172,6 +198,7 @@ def read_into(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor
     buf = out.view(torch.uint8).reshape(-1)[: info.nbytes]
     mv = memoryview(buf.numpy()).cast("B")
     fd = os.open(info.path, os.O_RDONLY)
+    advise(fd, info.offset, info.nbytes, "sequential")
     try:
         done = 0
         while done < info.nbytes:
@@ -282,6 +309,7 @@ class ShardWriter:
         """Copy a tensor's bytes file to file (copy_file_range where the kernel has it)."""
         pos = self._target(name, src.nbytes)
         fd = os.open(src.path, os.O_RDONLY)
+        advise(fd, src.offset, src.nbytes, "sequential")
         try:
             done = 0
             while done < src.nbytes:
