@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,9 +105,12 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
 
 def test_sigterm_stops_cleanly_and_resumes(src, reference, tmp_path):
     dst = tmp_path / "out"
-    for delay in (0.9, 1.2, 1.6, 2.0):
+    for _ in range(10):  # signal once a shard is being written (the handlers are in place by then)
+        shutil.rmtree(dst, ignore_errors=True)
         p = spawn(src, dst)
-        time.sleep(delay)
+        deadline = time.monotonic() + 60
+        while p.poll() is None and not list(dst.glob("*.safetensors.partial")) and time.monotonic() < deadline:
+            time.sleep(0.005)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate()
         if p.returncode == 130:
