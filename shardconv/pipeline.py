@@ -250,7 +250,7 @@ class Shards:
             with self.lock:
                 self.finished.append(w.path)
             if self.log is not None:
-                self.log.record(w.path.name, journal.file_sha256(w.path))
+                self.log.record(w.path.name, w.sha256)
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         w = self._writer(shard)

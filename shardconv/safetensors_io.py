@@ -9,10 +9,12 @@ the header is written first and tensors are written at their planned offsets in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,12 +234,26 @@ class PlannedTensor:
         return n
 
 
-def layout(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
-    """Assign data offsets (widest dtype first, so every tensor is aligned) and return the header bytes.
+def _aligned_in_order(tensors: list[PlannedTensor]) -> bool:
+    pos = 0
+    for t in tensors:
+        if pos % DTYPES[t.dtype][1]:
+            return False
+        pos += t.nbytes
+    return True
 
-    The header is space-padded to a multiple of 8 bytes, as the safetensors library writes it.
+
+def layout(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Assign data offsets and return the header bytes (space-padded to a multiple of 8 bytes, as the
+    safetensors library writes it).
+
+    Tensors keep their given order (the order the pipeline produces them, so a shard's bytes are
+    finished front to back and can be hashed as they come) when every tensor then lands on a
+    multiple of its element size, as loaders need; otherwise widest dtype first, which always aligns.
     """
-    order = sorted(range(len(tensors)), key=lambda i: (-DTYPES[tensors[i].dtype][1], i))
+    order = list(range(len(tensors)))
+    if not _aligned_in_order(tensors):
+        order.sort(key=lambda i: (-DTYPES[tensors[i].dtype][1], i))
     pos = 0
     for i in order:
         tensors[i].offset = pos
@@ -265,7 +281,10 @@ class ShardWriter:
     """An output shard whose header is known up front; tensors are written at their planned offsets.
 
     The file is created as ``<name>.partial`` and renamed by :meth:`finish`, so a shard that exists
-    under its final name is complete.
+    under its final name is complete. Its SHA-256 (:attr:`sha256` after :meth:`finish`) is computed
+    while it is written: whichever thread completes the next bytes in file order hashes them (read
+    back from the page cache), so finishing a shard does not re-read it. Safe for concurrent writes
+    of different tensors.
     """
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None):
@@ -276,13 +295,48 @@ class ShardWriter:
         self.by_name = {t.name: t for t in tensors}
         self.pending = set(self.by_name)
         self.size = self.data_start + sum(t.nbytes for t in tensors)
-        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.sha256: str | None = None
+        self._hash = hashlib.sha256(header)
+        self._hashed = len(header)  # bytes [0, _hashed) are in _hash
+        self._ready: dict[int, int] = {}  # written ranges past _hashed: start -> end
+        self._ready_lock = threading.Lock()
+        self._hash_lock = threading.Lock()
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(self.fd, header, 0)
             os.ftruncate(self.fd, self.size)
         except OSError as e:
             self.abort()
             raise ShardconvError(f"{self.partial}: cannot write: {e.strerror or e}") from None
+
+    def _written(self, start: int, end: int) -> None:
+        """Record bytes [start, end) as final and hash what is now contiguous."""
+        if end > start:
+            with self._ready_lock:
+                self._ready[start] = end
+            self._hash_ready(block=False)
+
+    def _hash_ready(self, block: bool) -> None:
+        while self._hash_lock.acquire(blocking=block):
+            try:
+                while True:
+                    with self._ready_lock:
+                        end = self._ready.pop(self._hashed, None)
+                    if end is None:
+                        break
+                    pos = self._hashed
+                    while pos < end:
+                        chunk = os.pread(self.fd, min(end - pos, 16 << 20), pos)
+                        if not chunk:
+                            raise ShardconvError(f"{self.partial}: cannot read back what was written")
+                        self._hash.update(chunk)
+                        pos += len(chunk)
+                    self._hashed = end
+            finally:
+                self._hash_lock.release()
+            with self._ready_lock:  # bytes that came while we held the lock, and nobody took
+                if self._hashed not in self._ready:
+                    return
 
     def _target(self, name: str, nbytes: int) -> int:
         t = self.by_name[name]
@@ -304,6 +358,7 @@ class ShardWriter:
         pos = self._target(name, data.numel())
         mv = memoryview(data.numpy()).cast("B")
         self._pwrite_all(mv, pos)
+        self._written(pos, pos + data.numel())
 
     def copy_from(self, name: str, src: TensorInfo) -> None:
         """Copy a tensor's bytes file to file (copy_file_range where the kernel has it)."""
@@ -326,6 +381,7 @@ class ShardWriter:
                 done += n
         finally:
             os.close(fd)
+        self._written(pos, pos + src.nbytes)
 
     def _pwrite_all(self, mv: memoryview, pos: int) -> None:
         try:
@@ -339,6 +395,10 @@ class ShardWriter:
         """Rename to the final name; with ``sync``, flush to the disk first (survives a power loss)."""
         if self.pending:
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
+        self._hash_ready(block=True)
+        if self._hashed != self.size:
+            raise RuntimeError(f"{self.path}: hashed {self._hashed} of {self.size} bytes")
+        self.sha256 = self._hash.hexdigest()
         if sync:
             os.fsync(self.fd)
         os.close(self.fd)

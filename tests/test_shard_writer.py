@@ -1,0 +1,89 @@
+"""The output shard writer: planned layout (input order when aligned, else widest dtype first), files that
+safetensors reads back, and a SHA-256 computed while writing that equals the finished file's, whatever
+the order and threads of the writes."""
+
+import hashlib
+import random
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from shardconv.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, ShardWriter, TensorInfo, layout
+
+
+def planned(specs):
+    return [PlannedTensor(f"t{i}", DTYPE_NAMES[dtype], shape) for i, (dtype, shape) in enumerate(specs)]
+
+
+ALIGNED = [(torch.uint8, (64, 32)), (torch.float8_e4m3fn, (64, 4)), (torch.float32, ()), (torch.float32, ()),
+           (torch.bfloat16, (64,)), (torch.uint8, (8, 8))]
+MISALIGNED = [(torch.uint8, (3, 5)), (torch.float32, ()), (torch.bfloat16, (7,)), (torch.float8_e4m3fn, (1, 3))]
+
+
+def test_layout_keeps_input_order_when_aligned():
+    ts = planned(ALIGNED)
+    layout(ts)
+    assert [t.offset for t in ts] == sorted(t.offset for t in ts)  # front to back in the given order
+
+
+def test_layout_sorts_by_width_when_input_order_would_misalign():
+    ts = planned(MISALIGNED)
+    layout(ts)
+    assert all(t.offset % DTYPES[t.dtype][1] == 0 for t in ts)
+    assert [t.dtype for t in sorted(ts, key=lambda t: t.offset)] == ["F32", "BF16", "U8", "F8_E4M3"]
+
+
+def values(spec, seed):
+    dtype, shape = spec
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype) if dtype != torch.uint8 else torch.randint(
+        0, 256, shape, dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("specs", [ALIGNED, MISALIGNED], ids=["input-order", "width-order"])
+@pytest.mark.parametrize("seed", range(6))
+def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, tmp_path):
+    rng = random.Random(seed)
+    ts = planned(specs)
+    data = {t.name: values(s, seed * 100 + i) for i, (t, s) in enumerate(zip(ts, specs))}
+    source = tmp_path / "source.bin"  # some tensors arrive by copy_from, as kept tensors do
+    raw = b"".join(data[t.name].reshape(-1).view(torch.uint8).numpy().tobytes() for t in ts)
+    source.write_bytes(b"pad" + raw)
+    infos, pos = {}, 3
+    for t in ts:
+        infos[t.name] = TensorInfo(t.name, source, t.dtype, t.shape, pos, t.nbytes)
+        pos += t.nbytes
+    w = ShardWriter(tmp_path / "shard.safetensors", ts, {"format": "pt"})
+    order = [t.name for t in ts]
+    rng.shuffle(order)
+
+    def put(name):
+        if rng.random() < 0.4:
+            w.copy_from(name, infos[name])
+        else:
+            w.write(name, data[name])
+
+    threads = [threading.Thread(target=put, args=(n,)) for n in order]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    w.finish()
+    assert w.sha256 == hashlib.sha256((tmp_path / "shard.safetensors").read_bytes()).hexdigest()
+    with safe_open(str(tmp_path / "shard.safetensors"), "pt") as f:
+        for name, want in data.items():
+            got = f.get_tensor(name)
+            assert got.dtype == want.dtype and torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+
+
+def test_unfinished_shard_has_no_hash_and_finish_refuses(tmp_path):
+    ts = planned(ALIGNED)
+    w = ShardWriter(tmp_path / "s.safetensors", ts)
+    w.write("t0", values(ALIGNED[0], 0))
+    with pytest.raises(RuntimeError, match="never written"):
+        w.finish()
+    assert w.sha256 is None
+    w.abort()
+    assert not list(tmp_path.iterdir())
