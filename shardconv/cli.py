@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host staging buffers, pinned with a GPU (default: 1GiB; at least one fusion group)")
     c.add_argument("--gpu-buffer", type=parse_size, default=parse_size("4GiB"), metavar="SIZE",
                    help="GPU temporaries per quantize step (default: 4GiB)")
-    c.add_argument("--prefetch", type=parse_size_or_zero, default=parse_size("2GiB"), metavar="SIZE",
-                   help="how far ahead of the readers the kernel is asked to read input into the page cache "
-                   "(posix_fadvise WILLNEED; page cache, not process memory; 0: no hints; default: 2GiB)")
+    c.add_argument("--prefetch", type=parse_size_or_zero, default=0, metavar="SIZE",
+                   help="ask the kernel to read input this far ahead of the readers into the page cache "
+                   "(posix_fadvise WILLNEED; page cache, not process memory; default: 0, no hints)")
     c.add_argument("--fsync", action="store_true",
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")
