@@ -93,20 +93,20 @@ class Journal:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-        self._save()
+        self.save()
         return kept
 
     def record(self, name: str, sha: str) -> None:
         with self.lock:
             self.shards[name] = sha
-            self._save()
+            self.save()
 
     def finish(self) -> None:
         with self.lock:
             self.complete = True
-            self._save()
+            self.save()
 
-    def _save(self) -> None:
+    def save(self) -> None:
         doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete,
                "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
         tmp = self.path.with_name(self.path.name + ".partial")

@@ -502,16 +502,19 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     resume = old is not None and old.get("fingerprint") == digest and not overwrite
     created_dir = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    # The index (the "finished" mark) goes first, so no kill leaves it beside missing shards.
+    # Order matters for a kill at any point: the index (the "finished" mark) goes first, so it never
+    # stands beside missing shards; then this run's journal, before anything else is written, so a
+    # DST that is not empty always says what it holds and the same command resumes it.
     if not resume:
-        for path in [dst / INDEX_NAME, dst / journal.NAME, *dst.glob("*.safetensors"), *dst.glob("*.partial")]:
-            path.unlink(missing_ok=True)
+        (dst / INDEX_NAME).unlink(missing_ok=True)
     log = journal.Journal(dst, digest, synced=opts.fsync)
-    kept = log.adopt(old, plan, dst) if resume else set()
+    kept = log.adopt(old, plan, dst) if resume else log.save() or set()
+    keep = {plan.shard_names[i] for i in kept}
     if len(kept) < len(plan.shard_names):
         (dst / INDEX_NAME).unlink(missing_ok=True)
-    for path in dst.glob("*.partial"):
-        path.unlink()
+    for path in [*dst.glob("*.safetensors"), *dst.glob("*.partial")]:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
     written: list[Path] = []
     start = time.perf_counter()
     converter = Converter(plan, dst, fmt, opts, log, kept)

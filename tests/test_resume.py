@@ -179,3 +179,18 @@ def test_resume_with_fsync_after_a_run_without(src, reference, tmp_path, monkeyp
     log = json.loads((dst / ".shardconv-journal.json").read_text())
     assert log["synced"] is True and log["complete"] is True
     assert without_journal(dst) == without_journal(reference)
+
+
+def test_killed_while_the_first_shard_is_written_then_resumed(src, reference, tmp_path):
+    """The journal is written before any shard, so a DST killed at its first write is resumable as is."""
+    dst = tmp_path / "out"
+    p = spawn(src, dst)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and not list(dst.glob("*.safetensors.partial")) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    p.kill()
+    p.communicate()
+    assert (dst / ".shardconv-journal.json").exists()
+    rc, err = run_cli("convert", src, dst, *ARGS)
+    assert rc == 0, err
+    assert tree_digest(dst) == tree_digest(reference)
