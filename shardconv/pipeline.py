@@ -508,7 +508,11 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     if not resume:
         (dst / INDEX_NAME).unlink(missing_ok=True)
     log = journal.Journal(dst, digest, synced=opts.fsync)
-    kept = log.adopt(old, plan, dst) if resume else log.save() or set()
+    if resume:
+        kept = log.adopt(old, plan, dst)
+    else:
+        log.save()
+        kept = set()
     keep = {plan.shard_names[i] for i in kept}
     if len(kept) < len(plan.shard_names):
         (dst / INDEX_NAME).unlink(missing_ok=True)
