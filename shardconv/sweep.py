@@ -202,18 +202,29 @@ def mse_choice(absw: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     return k
 
 
-def mse_block_amax(weight: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
-    """Static per-block amax ``[..., in/16]`` chosen by the FP8 scale sweep (fp32, weight's device)."""
+def _per_block(weight: torch.Tensor, global_amax: torch.Tensor, kernel_fn, torch_fn, dtype) -> torch.Tensor:
+    """One value per 16-element block of ``weight`` (flat ``[n_blocks]``): ``kernel_fn(kernels, blocks, g)``
+    where the Triton kernels serve this weight, else ``torch_fn(|blocks|, g)`` a step of blocks at a time."""
     g = global_amax.float().reshape(()).to(weight.device)
     blocks = _blocks(weight)
     kernel = _kernel(weight)
     if kernel is not None:
-        k = kernel.mse_choice(blocks, g)
-    else:
-        k = torch.empty(blocks.shape[0], dtype=torch.int64, device=weight.device)
-        for rows in _steps(blocks.shape[0]):
-            k[rows] = mse_choice(blocks[rows].float().abs(), g)
-    return candidate_amax(g)[k].reshape(*weight.shape[:-1], weight.shape[-1] // nx.BLOCK)
+        return kernel_fn(kernel, blocks, g)
+    out = torch.empty(blocks.shape[0], dtype=dtype, device=weight.device)
+    for rows in _steps(blocks.shape[0]):
+        out[rows] = torch_fn(blocks[rows].float().abs(), g)
+    return out
+
+
+def _per_block_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    return (*weight.shape[:-1], weight.shape[-1] // nx.BLOCK)
+
+
+def mse_block_amax(weight: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
+    """Static per-block amax ``[..., in/16]`` chosen by the FP8 scale sweep (fp32, weight's device)."""
+    k = _per_block(weight, global_amax, lambda kt, blocks, g: kt.mse_choice(blocks, g), mse_choice, torch.int64)
+    g = global_amax.float().reshape(()).to(weight.device)
+    return candidate_amax(g)[k].reshape(_per_block_shape(weight))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,20 +266,17 @@ def four_over_six_choice(absw: torch.Tensor, global_amax: torch.Tensor) -> torch
     return loss_4 < loss_6
 
 
+def four_over_six_amax(absw: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
+    """Per block ``[N, 16]`` of |w|: the block max, times 1.5 where that wins."""
+    m = absw.amax(dim=-1)
+    return torch.where(four_over_six_choice(absw, global_amax), m * FOUR_OVER_SIX_MULT, m)
+
+
 def four_over_six_block_amax(weight: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     """Static per-block amax ``[..., in/16]``: the block max, times 1.5 where that wins."""
-    g = global_amax.float().reshape(()).to(weight.device)
-    blocks = _blocks(weight)
-    kernel = _kernel(weight)
-    if kernel is not None:
-        out = kernel.four_over_six_amax(blocks, g)
-    else:
-        out = torch.empty(blocks.shape[0], dtype=torch.float32, device=weight.device)
-        for rows in _steps(blocks.shape[0]):
-            absw = blocks[rows].float().abs()
-            m = absw.amax(dim=-1)
-            out[rows] = torch.where(four_over_six_choice(absw, g), m * FOUR_OVER_SIX_MULT, m)
-    return out.reshape(*weight.shape[:-1], weight.shape[-1] // nx.BLOCK)
+    out = _per_block(weight, global_amax, lambda kt, blocks, g: kt.four_over_six_amax(blocks, g),
+                     four_over_six_amax, torch.float32)
+    return out.reshape(_per_block_shape(weight))
 
 
 def block_amax(weight: torch.Tensor, global_amax: torch.Tensor, method: str) -> torch.Tensor:

@@ -344,3 +344,41 @@ def test_conversion_cuda_equals_cpu(method, tmp_path):
     a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "cuda")
     assert a.keys() == b.keys()
     assert [k for k in a if not same_bytes(a[k], b[k])] == []
+
+
+_INTERPRETED = """
+import torch
+from shardconv import sweep
+from shardconv.kernels import sweep_kernels
+
+kt = sweep_kernels()
+assert kt is not None
+sweep._kernel = lambda weight: kt  # the conversions' dispatch, sent to the (interpreted) kernels
+gen = torch.Generator().manual_seed(3)
+for shape in [(24, 64), (2, 8, 32)]:
+    w = torch.randn(*shape, generator=gen) * torch.rand(*shape[:-1], 1, generator=gen) * 0.05
+    w.view(-1)[::97] *= 40
+    w.reshape(-1, 16)[1] = 0  # an all-zero block
+    w = w.bfloat16()
+    g = w.abs().max().float()
+    absw = w.reshape(-1, 16).float().abs()
+    want = sweep.candidate_amax(g)[sweep.mse_choice_reference(absw, g)].reshape(*shape[:-1], shape[-1] // 16)
+    assert torch.equal(sweep.block_amax(w, g, "mse"), want), shape
+    want = sweep.four_over_six_amax(absw, g).reshape(*shape[:-1], shape[-1] // 16)
+    assert torch.equal(sweep.block_amax(w, g, "four-over-six"), want), shape
+print("ok")
+"""
+
+
+def test_kernels_in_tritons_interpreter_equal_the_reference():
+    """The Triton kernels through the dispatch conversions use, run by Triton's CPU interpreter: a kernel
+    check for machines without a GPU (CI has no Triton: the CPU torch build does not bring it; on a
+    GPU, test_kernels_equal_reference runs the compiled kernels)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")  # read when the kernels are defined: a fresh process
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

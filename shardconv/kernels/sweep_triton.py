@@ -64,6 +64,14 @@ def _sumsq16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w1
 
 
 @triton.jit
+def _max16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15):
+    return tl.maximum(tl.maximum(tl.maximum(tl.maximum(w0, w1), tl.maximum(w2, w3)),
+                                 tl.maximum(tl.maximum(w4, w5), tl.maximum(w6, w7))),
+                      tl.maximum(tl.maximum(tl.maximum(w8, w9), tl.maximum(w10, w11)),
+                                 tl.maximum(tl.maximum(w12, w13), tl.maximum(w14, w15))))
+
+
+@triton.jit
 def _load_abs(base, mask):
     return tl.abs(tl.load(base, mask=mask, other=0.0).to(tl.float32))
 
@@ -85,10 +93,7 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
     blk = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
     mask = blk < n_blocks
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _load16(x_ptr, blk, mask)
-    m = tl.maximum(tl.maximum(tl.maximum(tl.maximum(w0, w1), tl.maximum(w2, w3)),
-                              tl.maximum(tl.maximum(w4, w5), tl.maximum(w6, w7))),
-                   tl.maximum(tl.maximum(tl.maximum(w8, w9), tl.maximum(w10, w11)),
-                              tl.maximum(tl.maximum(w12, w13), tl.maximum(w14, w15))))
+    m = _max16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     sumsq = _sumsq16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     # k0: first candidate with 6 s_k >= m (from there on, doubling a scale never helps)
     lo = tl.zeros([BPP], dtype=tl.int32)
@@ -179,10 +184,7 @@ def _four_over_six_kernel(x_ptr, par_ptr, out_ptr, n_blocks, BPP: tl.constexpr):
     up = tl.load(par_ptr)
     down = tl.load(par_ptr + 1)
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _load16(x_ptr, blk, mask)
-    m = tl.maximum(tl.maximum(tl.maximum(tl.maximum(w0, w1), tl.maximum(w2, w3)),
-                              tl.maximum(tl.maximum(w4, w5), tl.maximum(w6, w7))),
-                   tl.maximum(tl.maximum(tl.maximum(w8, w9), tl.maximum(w10, w11)),
-                              tl.maximum(tl.maximum(w12, w13), tl.maximum(w14, w15))))
+    m = _max16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     zero_loss = _sumsq16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     a4 = m * 1.5
     loss_6 = _fos_loss(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,
