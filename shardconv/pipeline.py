@@ -63,6 +63,43 @@ class StageClock:
         return "  ".join(f"{k} {v:.1f}s" for k, v in sorted(self.seconds.items()))
 
 
+class DiskTimeline:
+    """The machine's disk traffic per second (``/proc/vmstat`` pgpgin/pgpgout), printed with
+    SHARDCONV_PROFILE=1: shows when the disk idles, which stage sums cannot."""
+
+    def __init__(self, period: float = 1.0):
+        self.period, self.samples = period, [(time.perf_counter(), *self._read())]
+        self.events: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="shardconv-disk-timeline")
+        self.thread.start()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        try:
+            stats = dict(line.split() for line in open("/proc/vmstat"))
+            return int(stats["pgpgin"]) * 1024, int(stats["pgpgout"]) * 1024
+        except (OSError, KeyError, ValueError):
+            return 0, 0
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            self.samples.append((time.perf_counter(), *self._read()))
+
+    def mark(self, what: str) -> None:
+        self.events.append((time.perf_counter(), what))
+
+    def report(self) -> str:
+        self.stop.set()
+        self.thread.join()
+        self.samples.append((time.perf_counter(), *self._read()))
+        t0 = self.samples[0][0]
+        rows = [f"{a[0] - t0:.0f}s {(b[1] - a[1]) / (b[0] - a[0]) / 1e9:.2f}/{(b[2] - a[2]) / (b[0] - a[0]) / 1e9:.2f}"
+                for a, b in zip(self.samples, self.samples[1:])]
+        events = ", ".join(f"{what} {t - t0:.1f}s" for t, what in self.events)
+        return f"disk in/out GB/s per second: {'  '.join(rows)}\nprofile: events: {events}"
+
+
 @dataclass
 class Options:
     """Pipeline knobs; the defaults suit one GPU and a fast local disk."""
@@ -418,6 +455,7 @@ class Converter:
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
         prefetcher = Prefetcher(units, self.opts.prefetch)
+        timeline = DiskTimeline() if PROFILE else None
 
         def submit(block: bool) -> None:
             nonlocal nxt
@@ -443,6 +481,8 @@ class Converter:
                 t0 = time.perf_counter()
                 weights = future.result()
                 self.clock.add("main-wait-read", t0)
+                if timeline is not None and not timeline.events:
+                    timeline.mark("first group read")
                 t0 = time.perf_counter()
                 if self.cuda:
                     host, state = self._quantize_cuda(unit, weights, bufs)
@@ -458,9 +498,13 @@ class Converter:
                 while jobs and jobs[0].done():
                     jobs.pop(0).result()
             t0 = time.perf_counter()
+            if timeline is not None:
+                timeline.mark("all groups issued")
             for job in jobs:
                 job.result()
             self.clock.add("main-drain", t0)
+            if timeline is not None:
+                timeline.mark("all written")
         finally:
             prefetcher.close()
             self.readers.shutdown(wait=True, cancel_futures=True)
@@ -476,6 +520,8 @@ class Converter:
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 print(f"profile: {self.clock.report()}  peak RSS {rss:.0f} MB  "
                       f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB", flush=True)
+                if timeline is not None:
+                    print(f"profile: {timeline.report()}", flush=True)
 
 
 def _raise_interrupt(signum, frame):

@@ -158,8 +158,10 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=5 * 10**9)
     ap.add_argument("--no-cp-above", type=float, default=25.0, help="skip cp -r for inputs above this many GB")
     ap.add_argument("--extra", default="", help="extra arguments for shardconv convert")
-    ap.add_argument("--scales", default="max,default", help="--scales runs of (c), 'default' = no --scales")
+    ap.add_argument("--scales", default="max,default", help="--scales runs of (c), 'default' = no --scales; "
+                    "a run ending in '@warm' reads the libraries back in after dropping caches (cold input only)")
     ap.add_argument("--lc-limit", type=float, default=300, help="stop model_free_ptq after this many seconds (0: skip it)")
+    ap.add_argument("--keep", action="store_true", help="keep the last model's input in WORK/src")
     ap.add_argument("--json", metavar="FILE", help="also append every row to FILE as a JSON line")
     args = ap.parse_args()
     work = Path(args.work)
@@ -201,8 +203,14 @@ def main() -> None:
             cp_s, _, _ = timed(["cp", "-r", str(src), str(work / "copy")])
             add(label, "(b) cp -r", cp_s, gb, None, None)
             shutil.rmtree(work / "copy")
-        for scales in [None if s == "default" else s for s in args.scales.split(",")]:
+        for run in args.scales.split(","):
+            scales, _, warm = run.partition("@")
+            scales = None if scales == "default" else scales
+            step = f"(c) shardconv --scales {scales or 'default'}" + (", libraries warm" if warm else "")
             drop_cache(src)
+            if warm:  # the input stays cold; Python, torch and CUDA's libraries are read back in first
+                subprocess.run([sys.executable, "-c", "import torch, shardconv.cli; torch.cuda.is_available() "
+                                "and torch.zeros(1, device='cuda')"], check=True)
             dst = work / "out"
             cmd = [sys.executable, "-m", "shardconv", "convert", str(src), str(dst), "--device", args.device,
                    "--no-progress", *args.extra.split()]
@@ -211,10 +219,10 @@ def main() -> None:
             wall, rss, out = timed(cmd)
             for line in out.splitlines():
                 if line.startswith("profile:"):
-                    print(f"[{label}] --scales {scales or 'default'} {line}", flush=True)
+                    print(f"[{label}] {step} {line}", flush=True)
             m = re.search(r"peak GPU memory\s+([0-9.]+) GB", out)
-            add(label, f"(c) shardconv --scales {scales or 'default'}", wall, gb, rss, float(m.group(1)) if m else None)
-            print(f"[{label}] --scales {scales or 'default'}: peak RSS {rss:.0f} MB (wait4), "
+            add(label, step, wall, gb, rss, float(m.group(1)) if m else None)
+            print(f"[{label}] {step}: peak RSS {rss:.0f} MB (wait4), "
                   f"{SAMPLED.get(TIMED_PID[0], 0):.0f} MB (VmRSS sampled every 20 ms)", flush=True)
             shutil.rmtree(dst)
         try:
@@ -233,11 +241,12 @@ def main() -> None:
         except ImportError as e:
             add(label, f"(d) llm-compressor: not importable ({e})", None, gb, None, None)
         print(f"[{label}] cache: {how}", flush=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, {gpu}; torch {torch.__version__}")
-    print(f"{'model':14} {'step':38} {'wall s':>8} {'GB/s':>6} {'/(a)':>6} {'/(b)':>6} {'/(d)':>6} {'RSS MB':>8} {'GPU GB':>7}")
+    print(f"{'model':14} {'step':50} {'wall s':>8} {'GB/s':>6} {'/(a)':>6} {'/(b)':>6} {'/(d)':>6} {'RSS MB':>8} {'GPU GB':>7}")
     for label, step, wall, gb, rss, gpu_gb in rows:
         base = {s: w for lb, s, w, *_ in rows if lb == label}
         a = base.get("(a) cat > /dev/null")
@@ -247,7 +256,7 @@ def main() -> None:
             x and wall and step.startswith("(c)")) else f"{'':6}"
         w = (f"{wall:8.1f}" if wall > 0 else f">{-wall:7.0f}") if wall else f"{'-':>8}"  # negative: stopped at the limit
         rate = f"{gb / abs(wall):6.2f}" if wall else f"{'':6}"
-        print(f"{label:14} {step:38} {w} {rate} {r(a)} {r(b)} {r(d)} "
+        print(f"{label:14} {step:50} {w} {rate} {r(a)} {r(b)} {r(d)} "
               f"{(f'{rss:8.0f}' if rss else ''):>8} {(f'{gpu_gb:7.2f}' if gpu_gb is not None else ''):>7}")
 
 

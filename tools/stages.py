@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import torch
 from shardconv.formats import get_format
 from shardconv.plan import build_plan
 from shardconv.quantize import quantize_group
-from shardconv.safetensors_io import PlannedTensor, ShardWriter, read_into
+from shardconv.safetensors_io import PlannedTensor, ShardWriter, TensorInfo, read_into
 from shardconv.source import open_source
 
 
@@ -37,18 +38,76 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
+def read_files(files: list[Path], threads: int, chunk: int, direct: bool) -> int:
+    """Read every file front to back in ``chunk``-byte pieces handed out in file order to ``threads``
+    threads (so ``threads`` reads are in flight), with O_DIRECT when ``direct``; returns bytes read."""
+    import mmap
+    import threading
+
+    pieces = [(f, off, min(chunk, f.stat().st_size - off)) for f in files for off in range(0, f.stat().st_size, chunk)]
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds = {f: os.open(f, flags) for f in files}
+    lock, nxt, total = threading.Lock(), [0], [0]
+
+    def work() -> None:
+        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        while True:
+            with lock:
+                if nxt[0] == len(pieces):
+                    return
+                f, off, n = pieces[nxt[0]]
+                nxt[0] += 1
+            want = (n + 4095) // 4096 * 4096 if direct else n
+            got = os.preadv(fds[f], [memoryview(buf)[:want]], off)
+            with lock:
+                total[0] += min(got, n)
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for fd in fds.values():
+        os.close(fd)
+    return total[0]
+
+
+class Rows(list):
+    """Rows printed as they are measured, so a run cut off by a time limit still tells."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        name, nbytes, secs = row
+        print(f"{name:50} {nbytes / 1e9:7.2f} {secs:7.2f} {nbytes / 1e9 / secs:7.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src")
     ap.add_argument("--readers", default="1,2,4,8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--whole-reads", default="1:16M,4:64M,4:64M:direct,8:16M:direct,16:8M:direct",
+                    help="THREADS:CHUNK[:direct] runs reading every input file front to back")
     args = ap.parse_args()
     source = open_source(args.src)
     plan = build_plan(source, get_format("modelopt"))
     members = [m for u in plan.units for m in u.members]
     copies = [u.copy for u in plan.units if u.copy is not None]
     qbytes = sum(m.weight.nbytes for m in members)
-    rows = []
+    rows = Rows()
+    files = [Path(p) for p in source.shards]
+    allbytes = sum(f.stat().st_size for f in files)
+    drop_cache(files)
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    rows.append(("cat all input files", allbytes, time.perf_counter() - t0))
+    for spec in filter(None, args.whole_reads.split(",")):
+        n, chunk, *direct = spec.split(":")
+        drop_cache(files)
+        t0 = time.perf_counter()
+        got = read_files(files, int(n), int(chunk[:-1]) << 20, bool(direct))
+        rows.append((f"read all, {n} threads, {chunk}B pieces{', O_DIRECT' if direct else ''}", got,
+                     time.perf_counter() - t0))
     biggest = max(m.weight.nbytes for m in members)
     for n in [int(x) for x in args.readers.split(",")]:
         drop_cache(source.shards)
@@ -67,6 +126,16 @@ def main() -> None:
             w.copy_from(c.name, c)
         w.finish()
         rows.append(("copy kept tensors (copy_file_range)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
+        drop_cache(source.shards)
+        t0 = time.perf_counter()
+        buf = torch.empty(64 << 20, dtype=torch.uint8)
+        with open(Path(tmp) / "copy2", "wb") as out:
+            for c in copies:
+                for off in range(0, c.nbytes, 64 << 20):
+                    n = min(64 << 20, c.nbytes - off)
+                    part = TensorInfo(c.name, c.path, "U8", (n,), c.offset + off, n)
+                    out.write(read_into(part, buf).numpy())
+        rows.append(("copy kept tensors (pread + write, 64 MiB)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
         # quantize from host memory (warm), one group at a time, results back on the host
         dev = torch.device(args.device)
         sample = [u for u in plan.units if u.members][:24]
@@ -89,9 +158,9 @@ def main() -> None:
             w.write(f"t{i}", t)
         w.finish()
         rows.append(("write quantized bytes (pwrite + fsync)", sum(t.numel() for t in flat), time.perf_counter() - t0))
-    print(f"\n{'stage':42} {'GB':>7} {'s':>7} {'GB/s':>7}")
+    print(f"\n{'stage':50} {'GB':>7} {'s':>7} {'GB/s':>7}")
     for name, nbytes, secs in rows:
-        print(f"{name:42} {nbytes / 1e9:7.2f} {secs:7.2f} {nbytes / 1e9 / secs:7.2f}")
+        print(f"{name:50} {nbytes / 1e9:7.2f} {secs:7.2f} {nbytes / 1e9 / secs:7.2f}")
 
 
 if __name__ == "__main__":
