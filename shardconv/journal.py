@@ -2,8 +2,8 @@
 
 A conversion of hundreds of GB will be interrupted. The journal (``DST/.shardconv-journal.json``,
 replaced atomically) holds a fingerprint of the run (source file sizes and mtimes, the amax file,
-the planned output layout and options, the shardconv version) and the SHA-256 of every finished
-shard. A new run with the same fingerprint keeps the finished shards and writes only the rest; a
+the planned output layout and options, the shardconv version) and the digest of every finished
+shard (safetensors_io.combine_digests: a SHA-256 over the SHA-256s of its 64 MiB pieces). A new run with the same fingerprint keeps the finished shards and writes only the rest; a
 different fingerprint is refused unless ``--overwrite``. Shards appear under their final names only
 once complete (``.partial`` before), and the index is written last, so an unfinished DST never looks
 like a checkpoint.
@@ -18,9 +18,10 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .safetensors_io import file_size
+from .safetensors_io import file_size, shard_digest
 
 NAME = ".shardconv-journal.json"
+DIGEST = "sha256 of the sha256 of each 64 MiB piece"  # how the shard digests below are made
 
 
 def fingerprint(plan, extra: dict | None = None) -> str:
@@ -43,14 +44,6 @@ def fingerprint(plan, extra: dict | None = None) -> str:
         "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Journal:
@@ -84,7 +77,7 @@ class Journal:
         for i, (name, tensors) in enumerate(zip(plan.shard_names, plan.shard_tensors)):
             path = Path(dst) / name
             if name in recorded and path.is_file() and path.stat().st_size == file_size(tensors) and (
-                    trust or file_sha256(path) == recorded[name]):
+                    trust or shard_digest(path) == recorded[name]):
                 kept.add(i)
                 self.shards[name] = recorded[name]
                 if self.synced and not trust:  # this run promises flushed shards: these too
@@ -107,7 +100,7 @@ class Journal:
             self.save()
 
     def save(self) -> None:
-        doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete,
+        doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete, "digest": DIGEST,
                "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
         tmp = self.path.with_name(self.path.name + ".partial")
         tmp.write_text(json.dumps(doc, indent=1) + "\n")

@@ -3,7 +3,7 @@ copies and writing all proceed at once, with bounded memory.
 
 Stages:
 - reader threads fill reusable host buffers (pinned when a GPU is used) with ``pread``; tensors that
-  are kept go file to file (``copy_file_range``) on the same threads and never touch the GPU;
+  are kept are copied on the same threads through a small buffer per thread and never touch the GPU;
 - the main thread issues, per fusion group, the upload on a copy stream, the quantize kernels on a
   compute stream and the download into pinned output buffers on a third stream, without waiting;
 - writer threads wait for a group's download, write its tensors at their planned offsets, and hand
@@ -35,7 +35,7 @@ from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
-from .safetensors_io import SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into
+from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into
 from .source import INDEX_NAME
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
@@ -295,9 +295,9 @@ class Shards:
             w.write(name, t)
         self._done(shard, len(tensors))
 
-    def copy(self, shard: int, unit: Unit) -> None:
+    def copy(self, shard: int, unit: Unit, buffer: memoryview | None = None) -> None:
         w = self._writer(shard)
-        w.copy_from(unit.copy.name, unit.copy)
+        w.copy_from(unit.copy.name, unit.copy, buffer)
         self._done(shard, 1)
 
     def abort(self) -> None:
@@ -346,6 +346,7 @@ class Converter:
             self.d2h = torch.cuda.Stream(opts.device)
         self.bar = None
         self.clock = StageClock()
+        self.local = threading.local()
 
     # -- stage 1: readers -------------------------------------------------------------------------
     def _read(self, unit: Unit, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -357,7 +358,9 @@ class Converter:
     def _copy(self, unit: Unit) -> None:
         if unit.copy is not None:
             t0 = time.perf_counter()
-            self.shards.copy(unit.shard, unit)
+            if not hasattr(self.local, "copy_buffer"):  # one per reader thread, allocated on first use
+                self.local.copy_buffer = memoryview(bytearray(COPY_PIECE))
+            self.shards.copy(unit.shard, unit, self.local.copy_buffer)
             self.clock.add("copy", t0)
         if unit.dequant is not None:  # an excluded FP8 weight, written dequantized as bf16 (fp8.py)
             self.shards.write(unit.shard, {unit.dequant[0].name: fp8.dequantize_tensor(*unit.dequant)})
@@ -506,6 +509,7 @@ class Converter:
             if timeline is not None:
                 timeline.mark("all written")
         finally:
+            t0 = time.perf_counter()
             prefetcher.close()
             self.readers.shutdown(wait=True, cancel_futures=True)
             self.writers.shutdown(wait=True, cancel_futures=True)
@@ -514,6 +518,7 @@ class Converter:
                 self.inputs.close()
                 self.outputs.close()
             self.bar.close()
+            self.clock.add("close", t0)
             if PROFILE:
                 import resource
 

@@ -11,8 +11,8 @@ Checks, in order (every problem is collected, then reported one line each):
 
 1. files: config.json with a quantization_config, the index (or a single shard), every index entry
    present in the shard it names, no tensor in two shards, valid headers (safetensors_io);
-2. the journal ``DST/.shardconv-journal.json`` (``{"shards": {name: sha256}}``), when present: every
-   shard's SHA-256;
+2. the journal ``DST/.shardconv-journal.json`` (``{"shards": {name: digest}}``), when present: every
+   shard's digest (safetensors_io.combine_digests);
 3. quantized modules: dtypes and shapes of weight / block scales / global scales agree; global scales
    finite and positive; block scales finite and non-negative (read one tensor at a time); fusion
    groups (plan.FUSION_SETS) quantized whole, with bit-identical ``weight_scale_2`` and ``input_scale``;
@@ -27,7 +27,6 @@ Checks, in order (every problem is collected, then reported one line each):
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import torch
 from . import numerics
 from .errors import ShardconvError
 from .plan import _EMBEDDING, _STACKED, FUSION_SETS, fusion_key
-from .safetensors_io import TensorInfo, read_header, read_into
+from .safetensors_io import TensorInfo, read_header, read_into, shard_digest
 from .source import INDEX_NAME, SINGLE_NAME
 
 JOURNAL_NAME = ".shardconv-journal.json"
@@ -165,14 +164,6 @@ def _read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[
 # -- 2. journal ------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_journal(dst: Path, shards: list[Path], report: Report, workers: int = 4) -> None:
     path = dst / JOURNAL_NAME
     if not path.exists():
@@ -182,7 +173,7 @@ def _check_journal(dst: Path, shards: list[Path], report: Report, workers: int =
         return
     recorded = journal.get("shards") if isinstance(journal, dict) else None
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        report.fail(f"{path}: no 'shards' object of SHA-256 strings")
+        report.fail(f"{path}: no 'shards' object of digest strings")
         return
     todo = []
     for name, digest in sorted(recorded.items()):
@@ -193,10 +184,10 @@ def _check_journal(dst: Path, shards: list[Path], report: Report, workers: int =
         else:
             todo.append((name, digest.lower()))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        digests = list(pool.map(lambda item: _sha256(dst / item[0]), todo))
+        digests = list(pool.map(lambda item: shard_digest(dst / item[0], threads=1), todo))
     for (name, want), got in zip(todo, digests):
         if got != want:
-            report.fail(f"{dst / name}: SHA-256 {got[:16]}... does not match the journal's {want[:16]}... "
+            report.fail(f"{dst / name}: digest {got[:16]}... does not match the journal's {want[:16]}... "
                         "(the shard changed after it was written)")
     unrecorded = sorted(p.name for p in shards if p.name not in recorded)
     if unrecorded:

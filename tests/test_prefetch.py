@@ -1,12 +1,13 @@
 """Read-ahead hints: the pipeline asks the kernel for the next units' bytes, in input order, never
-more than --prefetch ahead, and the output does not depend on them."""
+more than --prefetch ahead; at start-up (readahead.py) the first --readahead bytes of the shards, in
+the order the pipeline reads them; and the output does not depend on either."""
 
 import os
 
 import pytest
 
 from conftest import run_cli, tree_digest
-from shardconv import pipeline, safetensors_io
+from shardconv import pipeline, readahead, safetensors_io
 from shardconv.formats import get_format
 from shardconv.plan import build_plan
 from shardconv.source import open_source
@@ -70,3 +71,53 @@ def test_read_into_asks_for_sequential_read_ahead(src, monkeypatch):
     info = next(iter(open_source(src).tensors.values()))
     safetensors_io.read_into(info)
     assert seen == [os.POSIX_FADV_SEQUENTIAL]
+
+
+def test_startup_readahead_reads_the_shards_in_pipeline_order_up_to_the_budget(src, monkeypatch):
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this OS")
+    shards = open_source(src).shards
+    assert readahead.input_files(src) == shards  # the order plan.py's units follow
+    sizes = [p.stat().st_size for p in shards]
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n, advice)), real(fd, off, n, advice)))
+    monkeypatch.setattr(readahead, "PIECE", 40_000)
+    budget = sizes[0] + sizes[1] // 2
+    ra = readahead.start(str(src), budget)
+    ra.thread.join()
+    assert ra.hinted == budget
+    assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in calls)
+    # front to back: shard 0 whole, then shard 1 up to the budget, contiguous pieces
+    want, left = [], budget
+    for path, size in zip(shards, sizes):
+        off = 0
+        while off < size and left > 0:
+            n = min(40_000, size - off, left)
+            want.append((str(path), off, n))
+            off, left = off + n, left - n
+    assert [c[:3] for c in calls] == want
+
+
+def test_startup_readahead_does_nothing_where_it_cannot_help(src, tmp_path):
+    assert readahead.start(str(src), 0) is None
+    assert readahead.start(None, 2**30) is None  # the built-in sample
+    assert readahead.start("meta-llama/Llama-3.1-8B", 2**30) is None  # a hub id: not a local folder
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors.index.json").write_text("{not json")
+    assert readahead.start(str(tmp_path / "bad"), 2**30) is None
+
+
+def test_cli_reads_ahead_on_fresh_runs_only(src, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(readahead, "start", lambda s, budget: started.append((s, budget)))
+    args = ("--device", "cpu", "--scales", "max", "--no-progress")
+    assert run_cli("convert", src, tmp_path / "a", *args, "--readahead", "1MB")[0] == 0
+    assert started == [(str(src), 10**6)]
+    assert run_cli("convert", src, tmp_path / "b", *args, "--dry-run")[0] == 0
+    assert run_cli("convert", src, tmp_path / "a", *args)[0] == 0  # resumes (nothing left): no read-ahead
+    assert len(started) == 1
+    assert run_cli("convert", src, tmp_path / "a", *args, "--overwrite")[0] == 0
+    assert started[-1] == (str(src), None)  # default: readahead.auto_budget()
+    assert 0 < readahead.auto_budget() <= readahead.MAX_AUTO

@@ -1,6 +1,6 @@
 """The output shard writer: planned layout (input order when aligned, else widest dtype first), files that
-safetensors reads back, and a SHA-256 computed while writing that equals the finished file's, whatever
-the order and threads of the writes."""
+safetensors reads back, and a digest (SHA-256 over the SHA-256s of fixed-size pieces) computed while
+writing that equals the finished file's, whatever the order and threads of the writes."""
 
 import hashlib
 import random
@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shardconv.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, ShardWriter, TensorInfo, layout
+from shardconv.safetensors_io import (DTYPE_NAMES, DTYPES, PlannedTensor, ShardWriter, TensorInfo, layout,
+                                      shard_digest)
 
 
 def planned(specs):
@@ -42,9 +43,18 @@ def values(spec, seed):
         0, 256, shape, dtype=torch.uint8, generator=g)
 
 
+def piecewise_sha256(data: bytes, piece: int) -> str:
+    """The digest written out by hand: SHA-256 of the concatenated SHA-256s of each piece."""
+    parts = [hashlib.sha256(data[i : i + piece]).digest() for i in range(0, len(data), piece)]
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
 @pytest.mark.parametrize("specs", [ALIGNED, MISALIGNED], ids=["input-order", "width-order"])
 @pytest.mark.parametrize("seed", range(6))
-def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, tmp_path):
+@pytest.mark.parametrize("piece", [64, 1000, None], ids=["piece64", "piece1000", "default-piece"])
+def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, piece, tmp_path, monkeypatch):
+    if piece:
+        monkeypatch.setattr(ShardWriter, "piece", piece)
     rng = random.Random(seed)
     ts = planned(specs)
     data = {t.name: values(s, seed * 100 + i) for i, (t, s) in enumerate(zip(ts, specs))}
@@ -60,8 +70,8 @@ def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, tmp_path)
     rng.shuffle(order)
 
     def put(name):
-        if rng.random() < 0.4:
-            w.copy_from(name, infos[name])
+        if rng.random() < 0.4:  # through a buffer of a few bytes (several reads), or a fresh one
+            w.copy_from(name, infos[name], memoryview(bytearray(rng.choice([5, 64]))) if rng.random() < 0.5 else None)
         else:
             w.write(name, data[name])
 
@@ -71,7 +81,9 @@ def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, tmp_path)
     for th in threads:
         th.join()
     w.finish()
-    assert w.sha256 == hashlib.sha256((tmp_path / "shard.safetensors").read_bytes()).hexdigest()
+    written = (tmp_path / "shard.safetensors").read_bytes()
+    assert w.sha256 == piecewise_sha256(written, piece or ShardWriter.piece)
+    assert w.sha256 == shard_digest(tmp_path / "shard.safetensors", threads=3, piece=piece)
     with safe_open(str(tmp_path / "shard.safetensors"), "pt") as f:
         for name, want in data.items():
             got = f.get_tensor(name)

@@ -1,7 +1,6 @@
 """``shardconv verify``: good outputs pass, and each check fails (exit 1, naming file and tensor) on one damage."""
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, tree_digest
 from shardconv.cli import main
-from shardconv.safetensors_io import read_header
+from shardconv.safetensors_io import read_header, shard_digest
 from shardconv.synth import write_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -114,13 +113,13 @@ def edit_json(path, fn) -> None:
 
 
 def rewrite(dst, tensor, fn) -> Path:
-    """Rewrite the shard holding ``tensor`` with ``fn(tensors)`` applied, and record its new SHA-256 in
+    """Rewrite the shard holding ``tensor`` with ``fn(tensors)`` applied, and record its new digest in
     the journal, so the journal check does not fire too: only the damage itself is left to find."""
     shard = shard_of(dst, tensor)
     tensors = load_file(str(shard))
     fn(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
-    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    digest = shard_digest(shard)
     edit_json(dst / JOURNAL, lambda j: j["shards"].__setitem__(shard.name, digest))
     return shard
 
@@ -239,7 +238,7 @@ def test_shard_changed_after_it_was_written(good):
     data[info.offset + 10] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert shard.stat().st_size == size
-    fails(dst, f"{shard}: SHA-256 ", "does not match the journal's", "changed after it was written")
+    fails(dst, f"{shard}: digest ", "does not match the journal's", "changed after it was written")
 
 
 # -- 5. fusion groups ------------------------------------------------------------------------------
