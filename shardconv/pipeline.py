@@ -35,7 +35,8 @@ from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
-from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into
+from .safetensors_io import (COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into, read_range,
+                             tensor_view)
 from .source import INDEX_NAME
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
@@ -45,6 +46,8 @@ DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
 DEFAULT_PREFETCH = 0  # off: no gain measured yet (README, Performance)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
+READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
+COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by all reader threads at once
 PROFILE = bool(os.environ.get("SHARDCONV_PROFILE"))
 
 
@@ -295,10 +298,11 @@ class Shards:
             w.write(name, t)
         self._done(shard, len(tensors))
 
-    def copy(self, shard: int, unit: Unit, buffer: memoryview | None = None) -> None:
+    def copy(self, shard: int, unit: Unit, buffer: memoryview | None = None, start: int = 0,
+             stop: int | None = None) -> None:
         w = self._writer(shard)
-        w.copy_from(unit.copy.name, unit.copy, buffer)
-        self._done(shard, 1)
+        if w.copy_from(unit.copy.name, unit.copy, buffer, start, stop):
+            self._done(shard, 1)
 
     def abort(self) -> None:
         for w in self.writers.values():
@@ -349,24 +353,42 @@ class Converter:
         self.local = threading.local()
 
     # -- stage 1: readers -------------------------------------------------------------------------
-    def _read(self, unit: Unit, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
-        out = [read_into(m.weight, buf) for m, buf in zip(unit.members, buffers)]
-        self.clock.add("read", t0)
-        return out
+    def _submit_reads(self, unit: Unit, buffers: list[torch.Tensor]) -> list[Future]:
+        """Every reader reads a piece of the unit's weights into its buffers: reading is not limited to
+        one thread per tensor (a 70B MLP weight is 470 MB), nor by how many buffers are free."""
+        return [self.readers.submit(self._read_piece, m.weight, buf, start, min(start + READ_PIECE, m.weight.nbytes))
+                for m, buf in zip(unit.members, buffers) for start in range(0, m.weight.nbytes, READ_PIECE)]
 
-    def _copy(self, unit: Unit) -> None:
+    def _read_piece(self, info: TensorInfo, buf: torch.Tensor, start: int, stop: int) -> None:
+        t0 = time.perf_counter()
+        read_range(info, buf, start, stop)
+        self.clock.add("read", t0)
+
+    def _submit_copies(self, unit: Unit) -> list[Future]:
+        """A kept tensor is copied in pieces on all readers, like the weights are read."""
+        jobs = []
         if unit.copy is not None:
-            t0 = time.perf_counter()
-            if not hasattr(self.local, "copy_buffer"):  # one per reader thread, allocated on first use
-                self.local.copy_buffer = memoryview(bytearray(COPY_PIECE))
-            self.shards.copy(unit.shard, unit, self.local.copy_buffer)
-            self.clock.add("copy", t0)
+            n = unit.copy.nbytes
+            jobs += [self.readers.submit(self._copy_piece, unit, start, min(start + COPY_SPLIT, n))
+                     for start in range(0, max(n, 1), COPY_SPLIT)]
+        if unit.dequant is not None or unit.extra:
+            jobs.append(self.readers.submit(self._write_small, unit))
+        return jobs
+
+    def _copy_piece(self, unit: Unit, start: int, stop: int) -> None:
+        t0 = time.perf_counter()
+        if not hasattr(self.local, "copy_buffer"):  # one per reader thread, allocated on first use
+            self.local.copy_buffer = memoryview(bytearray(COPY_PIECE))
+        self.shards.copy(unit.shard, unit, self.local.copy_buffer, start, stop)
+        self.clock.add("copy", t0)
+        self._advance(stop - start)
+
+    def _write_small(self, unit: Unit) -> None:
         if unit.dequant is not None:  # an excluded FP8 weight, written dequantized as bf16 (fp8.py)
             self.shards.write(unit.shard, {unit.dequant[0].name: fp8.dequantize_tensor(*unit.dequant)})
+            self._advance(unit.dequant[0].nbytes + unit.dequant[1].nbytes)
         if unit.extra:
             self.shards.write(unit.shard, dict(unit.extra))
-        self._advance(unit.in_bytes)
 
     # -- stage 2: device work ---------------------------------------------------------------------
     def _quantize_cuda(self, unit: Unit, weights: list[torch.Tensor], in_bufs):
@@ -465,24 +487,26 @@ class Converter:
             while nxt < len(units) and len(pending) < LOOKAHEAD_UNITS:
                 u = units[nxt]
                 if not u.members:
-                    jobs.append(self.readers.submit(self._copy, u))
+                    jobs.extend(self._submit_copies(u))
                     pending.append((u, None, None))
                 else:
                     bufs = self.inputs.take(len(u.members), block=block and not pending)
                     if bufs is None:
                         return
-                    pending.append((u, self.readers.submit(self._read, u, bufs), bufs))
+                    pending.append((u, self._submit_reads(u, bufs), bufs))
                 nxt += 1
 
         try:
             while pending or nxt < len(units):
                 submit(block=True)
                 prefetcher.ahead_of(nxt)  # the units after those the readers have
-                unit, future, bufs = pending.popleft()
-                if future is None:
+                unit, reads, bufs = pending.popleft()
+                if reads is None:
                     continue
                 t0 = time.perf_counter()
-                weights = future.result()
+                for piece in reads:
+                    piece.result()
+                weights = [tensor_view(m.weight, buf) for m, buf in zip(unit.members, bufs)]
                 self.clock.add("main-wait-read", t0)
                 if timeline is not None and not timeline.events:
                     timeline.mark("first group read")

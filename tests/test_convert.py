@@ -109,6 +109,28 @@ def test_small_chunks_give_the_same_bytes(llama, tmp_path, monkeypatch):
     assert ta.keys() == tb.keys() and all(same_bytes(ta[k], tb[k]) for k in ta)
 
 
+def test_reads_and_copies_in_small_pieces_give_the_same_files(llama, tmp_path, monkeypatch):
+    """Weights read and kept tensors copied in many pieces, on several threads, in any interleaving."""
+    from conftest import tree_digest
+    from shardconv import pipeline, safetensors_io
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("--device", "cpu", "--scales", "max", "--no-progress", "--readers", "3")
+    assert run_cli("convert", llama, a, *args)[0] == 0
+    monkeypatch.setattr(pipeline, "READ_PIECE", 4096)
+    monkeypatch.setattr(pipeline, "COPY_SPLIT", 3000)  # not a multiple of anything: ragged pieces
+    monkeypatch.setattr(pipeline, "COPY_PIECE", 1000)  # each piece in several reads
+    monkeypatch.setattr(safetensors_io.ShardWriter, "piece", 5000)  # digest pieces across tensors
+    assert run_cli("convert", llama, b, *args)[0] == 0
+    journal = lambda d: {k: v for k, v in json.loads((d / ".shardconv-journal.json").read_text()).items()
+                         if k != "shards"}  # noqa: E731 (digests differ with the piece size)
+    assert journal(a) == journal(b)
+    digest = lambda d: {k: v for k, v in tree_digest(d).items() if k != ".shardconv-journal.json"}  # noqa: E731
+    assert digest(a) == digest(b)
+    for name, recorded in json.loads((b / ".shardconv-journal.json").read_text())["shards"].items():
+        assert safetensors_io.shard_digest(b / name, piece=5000) == recorded
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
 def test_families_with_unaligned_layer_and_tied_embeddings(family, tmp_path):
     src = tmp_path / "src"

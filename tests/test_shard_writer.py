@@ -99,3 +99,24 @@ def test_unfinished_shard_has_no_hash_and_finish_refuses(tmp_path):
     assert w.sha256 is None
     w.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_tensor_copied_in_pieces_on_threads_completes_once(tmp_path):
+    data = torch.arange(10_000, dtype=torch.int16)
+    raw = data.view(torch.uint8).numpy().tobytes()
+    (tmp_path / "src.bin").write_bytes(b"x" * 5 + raw)
+    info = TensorInfo("t0", tmp_path / "src.bin", "I16", (10_000,), 5, len(raw))
+    w = ShardWriter(tmp_path / "s.safetensors", [PlannedTensor("t0", "I16", (10_000,))])
+    cuts = [0, 3, 777, 7000, 7001, len(raw)]
+    done = []
+    threads = [threading.Thread(target=lambda a=a, b=b: done.append(w.copy_from("t0", info, memoryview(bytearray(100)), a, b)))
+               for a, b in zip(cuts, cuts[1:])]
+    random.Random(0).shuffle(threads)
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(done) == [False] * 4 + [True]
+    w.finish()
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("t0"), data)
