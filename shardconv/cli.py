@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpu-buffer", type=parse_size, default=parse_size("4GiB"), metavar="SIZE",
                    help="GPU temporaries per quantize step (default: 4GiB)")
     c.add_argument("--prefetch", type=parse_size_or_zero, default=0, metavar="SIZE",
-                   help="ask the kernel to read input this far ahead of the readers into the page cache "
-                   "(posix_fadvise WILLNEED; page cache, not process memory; default: 0, no hints)")
+                   help="read input this far ahead of the readers into the page cache, on one more thread "
+                   "(page cache, not process memory; default: 0, off)")
     c.add_argument("--readahead", type=parse_size_or_zero, default=None, metavar="SIZE",
                    help="input read into the page cache while shardconv starts (imports, CUDA, planning), so the "
                    "disk does not idle then (default: 1/8 of available memory, at most 8GiB; 0: off)")

@@ -3,10 +3,11 @@
 A conversion of hundreds of GB will be interrupted. The journal (``DST/.shardconv-journal.json``,
 replaced atomically) holds a fingerprint of the run (source file sizes and mtimes, the amax file,
 the planned output layout and options, the shardconv version) and the digest of every finished
-shard (safetensors_io.combine_digests: a SHA-256 over the SHA-256s of its 64 MiB pieces). A new run with the same fingerprint keeps the finished shards and writes only the rest; a
-different fingerprint is refused unless ``--overwrite``. Shards appear under their final names only
-once complete (``.partial`` before), and the index is written last, so an unfinished DST never looks
-like a checkpoint.
+shard (safetensors_io.combine_digests: a SHA-256 over the SHA-256s of its 64 MiB pieces). A new run
+with the same fingerprint keeps the finished shards and writes only the rest; a different fingerprint
+is refused unless ``--overwrite``. Shards appear under their final names only once complete
+(``.partial`` before), and the index is written last, so an unfinished DST never looks like a
+checkpoint.
 """
 
 from __future__ import annotations

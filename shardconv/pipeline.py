@@ -33,6 +33,7 @@ import torch
 from . import journal
 from .errors import ShardconvError
 from .plan import Plan, Unit
+from .readahead import SCRATCH
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
 from .safetensors_io import (COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into, read_range,
@@ -235,16 +236,17 @@ def unit_inputs(unit: Unit) -> list[TensorInfo]:
 
 
 class Prefetcher:
-    """Keeps the page cache filling ``window`` bytes ahead of the readers (POSIX_FADV_WILLNEED).
+    """Keeps the page cache filling ``window`` bytes ahead of the readers.
 
-    The host buffer pools bound what shardconv itself holds; without hints the disk idles whenever
-    every buffer is in use. The hints go out from one background thread, in input order.
+    The host buffer pools bound what shardconv itself holds; without this the disk idles whenever
+    every buffer is in use. One background thread reads ahead (readahead.warm), in input order.
     """
 
     def __init__(self, units: list[Unit], window: int):
         self.units, self.window = units, window
-        self.hinted = 0  # units [0, hinted) have been hinted
+        self.hinted = 0  # units [0, hinted) have been handed to the thread
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardconv-prefetch") if window > 0 else None
+        self.scratch = memoryview(bytearray(SCRATCH)) if window > 0 else None  # the one thread's
 
     def ahead_of(self, current: int) -> None:
         """Hint units from ``current`` on until ``window`` bytes are covered."""
@@ -254,7 +256,7 @@ class Prefetcher:
         ahead = sum(self.units[i].in_bytes for i in range(current, self.hinted))
         while self.hinted < len(self.units) and ahead < self.window:
             infos = unit_inputs(self.units[self.hinted])
-            self.pool.submit(lambda infos=infos: [prefetch(t) for t in infos])
+            self.pool.submit(lambda infos=infos: [prefetch(t, self.scratch) for t in infos])
             ahead += self.units[self.hinted].in_bytes
             self.hinted += 1
 

@@ -1,11 +1,16 @@
 """Start reading the input while shardconv itself starts.
 
-Importing torch, starting CUDA and planning take seconds (3.5-5.5 s on the H200 machine, README
-Performance) in which the disk would idle. :func:`start` asks the kernel, from a background thread,
-to read the first bytes of the input into the page cache (``POSIX_FADV_WILLNEED``), in the order
-the pipeline will read them (plan.py: shards in name order, each front to back), so the readers
-find them there. It imports nothing heavy and reads only the index and file sizes; anything
-unexpected makes it do nothing (the conversion reports real problems itself).
+Importing torch, starting CUDA and planning take seconds (5-7 s on the H200 machine, README
+Performance) in which the disk would idle. :func:`start` reads, on a background thread, the first
+bytes of the input in the order the pipeline will read them (plan.py: shards in name order, each
+front to back), so that the readers find them in the page cache. It imports nothing heavy and reads
+only the index and file sizes; anything unexpected makes it do nothing (the conversion reports real
+problems itself).
+
+Why it reads (:func:`warm`) rather than hint with ``POSIX_FADV_WILLNEED``: Linux caps each
+WILLNEED call at the device's read-ahead window (``force_page_cache_ra``), so a 64 MiB hint loads
+8 MiB where read_ahead_kb is 8192 (seen with ``fincore`` on the development VM); and hints in
+window-sized steps queue the whole budget at once, ahead of the libraries torch is loading.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_AUTO = 8 * 2**30
-PIECE = 64 * 2**20  # hinted in pieces, so the thread stops soon after being told to
+PIECE = 64 * 2**20  # read in pieces, so the thread stops soon after being told to
+SCRATCH = 8 * 2**20  # bytes per read
 
 
 def auto_budget() -> int:
@@ -43,17 +49,30 @@ def input_files(src: Path) -> list[Path]:
     return sorted(p for p in src.glob("*.safetensors") if p.is_file())
 
 
+def warm(fd: int, offset: int, nbytes: int, scratch: memoryview) -> int:
+    """Read bytes [offset, offset + nbytes) of ``fd`` through ``scratch`` and drop them: they stay in
+    the page cache. Returns the bytes read (fewer at the end of the file)."""
+    done = 0
+    while done < nbytes:
+        n = os.preadv(fd, [scratch[: nbytes - done]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 class ReadAhead:
     """The background thread; :meth:`stop` ends it after the piece in progress."""
 
     def __init__(self, files: list[Path], budget: int):
         self.files, self.budget = files, budget
-        self.hinted = 0
+        self.done = 0  # bytes read ahead so far
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="shardconv-readahead", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        scratch = memoryview(bytearray(SCRATCH))
         for path in self.files:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -62,11 +81,10 @@ class ReadAhead:
             try:
                 size = os.fstat(fd).st_size
                 for off in range(0, size, PIECE):
-                    n = min(PIECE, size - off, self.budget - self.hinted)
+                    n = min(PIECE, size - off, self.budget - self.done)
                     if n <= 0 or self.stopped.is_set():
                         return
-                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
-                    self.hinted += n
+                    self.done += warm(fd, off, n, scratch)
             except OSError:
                 return
             finally:
@@ -80,9 +98,9 @@ def start(src: str | None, budget: int | None = None) -> ReadAhead | None:
     """Begin reading ahead SRC's shards (``budget`` bytes; ``None``: :func:`auto_budget`).
 
     Returns None, doing nothing, where SRC is not a local folder (a hub id, the built-in sample),
-    the OS has no ``posix_fadvise``, or the index cannot be read.
+    the OS has no ``preadv``, or the index cannot be read.
     """
-    if not src or not hasattr(os, "posix_fadvise"):
+    if not src or not hasattr(os, "preadv"):
         return None
     budget = auto_budget() if budget is None else budget
     path = Path(src).expanduser()

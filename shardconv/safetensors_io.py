@@ -164,28 +164,29 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def advise(fd: int, offset: int, nbytes: int, advice: str) -> None:
-    """``posix_fadvise`` where the OS has it (a hint: failures are ignored).
-
-    ``advice``: "sequential" (read the range front to back: larger kernel read-ahead) or "willneed"
-    (start reading it into the page cache now, without waiting).
-    """
-    flag = {"sequential": "POSIX_FADV_SEQUENTIAL", "willneed": "POSIX_FADV_WILLNEED"}[advice]
+def advise(fd: int, offset: int, nbytes: int) -> None:
+    """``posix_fadvise(SEQUENTIAL)`` where the OS has it: the range is read front to back, so the kernel
+    may read further ahead. A hint: failures are ignored."""
     if hasattr(os, "posix_fadvise") and nbytes > 0:
         try:
-            os.posix_fadvise(fd, offset, nbytes, getattr(os, flag))
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
 
 
-def prefetch(info: TensorInfo) -> None:
-    """Ask the kernel to start reading a tensor's bytes into the page cache (returns at once)."""
+def prefetch(info: TensorInfo, scratch: memoryview) -> None:
+    """Read a tensor's bytes through ``scratch`` so that they are in the page cache when the readers
+    come (readahead.warm says why not ``POSIX_FADV_WILLNEED``)."""
+    from .readahead import warm
+
     try:
         fd = os.open(info.path, os.O_RDONLY)
     except OSError:
         return  # the read itself reports the problem
     try:
-        advise(fd, info.offset, info.nbytes, "willneed")
+        warm(fd, info.offset, info.nbytes, scratch)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -196,7 +197,7 @@ def read_range(info: TensorInfo, out: torch.Tensor, start: int = 0, stop: int | 
     stop = info.nbytes if stop is None else stop
     mv = memoryview(out.view(torch.uint8).reshape(-1)[start:stop].numpy()).cast("B")
     fd = os.open(info.path, os.O_RDONLY)
-    advise(fd, info.offset + start, stop - start, "sequential")
+    advise(fd, info.offset + start, stop - start)
     try:
         done = 0
         while done < stop - start:
@@ -306,7 +307,7 @@ def _piece_sha256(fd: int, start: int, end: int) -> bytes:
     h = hashlib.sha256()
     pos = start
     while pos < end:
-        chunk = os.pread(fd, min(end - pos, 16 << 20), pos)
+        chunk = os.pread(fd, min(end - pos, 4 << 20), pos)  # small: several threads hash at once
         if not chunk:
             raise OSError(f"file ended at byte {pos}, expected {end}")
         h.update(chunk)
@@ -418,7 +419,7 @@ class ShardWriter:
             pos = self._copying[name][0] + start
         mv = buffer if buffer is not None else memoryview(bytearray(min(stop - start, COPY_PIECE) or 1))
         fd = os.open(src.path, os.O_RDONLY)
-        advise(fd, src.offset + start, stop - start, "sequential")
+        advise(fd, src.offset + start, stop - start)
         try:
             done = start
             while done < stop:

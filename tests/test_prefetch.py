@@ -1,6 +1,7 @@
-"""Read-ahead hints: the pipeline asks the kernel for the next units' bytes, in input order, never
-more than --prefetch ahead; at start-up (readahead.py) the first --readahead bytes of the shards, in
-the order the pipeline reads them; and the output does not depend on either."""
+"""Reading ahead into the page cache: with --prefetch, the next units' bytes, in input order, never
+more than the window ahead; at start-up (readahead.py), the first --readahead bytes of the shards in
+the order the pipeline reads them; sequential-access hints on every read; and the output does not
+depend on any of them."""
 
 import os
 
@@ -21,23 +22,43 @@ def src(tmp_path_factory):
     return path
 
 
-def test_hints_cover_the_window_in_input_order(src, monkeypatch):
-    if not hasattr(os, "posix_fadvise"):
-        pytest.skip("no posix_fadvise on this OS")
+def record_warm(monkeypatch) -> list:
+    """Every readahead.warm call as (file, offset, bytes), still reading."""
     calls = []
-    real = os.posix_fadvise
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (calls.append((off, n, advice)), real(fd, off, n, advice)))
+    real = readahead.warm
+    monkeypatch.setattr(readahead, "warm", lambda fd, off, n, scratch: (
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n)), real(fd, off, n, scratch))[1])
+    return calls
+
+
+def test_prefetch_covers_the_window_in_input_order(src, monkeypatch):
+    calls = record_warm(monkeypatch)
     plan = build_plan(open_source(src), get_format("modelopt"), scales="max")
     units = plan.units
     window = 3 * max(u.in_bytes for u in units)
     p = pipeline.Prefetcher(units, window)
     p.ahead_of(0)
     p.pool.shutdown(wait=True)
-    ranges = [(t.offset, t.nbytes) for u in units[: p.hinted] for t in pipeline.unit_inputs(u)]
-    assert [(o, n) for o, n, a in calls if a == os.POSIX_FADV_WILLNEED] == [r for r in ranges if r[1] > 0]
+    ranges = [(str(t.path), t.offset, t.nbytes) for u in units[: p.hinted] for t in pipeline.unit_inputs(u)]
+    assert calls == ranges
     hinted = sum(u.in_bytes for u in units[: p.hinted])
     assert window <= hinted < window + max(u.in_bytes for u in units)  # just enough, never a unit more
     p.close()
+
+
+def test_warm_reads_exactly_the_range(tmp_path, monkeypatch):
+    f = tmp_path / "f.bin"
+    f.write_bytes(bytes(range(256)) * 100)
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: (reads.append((off, len(bufs[0]))), real(fd, bufs, off))[1])
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert readahead.warm(fd, 1000, 2500, memoryview(bytearray(1024))) == 2500
+        assert reads == [(1000, 1024), (2024, 1024), (3048, 452)]
+        assert readahead.warm(fd, 25_000, 9_999, memoryview(bytearray(1024))) == 600  # stops at the end
+    finally:
+        os.close(fd)
 
 
 def test_later_calls_only_add_units_past_the_window(src):
@@ -74,21 +95,15 @@ def test_read_into_asks_for_sequential_read_ahead(src, monkeypatch):
 
 
 def test_startup_readahead_reads_the_shards_in_pipeline_order_up_to_the_budget(src, monkeypatch):
-    if not hasattr(os, "posix_fadvise"):
-        pytest.skip("no posix_fadvise on this OS")
     shards = open_source(src).shards
     assert readahead.input_files(src) == shards  # the order plan.py's units follow
     sizes = [p.stat().st_size for p in shards]
-    calls = []
-    real = os.posix_fadvise
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (
-        calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n, advice)), real(fd, off, n, advice)))
+    calls = record_warm(monkeypatch)
     monkeypatch.setattr(readahead, "PIECE", 40_000)
     budget = sizes[0] + sizes[1] // 2
     ra = readahead.start(str(src), budget)
     ra.thread.join()
-    assert ra.hinted == budget
-    assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in calls)
+    assert ra.done == budget
     # front to back: shard 0 whole, then shard 1 up to the budget, contiguous pieces
     want, left = [], budget
     for path, size in zip(shards, sizes):
@@ -97,7 +112,7 @@ def test_startup_readahead_reads_the_shards_in_pipeline_order_up_to_the_budget(s
             n = min(40_000, size - off, left)
             want.append((str(path), off, n))
             off, left = off + n, left - n
-    assert [c[:3] for c in calls] == want
+    assert calls == want
 
 
 def test_startup_readahead_does_nothing_where_it_cannot_help(src, tmp_path):

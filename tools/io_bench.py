@@ -2,17 +2,16 @@
 """The streaming pipeline's I/O alone, as if the quantizing device were infinitely fast, on any machine.
 
 A GPU conversion is bound by the disk, not by the GPU; this measures that I/O side (readers, host
-buffer pools, read-ahead hints, file-to-file copies, writers, shard hashing) without a GPU: the real
+buffer pools, read-ahead, copies of kept tensors, writers, shard hashing) without a GPU: the real
 CPU pipeline runs with ``quantize_group`` replaced by a lookup of results computed beforehand (one per
 weight shape; the output bytes are therefore wrong, the amount and order of I/O are not). Each run
 starts from a cold page cache (drop_caches as root, else posix_fadvise DONTNEED), after a
 ``cat > /dev/null`` baseline of the same input.
 
-    python tools/io_bench.py SRC [--runs "--prefetch 0" "--prefetch 2GiB"] [--repeat 2]
+    python tools/io_bench.py SRC [--runs "--readahead 0" "--prefetch 2GiB"] [--repeat 2]
 
-Seen on the 2-core development VM (cold cache, 3 pairs each): a Llama-70B-shaped checkpoint of 2 layers
-with a 32k vocabulary (4.47 GB) ran at 1.27-1.53x cat without hints and 1.23-1.65x with them; one
-layer with the 128k vocabulary (5.91 GB, two thirds kept embeddings) at 2.56-2.97x and 2.72-3.10x.
+Seen on the 2-core development VM (cold cache; its disk varies: cat of the same input took 2.2-4.7 s):
+a Llama-70B-shaped checkpoint of 2 layers with a 32k vocabulary (4.47 GB) ran at 1.16-2.32x cat.
 
 SRC: a checkpoint folder (tools/bench.py can write one: see its write_model).
 """
@@ -53,7 +52,7 @@ def fake_quantizer():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
-    ap.add_argument("--runs", nargs="+", default=["--prefetch 0", "--prefetch 2GiB"],
+    ap.add_argument("--runs", nargs="+", default=["--readahead 0", ""],
                     help="extra convert arguments, one string per configuration")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Each pipeline stage alone on one checkpoint, to see which one limits a conversion.
 
-    python tools/stages.py SRC [--readers 1,2,4,8] [--device cuda]
+    python tools/stages.py SRC [--readers 1,2,4,8] [--whole-reads 4:64M,4:64M:direct] [--device cuda]
 
-Prints GB/s for: reading the quantized weights with shardconv's reader (N threads, cold cache),
-copying the kept tensors file to file, quantizing from host memory on the device, and writing
-the quantized bytes.
+Prints GB/s, each from a cold cache, for: cat of every input file; reading every file front to back
+in pieces on N threads (buffered or O_DIRECT); reading the quantized weights a tensor per thread;
+copying the kept tensors with copy_file_range and through a buffer; quantizing from host memory on
+the device; and writing the quantized bytes.
 """
 
 from __future__ import annotations
