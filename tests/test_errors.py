@@ -213,3 +213,22 @@ def test_hub_repo_id_from_offline_cache(src, tmp_path, monkeypatch):
     rc, err = run_cli("convert", "acme/tiny", tmp_path / "o", "--no-progress")
     assert rc == 0, err
     assert (tmp_path / "o" / "model.safetensors.index.json").exists()
+
+
+def test_the_command_reports_through_pipes_and_exits_with_its_status(src, tmp_path):
+    """``python -m shardconv`` ends with os._exit (no teardown): what it printed must still arrive
+    through block-buffered pipes, with the right exit status, and the output must be complete."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes block-buffered, as usual
+    ok = subprocess.run([sys.executable, "-m", "shardconv", "convert", str(src), str(tmp_path / "out"), "--device",
+                         "cpu", "--scales", "max", "--no-progress"], capture_output=True, text=True, timeout=300,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert f"wrote {tmp_path / 'out'}" in ok.stdout and "tensors quantized" in ok.stdout
+    assert run_cli("verify", tmp_path / "out")[0] == 0
+    bad = subprocess.run([sys.executable, "-m", "shardconv", "convert", str(tmp_path / "nowhere"), str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("shardconv: error: ") and "nowhere" in bad.stderr
