@@ -37,13 +37,23 @@ def set_export_rounding(kind: str) -> None:
     EXPORT_ROUNDING = kind
 
 
+def fp32_scalar(value: float, device) -> torch.Tensor:
+    """A 0-d fp32 tensor made on ``device`` by a fill, not copied from the host: ``torch.tensor(v,
+    device="cuda")`` is a blocking copy that waits for everything queued on the stream."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
+def true_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` with one rounding on any device (a Python divisor makes CUDA multiply by 1/d)."""
+    return x / fp32_scalar(d, x.device)
+
+
 def div_scalar(x: torch.Tensor, d: float) -> torch.Tensor:
     """``x / d`` for a Python number ``d``, rounded as ModelOpt's export on EXPORT_ROUNDING's device."""
-    if EXPORT_ROUNDING == "cuda":
+    if EXPORT_ROUNDING == "cuda":  # CUDA multiplies by the fp32 reciprocal, itself rounded once
         inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(d, dtype=torch.float32)
-        return x * inv.to(x.device)
-    # a divisor tensor on x's own device keeps CUDA from substituting the reciprocal
-    return x / torch.tensor(d, dtype=torch.float32, device=x.device)
+        return x * fp32_scalar(inv.item(), x.device)
+    return true_div(x, d)
 
 
 def global_scale(global_amax: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
@@ -62,7 +72,7 @@ def block_amax(weight: torch.Tensor) -> torch.Tensor:
 def block_scales_dynamic(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
     """e4m3 block scales computed from the weight (ModelOpt's dynamic/max export path)."""
     scale = block_amax(weight) / (FP4_MAX * weight_scale_2.to(weight.device))
-    scale[scale == 0] = 1.0
+    scale.masked_fill_(scale == 0, 1.0)  # not scale[mask] = 1: that may synchronise
     # ModelOpt clamps only below; amax_b <= g keeps the ratio <= 448 up to one fp32 ulp, which
     # the e4m3 cast rounds to 448 anyway, so the upper clamp changes no byte and guards bad scales.
     return scale.clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
@@ -73,7 +83,7 @@ def block_scales_static(block_amax_: torch.Tensor, global_amax: torch.Tensor, fp
 
     ``fp8_max`` normalises as in :func:`global_scale` (four-over-six: 256); the clamp stays 448."""
     scale = div_scalar(block_amax_.float(), FP4_MAX)
-    scale[scale == 0] = 1.0
+    scale.masked_fill_(scale == 0, 1.0)  # not scale[mask] = 1: that may synchronise
     scale_max = div_scalar(global_amax.float().reshape(()).to(scale.device), FP4_MAX)
     return (scale * fp8_max / scale_max).clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
 

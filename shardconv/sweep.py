@@ -53,11 +53,6 @@ _LOW_END = 23  # the window reaches at least this index: [15, 23) is the first b
 E2M1_MAGNITUDES = torch.tensor(nx.E2M1_VALUES, dtype=torch.float32)
 
 
-def _div(x: torch.Tensor, d: float) -> torch.Tensor:
-    """``x / d`` with one rounding on any device (a Python divisor makes CUDA multiply by 1/d)."""
-    return x / torch.tensor(d, dtype=torch.float32, device=x.device)
-
-
 def candidate_values(device=None) -> torch.Tensor:
     """The 126 positive finite e4m3 values (bytes 0x01..0x7E), ascending, as fp32."""
     return torch.arange(1, N_CANDIDATES + 1, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
@@ -66,12 +61,12 @@ def candidate_values(device=None) -> torch.Tensor:
 def candidate_amax(global_amax: torch.Tensor) -> torch.Tensor:
     """``a_k = g * (v_k / 448)`` in fp32 (the value the static export turns back into byte k+1)."""
     g = global_amax.float().reshape(())
-    return _div(candidate_values(g.device), nx.FP8_MAX) * g
+    return nx.true_div(candidate_values(g.device), nx.FP8_MAX) * g
 
 
 def candidate_scales(global_amax: torch.Tensor) -> torch.Tensor:
     """``s_k = a_k / 6``; a zero scale (g == 0) is replaced by 1.0, as ModelOpt's sweep does."""
-    s = _div(candidate_amax(global_amax), nx.FP4_MAX)
+    s = nx.true_div(candidate_amax(global_amax), nx.FP4_MAX)
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
@@ -235,7 +230,7 @@ def four_over_six_factors(global_amax: torch.Tensor) -> tuple[torch.Tensor, torc
     ``A = g * (448/256) / 6`` (1 when A <= 2**-24), ``up = 448 / A`` (torch evaluates a number
     over a tensor as ``reciprocal(A) * 448``), ``down = 1 / up``."""
     g = global_amax.float().reshape(())
-    a = _div(g * (nx.FP8_MAX / FOUR_OVER_SIX_NORM), nx.FP4_MAX)
+    a = nx.true_div(g * (nx.FP8_MAX / FOUR_OVER_SIX_NORM), nx.FP4_MAX)
     a = torch.where(a <= 2.0**-24, torch.ones_like(a), a)
     up = nx.FP8_MAX / a
     return up, 1 / up
@@ -246,7 +241,7 @@ def four_over_six_scale(block_amax: torch.Tensor, global_amax: torch.Tensor) -> 
     448, cast to e4m3, times ``down`` (:func:`four_over_six_factors`). May be 0 for tiny blocks
     (the block then quantizes to zeros)."""
     up, down = four_over_six_factors(global_amax.to(block_amax.device))
-    x = (_div(block_amax.float(), nx.FP4_MAX) * up).clamp(min=-nx.FP8_MAX, max=nx.FP8_MAX)
+    x = (nx.true_div(block_amax.float(), nx.FP4_MAX) * up).clamp(min=-nx.FP8_MAX, max=nx.FP8_MAX)
     return x.to(torch.float8_e4m3fn).float() * down
 
 

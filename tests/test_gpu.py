@@ -55,3 +55,29 @@ def test_export_rounding_cuda_rule_is_what_cuda_does_and_cpu_rule_holds_on_cuda(
     finally:
         nx.set_export_rounding("cpu")
     assert torch.equal(nx.div_scalar(x.cuda(), 2688.0).cpu(), native_cpu)
+
+
+def test_max_quantization_of_a_group_never_waits_for_the_gpu(tmp_path):
+    """The main thread issues a group's kernels and moves on: nothing in the ``max`` path may block on
+    the stream (a scalar copied from the host, a boolean-mask assignment, ``.item()``). Written after
+    the last GPU run of its session: not yet run on a GPU."""
+    from shardconv.formats import get_format
+    from shardconv.plan import build_plan
+    from shardconv.quantize import quantize_group
+    from shardconv.safetensors_io import read_into
+    from shardconv.source import open_source
+
+    src = tmp_path / "src"
+    write_checkpoint(src, family="llama", weights="structured", num_layers=1)
+    plan = build_plan(open_source(src), get_format("modelopt"), scales="max")
+    unit = max(plan.units, key=lambda u: len(u.members))
+    weights = [read_into(m.weight).cuda() for m in unit.members]
+    want = quantize_group(unit.members, [w.cpu() for w in weights], "max", "cpu")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = quantize_group(unit.members, weights, "max", "cuda", to_cpu=False, check=False, chunk=4096)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(want, got):
+        assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu())
