@@ -185,15 +185,6 @@ def describe(plan) -> list[str]:
     return lines
 
 
-def _process_age() -> float:
-    """Seconds since this process started (Linux), for SHARDCONV_PROFILE's startup figure."""
-    try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        return float(open("/proc/uptime").read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 def _start_cuda(device: str) -> None:
     import torch
 
@@ -207,6 +198,7 @@ def _start_cuda(device: str) -> None:
 def _convert(args) -> int:
     from .amax import load_amax
     from .formats import get_format
+    from . import profile
     from .pipeline import Options, convert
     from .plan import build_plan
     import torch
@@ -243,10 +235,10 @@ def _convert(args) -> int:
         for note in plan.notes:
             print(f"note: {note}")
         device = pick_device(args.device)
-        if os.environ.get("SHARDCONV_PROFILE"):
+        if profile.ENABLED:
             if device.type == "cuda":
                 torch.zeros(1, device=device)
-            print(f"profile: ready to convert {_process_age():.1f} s after process start (imports, CUDA, plan)")
+            profile.say(f"ready to convert {profile.process_age():.1f} s after process start (imports, CUDA, plan)")
         opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
                        gpu_buffer=args.gpu_buffer, progress=not args.no_progress, fsync=args.fsync,
                        prefetch=args.prefetch)
@@ -255,8 +247,7 @@ def _convert(args) -> int:
             st = Path(args.amax).stat()
             extra["amax"] = [str(Path(args.amax).resolve()), st.st_size, st.st_mtime_ns]
         summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra)
-        if os.environ.get("SHARDCONV_PROFILE"):
-            print(f"profile: done {_process_age():.1f} s after process start")
+        profile.say(f"done {profile.process_age():.1f} s after process start")
         print(f"wrote {dst}")
         print("\n".join(summary.lines()))
         return 0

@@ -30,15 +30,13 @@ from pathlib import Path
 
 import torch
 
-from . import journal
+from . import journal, profile, readahead
 from .errors import ShardconvError
 from .plan import Plan, Unit
-from .readahead import SCRATCH
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
-from .safetensors_io import (COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, prefetch, read_into, read_range,
-                             tensor_view)
-from .source import INDEX_NAME
+from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
+from .files import INDEX_NAME
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
 REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME}
@@ -49,61 +47,6 @@ DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
 READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
 COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by all reader threads at once
-PROFILE = bool(os.environ.get("SHARDCONV_PROFILE"))
-
-
-class StageClock:
-    """Seconds spent per stage (summed over threads), printed with SHARDCONV_PROFILE=1."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.lock = threading.Lock()
-
-    def add(self, stage: str, since: float) -> None:
-        with self.lock:
-            self.seconds[stage] += time.perf_counter() - since
-
-    def report(self) -> str:
-        return "  ".join(f"{k} {v:.1f}s" for k, v in sorted(self.seconds.items()))
-
-
-class DiskTimeline:
-    """The machine's disk traffic per second (``/proc/vmstat`` pgpgin/pgpgout), printed with
-    SHARDCONV_PROFILE=1: shows when the disk idles, which stage sums cannot."""
-
-    def __init__(self, period: float = 1.0):
-        self.period, self.samples = period, [(time.perf_counter(), *self._read())]
-        self.events: list[tuple[float, str]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="shardconv-disk-timeline")
-        self.thread.start()
-
-    @staticmethod
-    def _read() -> tuple[int, int]:
-        try:
-            stats = dict(line.split() for line in open("/proc/vmstat"))
-            return int(stats["pgpgin"]) * 1024, int(stats["pgpgout"]) * 1024
-        except (OSError, KeyError, ValueError):
-            return 0, 0
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.period):
-            self.samples.append((time.perf_counter(), *self._read()))
-
-    def mark(self, what: str) -> None:
-        self.events.append((time.perf_counter(), what))
-
-    def report(self) -> str:
-        self.stop.set()
-        self.thread.join()
-        self.samples.append((time.perf_counter(), *self._read()))
-        t0 = self.samples[0][0]
-        rows = [f"{a[0] - t0:.0f}s {(b[1] - a[1]) / (b[0] - a[0]) / 1e9:.2f}/{(b[2] - a[2]) / (b[0] - a[0]) / 1e9:.2f}"
-                for a, b in zip(self.samples, self.samples[1:])]
-        events = ", ".join(f"{what} {t - t0:.1f}s" for t, what in self.events)
-        return f"disk in/out GB/s per second: {'  '.join(rows)}\nprofile: events: {events}"
-
-
 @dataclass
 class Options:
     """Pipeline knobs; the defaults suit one GPU and a fast local disk."""
@@ -225,46 +168,6 @@ class BufferPool:
             self.cond.notify_all()
 
 
-def unit_inputs(unit: Unit) -> list[TensorInfo]:
-    """The input byte ranges a unit reads."""
-    out = [m.weight for m in unit.members] + [m.scale_inv for m in unit.members if m.scale_inv is not None]
-    if unit.copy is not None:
-        out.append(unit.copy)
-    if unit.dequant is not None:
-        out += list(unit.dequant[:2])
-    return out
-
-
-class Prefetcher:
-    """Keeps the page cache filling ``window`` bytes ahead of the readers.
-
-    The host buffer pools bound what shardconv itself holds; without this the disk idles whenever
-    every buffer is in use. One background thread reads ahead (readahead.warm), in input order.
-    """
-
-    def __init__(self, units: list[Unit], window: int):
-        self.units, self.window = units, window
-        self.hinted = 0  # units [0, hinted) have been handed to the thread
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardconv-prefetch") if window > 0 else None
-        self.scratch = memoryview(bytearray(SCRATCH)) if window > 0 else None  # the one thread's
-
-    def ahead_of(self, current: int) -> None:
-        """Hint units from ``current`` on until ``window`` bytes are covered."""
-        if self.pool is None:
-            return
-        self.hinted = max(self.hinted, current)
-        ahead = sum(self.units[i].in_bytes for i in range(current, self.hinted))
-        while self.hinted < len(self.units) and ahead < self.window:
-            infos = unit_inputs(self.units[self.hinted])
-            self.pool.submit(lambda infos=infos: [prefetch(t, self.scratch) for t in infos])
-            ahead += self.units[self.hinted].in_bytes
-            self.hinted += 1
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class Shards:
     """Output shard writers, opened on first use and finished when their last tensor is written."""
 
@@ -351,7 +254,7 @@ class Converter:
             self.compute = torch.cuda.Stream(opts.device)
             self.d2h = torch.cuda.Stream(opts.device)
         self.bar = None
-        self.clock = StageClock()
+        self.clock = profile.StageClock()
         self.local = threading.local()
 
     # -- stage 1: readers -------------------------------------------------------------------------
@@ -481,8 +384,8 @@ class Converter:
         self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1024,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
-        prefetcher = Prefetcher(units, self.opts.prefetch)
-        timeline = DiskTimeline() if PROFILE else None
+        prefetcher = readahead.Prefetcher([u.inputs for u in units], self.opts.prefetch)
+        timeline = profile.DiskTimeline() if profile.ENABLED else None
 
         def submit(block: bool) -> None:
             nonlocal nxt
@@ -545,14 +448,10 @@ class Converter:
                 self.outputs.close()
             self.bar.close()
             self.clock.add("close", t0)
-            if PROFILE:
-                import resource
-
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                print(f"profile: {self.clock.report()}  peak RSS {rss:.0f} MB  "
-                      f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB", flush=True)
-                if timeline is not None:
-                    print(f"profile: {timeline.report()}", flush=True)
+            if timeline is not None:
+                profile.say(f"{self.clock.report()}  peak RSS {profile.peak_rss_mb():.0f} MB  "
+                            f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB")
+                profile.say(timeline.report())
 
 
 def _raise_interrupt(signum, frame):

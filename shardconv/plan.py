@@ -150,6 +150,16 @@ class Unit:
         return sum(m.weight.nbytes for m in self.members) + (self.copy.nbytes if self.copy else 0) + fp8
 
     @property
+    def inputs(self) -> list[TensorInfo]:
+        """Every input tensor the unit reads (FP8 sources' block scales included)."""
+        out = [m.weight for m in self.members] + [m.scale_inv for m in self.members if m.scale_inv is not None]
+        if self.copy is not None:
+            out.append(self.copy)
+        if self.dequant is not None:
+            out += list(self.dequant[:2])
+        return out
+
+    @property
     def out_bytes(self) -> int:
         return sum(t.nbytes for t in self.outputs)
 

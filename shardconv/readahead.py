@@ -1,4 +1,7 @@
-"""Start reading the input while shardconv itself starts.
+"""Reading input into the page cache ahead of the pipeline's readers.
+
+Two uses: :func:`start`, while shardconv itself starts, and :class:`Prefetcher` (``--prefetch``), a
+window ahead of the readers during the conversion.
 
 Importing torch, starting CUDA and planning take seconds (5-7 s on the H200 machine, README
 Performance) in which the disk would idle. :func:`start` reads, on a background thread, the first
@@ -18,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
+
 MAX_AUTO = 8 * 2**30
 PIECE = 64 * 2**20  # read in pieces, so the thread stops soon after being told to
 SCRATCH = 8 * 2**20  # bytes per read
@@ -39,14 +43,11 @@ def auto_budget() -> int:
 
 
 def input_files(src: Path) -> list[Path]:
-    """The shard files in the order the pipeline reads them (source.open_source's order)."""
+    """The shard files in the order the pipeline reads them (files.py's rules, as source.py uses)."""
     index = src / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / n for n in sorted({os.path.normpath(s) for s in weight_map.values()})]
-    if (src / SINGLE_NAME).is_file():
-        return [src / SINGLE_NAME]
-    return sorted(p for p in src.glob("*.safetensors") if p.is_file())
+        return [src / n for n in indexed_shard_names(json.loads(index.read_text())["weight_map"].values())]
+    return unindexed_shards(src)
 
 
 def warm(fd: int, offset: int, nbytes: int, scratch: memoryview) -> int:
@@ -59,6 +60,53 @@ def warm(fd: int, offset: int, nbytes: int, scratch: memoryview) -> int:
             break
         done += n
     return done
+
+
+def warm_range(path: Path, offset: int, nbytes: int, scratch: memoryview) -> None:
+    """:func:`warm` on a file by name; a file that cannot be read is left to the readers to report."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        warm(fd, offset, nbytes, scratch)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Prefetcher:
+    """Keeps the page cache filling ``window`` bytes ahead of the readers (``--prefetch``).
+
+    The host buffer pools bound what shardconv itself holds; without this the disk idles whenever
+    every buffer is in use. ``steps`` are the pipeline's units in order, each the byte ranges it
+    reads (objects with ``path``, ``offset`` and ``nbytes``: plan.Unit.inputs); one background thread
+    reads them ahead, in that order.
+    """
+
+    def __init__(self, steps: list[list], window: int):
+        self.steps, self.window = steps, window
+        self.sizes = [sum(r.nbytes for r in step) for step in steps]
+        self.hinted = 0  # steps [0, hinted) have been handed to the thread
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardconv-prefetch") if window > 0 else None
+        self.scratch = memoryview(bytearray(SCRATCH)) if window > 0 else None  # the one thread's
+
+    def ahead_of(self, current: int) -> None:
+        """Read steps from ``current`` on until ``window`` bytes are covered."""
+        if self.pool is None:
+            return
+        self.hinted = max(self.hinted, current)
+        ahead = sum(self.sizes[current : self.hinted])
+        while self.hinted < len(self.steps) and ahead < self.window:
+            step = self.steps[self.hinted]
+            self.pool.submit(lambda step=step: [warm_range(r.path, r.offset, r.nbytes, self.scratch) for r in step])
+            ahead += self.sizes[self.hinted]
+            self.hinted += 1
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ReadAhead:

@@ -174,23 +174,6 @@ def advise(fd: int, offset: int, nbytes: int) -> None:
             pass
 
 
-def prefetch(info: TensorInfo, scratch: memoryview) -> None:
-    """Read a tensor's bytes through ``scratch`` so that they are in the page cache when the readers
-    come (readahead.warm says why not ``POSIX_FADV_WILLNEED``)."""
-    from .readahead import warm
-
-    try:
-        fd = os.open(info.path, os.O_RDONLY)
-    except OSError:
-        return  # the read itself reports the problem
-    try:
-        warm(fd, info.offset, info.nbytes, scratch)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def read_range(info: TensorInfo, out: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
     """Read bytes [start, stop) of one tensor with ``pread`` into the same bytes of ``out`` (a uint8
     CPU tensor at least ``info.nbytes`` long): the pipeline reads a tensor's pieces on several threads."""

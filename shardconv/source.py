@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ShardconvError
+from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
 from .safetensors_io import TensorInfo, _short, read_header
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # What a conversion needs from a hub repo: weights, configs, tokenizer, chat template, remote code.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
 
@@ -137,16 +136,14 @@ def open_source(src: str) -> Source:
             _inside(root, shard_name)
         # "a.safetensors" and "./a.safetensors" name one shard: read it once
         weight_map = {t: os.path.normpath(s) for t, s in weight_map.items()}
-        names = sorted(set(weight_map.values()))
+        names = indexed_shard_names(weight_map.values())
         shards = [root / n for n in names]
         for name, shard in zip(names, shards):
             if not _check(Path.is_file, shard):
                 tensor = next(t for t, s in weight_map.items() if s == name)
                 raise ShardconvError(f"{index_path}: tensor {_short(tensor)} is in {_short(name)}, which does not exist")
-    elif (root / SINGLE_NAME).is_file():
-        shards = [root / SINGLE_NAME]
     else:
-        shards = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+        shards = unindexed_shards(root)
     if not shards:
         raise ShardconvError(f"{root}: no .safetensors files (only safetensors checkpoints are supported)")
 

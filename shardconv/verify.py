@@ -41,7 +41,7 @@ from . import numerics
 from .errors import ShardconvError
 from .plan import _EMBEDDING, _STACKED, FUSION_SETS, fusion_key
 from .safetensors_io import TensorInfo, read_header, read_into, shard_digest
-from .source import INDEX_NAME, SINGLE_NAME
+from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
 
 JOURNAL_NAME = ".shardconv-journal.json"
 DEFAULT_MAX_ERROR = 0.5
@@ -110,7 +110,7 @@ def _read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[
             report.fail(f"{index_path}: not a valid index (needs a 'weight_map' object of shard names)")
             return {}, []
         weight_map = wm
-        names = sorted(set(wm.values()))
+        names = indexed_shard_names(wm.values())
         shards = []
         for name in names:
             if not _safe_name(name):
@@ -120,10 +120,8 @@ def _read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[
                 report.fail(f"{index_path}: shard {name} ({n} tensors) does not exist")
             else:
                 shards.append(dst / name)
-    elif (dst / SINGLE_NAME).is_file():
-        shards = [dst / SINGLE_NAME]
     else:
-        shards = sorted(p for p in dst.glob("*.safetensors") if p.is_file())
+        shards = unindexed_shards(dst)
         if len(shards) > 1:
             report.fail(f"{dst}: {len(shards)} shards but no {INDEX_NAME} (loaders cannot find the tensors)")
     if not shards and weight_map is None:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import run_cli, tree_digest
-from shardconv import pipeline, readahead, safetensors_io
+from shardconv import readahead, safetensors_io
 from shardconv.formats import get_format
 from shardconv.plan import build_plan
 from shardconv.source import open_source
@@ -36,10 +36,10 @@ def test_prefetch_covers_the_window_in_input_order(src, monkeypatch):
     plan = build_plan(open_source(src), get_format("modelopt"), scales="max")
     units = plan.units
     window = 3 * max(u.in_bytes for u in units)
-    p = pipeline.Prefetcher(units, window)
+    p = readahead.Prefetcher([u.inputs for u in units], window)
     p.ahead_of(0)
     p.pool.shutdown(wait=True)
-    ranges = [(str(t.path), t.offset, t.nbytes) for u in units[: p.hinted] for t in pipeline.unit_inputs(u)]
+    ranges = [(str(t.path), t.offset, t.nbytes) for u in units[: p.hinted] for t in u.inputs]
     assert calls == ranges
     hinted = sum(u.in_bytes for u in units[: p.hinted])
     assert window <= hinted < window + max(u.in_bytes for u in units)  # just enough, never a unit more
@@ -64,7 +64,7 @@ def test_warm_reads_exactly_the_range(tmp_path, monkeypatch):
 def test_later_calls_only_add_units_past_the_window(src):
     plan = build_plan(open_source(src), get_format("modelopt"), scales="max")
     units = plan.units
-    p = pipeline.Prefetcher(units, 1)
+    p = readahead.Prefetcher([u.inputs for u in units], 1)
     p.ahead_of(0)
     assert p.hinted == 1
     p.ahead_of(0)
@@ -72,7 +72,7 @@ def test_later_calls_only_add_units_past_the_window(src):
     p.ahead_of(len(units) - 1)
     assert p.hinted == len(units)
     p.close()
-    off = pipeline.Prefetcher(units, 0)
+    off = readahead.Prefetcher([u.inputs for u in units], 0)
     off.ahead_of(0)
     assert off.hinted == 0 and off.pool is None
 

@@ -86,14 +86,16 @@ def _numel(shape) -> int:
     return n
 
 
-def drop_cache(*folders: Path) -> str:
+def drop_cache(*paths: Path) -> str:
+    """Empty the page cache (drop_caches as root), else evict ``paths`` (files, or folders' files) with
+    posix_fadvise(DONTNEED); returns which was done."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return "drop_caches"
     except OSError:
-        for folder in folders:
-            for p in Path(folder).rglob("*"):
+        for path in map(Path, paths):
+            for p in ([path] if path.is_file() else path.rglob("*")):
                 if p.is_file():
                     fd = os.open(p, os.O_RDONLY)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -228,7 +230,7 @@ def main() -> None:
         try:
             if args.lc_limit <= 0:
                 raise ImportError("skipped: --lc-limit 0")
-            import llmcompressor  # noqa: F401
+            import llmcompressor  # noqa: F401  (only: is it installed?)
 
             drop_cache(src)
             # lm_head is kept, as shardconv keeps it; the rest are model_free_ptq's defaults

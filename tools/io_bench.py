@@ -83,7 +83,7 @@ def main() -> None:
         print(f"repeat {rep}: cache {how}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     print(f"\ninput {gb:.2f} GB, {len(shards)} shards")
-    print(f"| repeat | step | wall s | GB/s | / cat |\n|---|---|---:|---:|---:|")
+    print("| repeat | step | wall s | GB/s | / cat |\n|---|---|---:|---:|---:|")
     for rep, step, wall, cat in rows:
         print(f"| {rep} | {step} | {wall:.2f} | {gb / wall:.2f} | {wall / cat:.2f} |")
 

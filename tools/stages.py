@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,22 +22,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import drop_cache  # noqa: E402
+
 from shardconv.formats import get_format
 from shardconv.plan import build_plan
 from shardconv.quantize import quantize_group
 from shardconv.safetensors_io import PlannedTensor, ShardWriter, TensorInfo, read_into
 from shardconv.source import open_source
-
-
-def drop_cache(paths) -> None:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
 
 
 def read_files(files: list[Path], threads: int, chunk: int, direct: bool) -> int:
@@ -98,20 +91,20 @@ def main() -> None:
     rows = Rows()
     files = [Path(p) for p in source.shards]
     allbytes = sum(f.stat().st_size for f in files)
-    drop_cache(files)
+    drop_cache(*files)
     t0 = time.perf_counter()
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
     rows.append(("cat all input files", allbytes, time.perf_counter() - t0))
     for spec in filter(None, args.whole_reads.split(",")):
         n, chunk, *direct = spec.split(":")
-        drop_cache(files)
+        drop_cache(*files)
         t0 = time.perf_counter()
         got = read_files(files, int(n), int(chunk[:-1]) << 20, bool(direct))
         rows.append((f"read all, {n} threads, {chunk}B pieces{', O_DIRECT' if direct else ''}", got,
                      time.perf_counter() - t0))
     biggest = max(m.weight.nbytes for m in members)
     for n in [int(x) for x in args.readers.split(",")]:
-        drop_cache(source.shards)
+        drop_cache(*source.shards)
         bufs = [torch.empty(biggest, dtype=torch.uint8) for _ in range(n)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
@@ -119,7 +112,7 @@ def main() -> None:
                 list(pool.map(lambda j: read_into(members[j].weight, bufs[j - i]), range(i, min(i + n, len(members)))))
         rows.append((f"read quantized weights, {n} threads", qbytes, time.perf_counter() - t0))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.src))) as tmp:
-        drop_cache(source.shards)
+        drop_cache(*source.shards)
         planned = [PlannedTensor(c.name, c.dtype, c.shape) for c in copies]
         w = ShardWriter(Path(tmp) / "copy.safetensors", planned)
         t0 = time.perf_counter()
@@ -127,7 +120,7 @@ def main() -> None:
             w.copy_from(c.name, c)
         w.finish()
         rows.append(("copy kept tensors (copy_file_range)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
-        drop_cache(source.shards)
+        drop_cache(*source.shards)
         t0 = time.perf_counter()
         buf = torch.empty(64 << 20, dtype=torch.uint8)
         with open(Path(tmp) / "copy2", "wb") as out:
