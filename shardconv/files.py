@@ -1,17 +1,22 @@
-"""A checkpoint folder's safetensors files: their names, and the order shardconv reads them in.
+"""A checkpoint folder's files: shard names and the order shardconv reads them in, shard names an
+index may use, the other files a conversion copies, and atomic JSON writes.
 
 Torch-free, so the start-up read-ahead (readahead.py) can use it before torch is imported; the
-source (source.py) and ``verify`` list shards with the same rules.
+source (source.py), the pipeline and ``verify`` follow the same rules.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
+REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME}  # written anew by a conversion
+SKIP_DIRS = {"original"}  # Meta's consolidated weights in Llama repos
 
 
 def indexed_shard_names(index_names: Iterable[str]) -> list[str]:
@@ -25,3 +30,33 @@ def unindexed_shards(root: Path) -> list[Path]:
     if (root / SINGLE_NAME).is_file():
         return [root / SINGLE_NAME]
     return sorted(p for p in root.glob("*.safetensors") if p.is_file())
+
+
+def stays_inside(name: object) -> bool:
+    """Whether an index's shard name stays in its folder: a relative path without ``..`` (a shard
+    that is a symbolic link is fine)."""
+    return (isinstance(name, str) and bool(name) and "\x00" not in name and not os.path.isabs(name)
+            and ".." not in Path(name).parts)
+
+
+def other_files(src: Path) -> list[Path]:
+    """Files of SRC that are copied as they are: tokenizer, generation config, templates, code."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        rel_dir = Path(dirpath).relative_to(src)
+        top = rel_dir == Path(".")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d in SKIP_DIRS))
+        for name in sorted(filenames):
+            if name.startswith(".") or name.endswith(SKIP_SUFFIXES) or name.endswith(".index.json"):
+                continue
+            if top and name in REWRITTEN:
+                continue
+            found.append(rel_dir / name)
+    return found
+
+
+def write_json(path: Path, obj: dict, indent: int = 2) -> None:
+    """Write ``obj`` to ``path`` through a ``.partial`` file and a rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)

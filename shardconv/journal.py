@@ -3,7 +3,7 @@
 A conversion of hundreds of GB will be interrupted. The journal (``DST/.shardconv-journal.json``,
 replaced atomically) holds a fingerprint of the run (source file sizes and mtimes, the amax file,
 the planned output layout and options, the shardconv version) and the digest of every finished
-shard (safetensors_io.combine_digests: a SHA-256 over the SHA-256s of its 64 MiB pieces). A new run
+shard (digest.py: a SHA-256 over the SHA-256s of its 64 MiB pieces). A new run
 with the same fingerprint keeps the finished shards and writes only the rest; a different fingerprint
 is refused unless ``--overwrite``. Shards appear under their final names only once complete
 (``.partial`` before), and the index is written last, so an unfinished DST never looks like a
@@ -19,10 +19,11 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .safetensors_io import file_size, shard_digest
+from . import digest as shard_digests
+from .files import write_json
+from .safetensors_io import file_size
 
 NAME = ".shardconv-journal.json"
-DIGEST = "sha256 of the sha256 of each 64 MiB piece"  # how the shard digests below are made
 
 
 def fingerprint(plan, extra: dict | None = None) -> str:
@@ -78,7 +79,7 @@ class Journal:
         for i, (name, tensors) in enumerate(zip(plan.shard_names, plan.shard_tensors)):
             path = Path(dst) / name
             if name in recorded and path.is_file() and path.stat().st_size == file_size(tensors) and (
-                    trust or shard_digest(path) == recorded[name]):
+                    trust or shard_digests.shard_digest(path) == recorded[name]):
                 kept.add(i)
                 self.shards[name] = recorded[name]
                 if self.synced and not trust:  # this run promises flushed shards: these too
@@ -90,9 +91,9 @@ class Journal:
         self.save()
         return kept
 
-    def record(self, name: str, sha: str) -> None:
+    def record(self, name: str, digest: str) -> None:
         with self.lock:
-            self.shards[name] = sha
+            self.shards[name] = digest
             self.save()
 
     def finish(self) -> None:
@@ -101,8 +102,6 @@ class Journal:
             self.save()
 
     def save(self) -> None:
-        doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete, "digest": DIGEST,
-               "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
-        tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete,
+               "digest": shard_digests.DESCRIPTION, "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
+        write_json(self.path, doc, indent=1)

@@ -18,8 +18,6 @@ checkpoint. A failed run removes what it wrote.
 from __future__ import annotations
 
 import collections
-import json
-import os
 import shutil
 import signal
 import threading
@@ -36,11 +34,8 @@ from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
 from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
-from .files import INDEX_NAME
+from .files import INDEX_NAME, other_files, write_json
 
-SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
-REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME}
-SKIP_DIRS = {"original"}  # Meta's consolidated weights in Llama repos
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
 DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
@@ -98,28 +93,6 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise ShardconvError(f"{dst}: exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite and journal.Journal.read(dst) is None:
         raise ShardconvError(f"{dst}: not empty (use --overwrite to replace a previous output)")
-
-
-def other_files(src: Path) -> list[Path]:
-    """Files of SRC that are copied as they are: tokenizer, generation config, templates, code."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
-        rel_dir = Path(dirpath).relative_to(src)
-        top = rel_dir == Path(".")
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d in SKIP_DIRS))
-        for name in sorted(filenames):
-            if name.startswith(".") or name.endswith(SKIP_SUFFIXES) or name.endswith(".index.json"):
-                continue
-            if top and name in REWRITTEN:
-                continue
-            found.append(rel_dir / name)
-    return found
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class BufferPool:
@@ -195,7 +168,7 @@ class Shards:
             with self.lock:
                 self.finished.append(w.path)
             if self.log is not None:
-                self.log.record(w.path.name, w.sha256)
+                self.log.record(w.path.name, w.digest)
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         w = self._writer(shard)
@@ -509,11 +482,11 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
             shutil.copyfile(src / rel, target)
             written.append(target)
         for name, content in fmt.config_files(plan, plan.source.config).items():
-            _write_json(dst / name, content)
+            write_json(dst / name, content)
             written.append(dst / name)
         weight_map = {t.name: plan.shard_names[s] for s, ts in enumerate(plan.shard_tensors) for t in ts}
         index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
+        write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
         log.finish()
     except BaseException:
         converter.shards.abort()

@@ -3,13 +3,12 @@
 Why not ``safetensors.safe_open``: a converter must validate hostile headers with a clear message,
 read a tensor into a buffer it owns (reusable, pinnable) with ``pread`` rather than through a memory
 map (a map keeps touched pages in the resident set, and a truncated file turns into SIGBUS), and
-copy untouched tensors file-to-file. The writer lays out a whole shard before any data is produced:
+copy untouched tensors through a small buffer. The writer lays out a whole shard before any data is produced:
 the header is written first and tensors are written at their planned offsets in any order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .digest import HASH_PIECE, combine_digests, piece_sha256
 from .errors import ShardconvError
 
 # safetensors dtype string -> (torch dtype, bytes per element)
@@ -272,53 +272,15 @@ def file_size(tensors: list[PlannedTensor], metadata: dict[str, str] | None = SH
     return len(layout(list(tensors), metadata)) + sum(t.nbytes for t in tensors)
 
 
-HASH_PIECE = 64 * 2**20
 COPY_PIECE = 32 * 2**20  # bytes per read/write of a kept tensor
-
-
-def combine_digests(digests: list[bytes]) -> str:
-    """A shard's digest: the SHA-256 of the SHA-256s of its consecutive ``HASH_PIECE``-byte pieces.
-
-    Pieces, not one running SHA-256 over the file, so that they are hashed in parallel and in any
-    order, as soon as each is written; a single running hash must wait for the file's bytes in order
-    and left a whole shard to hash after its last write (README, Performance).
-    """
-    return hashlib.sha256(b"".join(digests)).hexdigest()
-
-
-def _piece_sha256(fd: int, start: int, end: int) -> bytes:
-    h = hashlib.sha256()
-    pos = start
-    while pos < end:
-        chunk = os.pread(fd, min(end - pos, 4 << 20), pos)  # small: several threads hash at once
-        if not chunk:
-            raise OSError(f"file ended at byte {pos}, expected {end}")
-        h.update(chunk)
-        pos += len(chunk)
-    return h.digest()
-
-
-def shard_digest(path: Path, threads: int = 4, piece: int | None = None) -> str:
-    """:func:`combine_digests` of a file on disk (what :class:`ShardWriter` records while writing)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    piece = piece or HASH_PIECE
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        starts = range(0, max(size, 1), piece)
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            return combine_digests(list(pool.map(lambda s: _piece_sha256(fd, s, min(s + piece, size)), starts)))
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
     """An output shard whose header is known up front; tensors are written at their planned offsets.
 
     The file is created as ``<name>.partial`` and renamed by :meth:`finish`, so a shard that exists
-    under its final name is complete. Its digest (:attr:`sha256` after :meth:`finish`, see
-    :func:`combine_digests`) is computed while it is written: whichever thread completes a piece hashes
+    under its final name is complete. Its digest (:attr:`digest` after :meth:`finish`, see
+    digest.py) is computed while it is written: whichever thread completes a piece hashes
     it (read back from the page cache), so finishing a shard does not re-read it. Safe for concurrent
     writes of different tensors.
     """
@@ -333,7 +295,7 @@ class ShardWriter:
         self.by_name = {t.name: t for t in tensors}
         self.pending = set(self.by_name)
         self.size = self.data_start + sum(t.nbytes for t in tensors)
-        self.sha256: str | None = None
+        self.digest: str | None = None
         pieces = max(1, -(-self.size // self.piece))
         self._missing = [min(self.piece, self.size - i * self.piece) for i in range(pieces)]  # bytes unwritten
         self._digests: list[bytes | None] = [None] * pieces
@@ -359,7 +321,7 @@ class ShardWriter:
                     full.append(i)
         for i in full:
             try:
-                digest = _piece_sha256(self.fd, i * self.piece, min((i + 1) * self.piece, self.size))
+                digest = piece_sha256(self.fd, i * self.piece, min((i + 1) * self.piece, self.size))
             except OSError as e:
                 raise ShardconvError(f"{self.partial}: cannot read back what was written: {e}") from None
             self._digests[i] = digest
@@ -435,7 +397,7 @@ class ShardWriter:
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
         if any(d is None for d in self._digests):
             raise RuntimeError(f"{self.path}: pieces left unhashed: {self._missing}")
-        self.sha256 = combine_digests(self._digests)
+        self.digest = combine_digests(self._digests)
         if sync:
             os.fsync(self.fd)
         os.close(self.fd)

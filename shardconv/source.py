@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ShardconvError
-from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
+from .files import INDEX_NAME, indexed_shard_names, stays_inside, unindexed_shards
 from .safetensors_io import TensorInfo, _short, read_header
 
 # What a conversion needs from a hub repo: weights, configs, tokenizer, chat template, remote code.
@@ -65,8 +65,7 @@ def resolve(src: str) -> Path:
 
 def _inside(root: Path, name: str) -> Path:
     """The shard path named by the index; refuses names that leave SRC (symlinked files are fine)."""
-    if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name)
-            or ".." in Path(name).parts):
+    if not stays_inside(name):
         raise ShardconvError(f"{root / INDEX_NAME}: shard name {_short(name)} points outside SRC")
     return root / name
 

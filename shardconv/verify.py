@@ -12,7 +12,7 @@ Checks, in order (every problem is collected, then reported one line each):
 1. files: config.json with a quantization_config, the index (or a single shard), every index entry
    present in the shard it names, no tensor in two shards, valid headers (safetensors_io);
 2. the journal ``DST/.shardconv-journal.json`` (``{"shards": {name: digest}}``), when present: every
-   shard's digest (safetensors_io.combine_digests);
+   shard's digest (digest.py);
 3. quantized modules: dtypes and shapes of weight / block scales / global scales agree; global scales
    finite and positive; block scales finite and non-negative (read one tensor at a time); fusion
    groups (plan.FUSION_SETS) quantized whole, with bit-identical ``weight_scale_2`` and ``input_scale``;
@@ -40,10 +40,11 @@ import torch
 from . import numerics
 from .errors import ShardconvError
 from .plan import _EMBEDDING, _STACKED, FUSION_SETS, fusion_key
-from .safetensors_io import TensorInfo, read_header, read_into, shard_digest
-from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
+from .digest import shard_digest
+from .files import INDEX_NAME, indexed_shard_names, stays_inside, unindexed_shards
+from .journal import NAME as JOURNAL_NAME
+from .safetensors_io import TensorInfo, read_header, read_into
 
-JOURNAL_NAME = ".shardconv-journal.json"
 DEFAULT_MAX_ERROR = 0.5
 MAX_REPORTED = 50  # problem lines printed; the count covers all of them
 _HASH_CHUNK = 16 << 20
@@ -92,11 +93,6 @@ def _load_json(path: Path, report: Report) -> object | None:
         return None
 
 
-def _safe_name(name: object) -> bool:
-    return (isinstance(name, str) and bool(name) and "\x00" not in name and not os.path.isabs(name)
-            and ".." not in Path(name).parts)
-
-
 # -- 1. files --------------------------------------------------------------------------------------
 
 
@@ -113,7 +109,7 @@ def _read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[
         names = indexed_shard_names(wm.values())
         shards = []
         for name in names:
-            if not _safe_name(name):
+            if not stays_inside(name):
                 report.fail(f"{index_path}: shard name {name!r} points outside DST")
             elif not (dst / name).is_file():
                 n = sum(1 for s in wm.values() if s == name)
@@ -175,7 +171,7 @@ def _check_journal(dst: Path, shards: list[Path], report: Report, workers: int =
         return
     todo = []
     for name, digest in sorted(recorded.items()):
-        if not _safe_name(name):
+        if not stays_inside(name):
             report.fail(f"{path}: shard name {name!r} points outside DST")
         elif not (dst / name).is_file():
             report.fail(f"{path}: shard {name} is recorded but does not exist")

@@ -112,7 +112,7 @@ def test_small_chunks_give_the_same_bytes(llama, tmp_path, monkeypatch):
 def test_reads_and_copies_in_small_pieces_give_the_same_files(llama, tmp_path, monkeypatch):
     """Weights read and kept tensors copied in many pieces, on several threads, in any interleaving."""
     from conftest import tree_digest
-    from shardconv import pipeline, safetensors_io
+    from shardconv import digest, pipeline, safetensors_io
 
     a, b = tmp_path / "a", tmp_path / "b"
     args = ("--device", "cpu", "--scales", "max", "--no-progress", "--readers", "3")
@@ -125,10 +125,10 @@ def test_reads_and_copies_in_small_pieces_give_the_same_files(llama, tmp_path, m
     journal = lambda d: {k: v for k, v in json.loads((d / ".shardconv-journal.json").read_text()).items()
                          if k != "shards"}  # noqa: E731 (digests differ with the piece size)
     assert journal(a) == journal(b)
-    digest = lambda d: {k: v for k, v in tree_digest(d).items() if k != ".shardconv-journal.json"}  # noqa: E731
-    assert digest(a) == digest(b)
+    files = lambda d: {k: v for k, v in tree_digest(d).items() if k != ".shardconv-journal.json"}  # noqa: E731
+    assert files(a) == files(b)
     for name, recorded in json.loads((b / ".shardconv-journal.json").read_text())["shards"].items():
-        assert safetensors_io.shard_digest(b / name, piece=5000) == recorded
+        assert digest.shard_digest(b / name, piece=5000) == recorded
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])

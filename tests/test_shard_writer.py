@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shardconv.safetensors_io import (DTYPE_NAMES, DTYPES, PlannedTensor, ShardWriter, TensorInfo, layout,
-                                      shard_digest)
+from shardconv.digest import shard_digest
+from shardconv.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, ShardWriter, TensorInfo, layout
 
 
 def planned(specs):
@@ -82,8 +82,8 @@ def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, piece, tm
         th.join()
     w.finish()
     written = (tmp_path / "shard.safetensors").read_bytes()
-    assert w.sha256 == piecewise_sha256(written, piece or ShardWriter.piece)
-    assert w.sha256 == shard_digest(tmp_path / "shard.safetensors", threads=3, piece=piece)
+    assert w.digest == piecewise_sha256(written, piece or ShardWriter.piece)
+    assert w.digest == shard_digest(tmp_path / "shard.safetensors", threads=3, piece=piece)
     with safe_open(str(tmp_path / "shard.safetensors"), "pt") as f:
         for name, want in data.items():
             got = f.get_tensor(name)
@@ -96,7 +96,7 @@ def test_unfinished_shard_has_no_hash_and_finish_refuses(tmp_path):
     w.write("t0", values(ALIGNED[0], 0))
     with pytest.raises(RuntimeError, match="never written"):
         w.finish()
-    assert w.sha256 is None
+    assert w.digest is None
     w.abort()
     assert not list(tmp_path.iterdir())
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, tree_digest
 from shardconv.cli import main
-from shardconv.safetensors_io import read_header, shard_digest
+from shardconv.digest import shard_digest
+from shardconv.safetensors_io import read_header
 from shardconv.synth import write_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden"

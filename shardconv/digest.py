@@ -1,0 +1,50 @@
+"""Shard digests: a SHA-256 over the SHA-256s of a file's consecutive 64 MiB pieces.
+
+Pieces, not one running SHA-256 over the file, so that they are hashed in parallel and in any order,
+as soon as each is written (safetensors_io.ShardWriter); a single running hash must wait for the
+file's bytes in order and left a whole shard to hash after its last write (README, Performance).
+The journal records these digests and ``verify`` and resume recompute them (:func:`shard_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HASH_PIECE = 64 * 2**20
+
+
+def combine_digests(digests: list[bytes]) -> str:
+    """A shard's digest from its pieces' SHA-256s, in file order."""
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def piece_sha256(fd: int, start: int, end: int) -> bytes:
+    """SHA-256 of bytes [start, end) of ``fd``."""
+    h = hashlib.sha256()
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(end - pos, 4 << 20), pos)  # small: several threads hash at once
+        if not chunk:
+            raise OSError(f"file ended at byte {pos}, expected {end}")
+        h.update(chunk)
+        pos += len(chunk)
+    return h.digest()
+
+
+def shard_digest(path: Path, threads: int = 4, piece: int | None = None) -> str:
+    """:func:`combine_digests` of a file on disk (what ShardWriter records while writing)."""
+    piece = piece or HASH_PIECE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        starts = range(0, max(size, 1), piece)
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            return combine_digests(list(pool.map(lambda s: piece_sha256(fd, s, min(s + piece, size)), starts)))
+    finally:
+        os.close(fd)
+
+
+DESCRIPTION = f"sha256 of the sha256 of each {HASH_PIECE >> 20} MiB piece"  # written into the journal
