@@ -76,14 +76,37 @@ def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_p
     assert {n: (dst / n).stat().st_ino for n in finished} == stamps  # kept, not written again
 
 
+def journal_written_since(dst, start_ns: int, p, timeout: float = 60) -> bool:
+    """Wait until run ``p`` has written DST's journal (its first write, after imports and planning)."""
+    journal, deadline = dst / ".shardconv-journal.json", time.monotonic() + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        try:
+            if journal.stat().st_mtime_ns >= start_ns:
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    return False
+
+
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
+    """Kills land at random points of the conversion itself: after the journal is written (start-up
+    would test nothing), within the time an uninterrupted run takes from there."""
     rng = random.Random(1234)
+    timing = tmp_path / "timing"
+    p = spawn(src, timing)
+    assert journal_written_since(timing, 0, p)
+    t0 = time.monotonic()
+    p.communicate()
+    span = time.monotonic() - t0  # journal to exit, for a whole run
     dst = tmp_path / "out"
     kills = tries = 0
     while kills < 24 and tries < 60:  # a run that finishes before its kill does not count
         tries += 1
+        start = time.time_ns()
         p = spawn(src, dst)
-        time.sleep(rng.uniform(0.2, 2.5))
+        if journal_written_since(dst, start, p):
+            time.sleep(rng.uniform(0, span))
         if p.poll() is None:
             p.kill()
             kills += 1
@@ -92,8 +115,10 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
             assert without_journal(dst) == without_journal(reference)
         if p.returncode == 0:  # finished before the kill: start over to keep killing mid-run
             assert tree_digest(dst) == tree_digest(reference)
+            start = time.time_ns()
             p = spawn(src, dst, "--overwrite")
-            time.sleep(rng.uniform(0.2, 1.0))
+            if journal_written_since(dst, start, p):
+                time.sleep(rng.uniform(0, span / 2))
             p.kill()
             p.communicate()
     assert kills >= 20
@@ -139,6 +164,9 @@ def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch
     assert rc == 2 and "different conversion" in err
     rc, err = run_cli("convert", src, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress", "--overwrite")
     assert rc == 0, err
+    fresh = tmp_path / "fresh"  # the same conversion into an empty folder: nothing of the old plan may be left
+    assert run_cli("convert", src, fresh, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress")[0] == 0
+    assert without_journal(dst) == without_journal(fresh)
 
 
 def test_a_damaged_finished_shard_is_rewritten_on_resume(src, reference, tmp_path, monkeypatch):
@@ -160,11 +188,24 @@ def test_a_damaged_finished_shard_is_rewritten_on_resume(src, reference, tmp_pat
     assert {n: (dst / n).stat().st_ino for n in others} == others  # the undamaged ones were kept
 
 
-def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_path):
+def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_path, monkeypatch):
+    from shardconv import digest
+
     dst = tmp_path / "out"
+    undo = disk_full_after(2, monkeypatch)
+    assert run_cli("convert", src, dst, *ARGS, "--fsync")[0] == 2
+    undo()
+    log = json.loads((dst / ".shardconv-journal.json").read_text())
+    assert log["synced"] is True and len(log["shards"]) == 2
+    inodes = {name: (dst / name).stat().st_ino for name in log["shards"]}
+
+    def no_rehash(*a, **k):
+        raise AssertionError("a flushed shard was hashed again")
+
+    monkeypatch.setattr(digest, "shard_digest", no_rehash)  # trusted by size and the journal alone
     rc, err = run_cli("convert", src, dst, *ARGS, "--fsync")
     assert rc == 0, err
-    assert json.loads((dst / ".shardconv-journal.json").read_text())["synced"] is True
+    assert {name: (dst / name).stat().st_ino for name in inodes} == inodes  # kept, not rewritten
     assert without_journal(dst) == without_journal(reference)
 
 
@@ -173,9 +214,15 @@ def test_resume_with_fsync_after_a_run_without(src, reference, tmp_path, monkeyp
     undo = disk_full_after(2, monkeypatch)
     assert run_cli("convert", src, dst, *ARGS)[0] == 2
     undo()
-    assert json.loads((dst / ".shardconv-journal.json").read_text())["synced"] is False
+    first = json.loads((dst / ".shardconv-journal.json").read_text())
+    assert first["synced"] is False and len(first["shards"]) == 2
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
     rc, err = run_cli("convert", src, dst, *ARGS, "--fsync")  # fsync is no part of the plan: a resume
     assert rc == 0, err
+    assert set(first["shards"]) <= set(synced)  # the kept shards were flushed too, not only the new ones
     log = json.loads((dst / ".shardconv-journal.json").read_text())
     assert log["synced"] is True and log["complete"] is True
     assert without_journal(dst) == without_journal(reference)
@@ -190,6 +237,7 @@ def test_killed_while_the_first_shard_is_written_then_resumed(src, reference, tm
         time.sleep(0.002)
     p.kill()
     p.communicate()
+    assert p.returncode == -signal.SIGKILL  # killed mid-run, not finished before the kill
     assert (dst / ".shardconv-journal.json").exists()
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 0, err
