@@ -12,7 +12,8 @@ Host memory is the two buffer pools (``--host-buffer``) plus a few small tensors
 size; the GPU holds one group plus row-chunked temporaries (``--gpu-buffer``). Output shards are
 written under ``.partial`` names and renamed when complete; the config files and, last, the index
 come after every shard, so a DST without ``model.safetensors.index.json`` is never a finished
-checkpoint. A failed run removes what it wrote.
+checkpoint. A failed run keeps its finished shards, recorded with their digests in the journal
+(journal.py), so that the same command resumes it; it removes everything else it wrote.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Options:
     host_buffer: int = DEFAULT_HOST_BUFFER  # bytes of host staging buffers (pinned with a GPU)
     gpu_buffer: int = DEFAULT_GPU_BUFFER  # bytes of GPU temporaries per quantize step
     progress: bool = True
-    prefetch: int = DEFAULT_PREFETCH  # bytes of input the kernel is asked to read ahead (0: no hints)
+    prefetch: int = DEFAULT_PREFETCH  # bytes of input read ahead of the readers (readahead.Prefetcher; 0: none)
     fsync: bool = False  # flush each shard to disk before recording it (power-loss safe resume)
 
 
@@ -148,7 +149,6 @@ class Shards:
         self.plan, self.dst, self.log, self.sync = plan, dst, log, sync
         self.writers: dict[int, ShardWriter] = {}
         self.remaining = [len(ts) for ts in plan.shard_tensors]
-        self.finished: list[Path] = []
         self.lock = threading.Lock()
 
     def _writer(self, shard: int) -> ShardWriter:
@@ -165,8 +165,6 @@ class Shards:
         if last:
             w = self.writers[shard]
             w.finish(sync=self.sync)
-            with self.lock:
-                self.finished.append(w.path)
             if self.log is not None:
                 self.log.record(w.path.name, w.digest)
 

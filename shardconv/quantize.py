@@ -68,14 +68,8 @@ def quantize_group(
     for m, w in zip(members, on_device):
         if check:
             check_finite(m, w)
-    per_member = []
-    for m, w in zip(members, on_device):
-        if method == "amax":
-            per_member.append(scales.weight_global_amax(m, w, method))
-        else:  # chunked max, so no full-size temporary is made
-            per_member.append(
-                torch.stack([w[r].abs().amax().float() for r in _row_chunks(w.shape[0], w[0].numel(), chunk)]).amax()
-            )
+    per_member = [scales.weight_global_amax(m, w, method, _row_chunks(w.shape[0], w[0].numel(), chunk))
+                  for m, w in zip(members, on_device)]
     group_amax = torch.stack(per_member).amax()
     scale_2 = scales.weight_scale_2(group_amax, method)
     in_scale = scales.input_scale(members)

@@ -27,7 +27,7 @@ from pathlib import Path
 from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
 
 MAX_AUTO = 8 * 2**30
-PIECE = 64 * 2**20  # read in pieces, so the thread stops soon after being told to
+PIECE = 64 * 2**20  # read in pieces, so the budget ends within a file
 SCRATCH = 8 * 2**20  # bytes per read
 
 
@@ -88,7 +88,7 @@ class Prefetcher:
     def __init__(self, steps: list[list], window: int):
         self.steps, self.window = steps, window
         self.sizes = [sum(r.nbytes for r in step) for step in steps]
-        self.hinted = 0  # steps [0, hinted) have been handed to the thread
+        self.queued = 0  # steps [0, queued) have been handed to the thread
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardconv-prefetch") if window > 0 else None
         self.scratch = memoryview(bytearray(SCRATCH)) if window > 0 else None  # the one thread's
 
@@ -96,13 +96,13 @@ class Prefetcher:
         """Read steps from ``current`` on until ``window`` bytes are covered."""
         if self.pool is None:
             return
-        self.hinted = max(self.hinted, current)
-        ahead = sum(self.sizes[current : self.hinted])
-        while self.hinted < len(self.steps) and ahead < self.window:
-            step = self.steps[self.hinted]
+        self.queued = max(self.queued, current)
+        ahead = sum(self.sizes[current : self.queued])
+        while self.queued < len(self.steps) and ahead < self.window:
+            step = self.steps[self.queued]
             self.pool.submit(lambda step=step: [warm_range(r.path, r.offset, r.nbytes, self.scratch) for r in step])
-            ahead += self.sizes[self.hinted]
-            self.hinted += 1
+            ahead += self.sizes[self.queued]
+            self.queued += 1
 
     def close(self) -> None:
         if self.pool is not None:
@@ -110,12 +110,12 @@ class Prefetcher:
 
 
 class ReadAhead:
-    """The background thread; :meth:`stop` ends it after the piece in progress."""
+    """The background thread. A daemon: it never delays the exit, and it reads no further than
+    ``budget``, so it needs no stopping (pages the readers already took are read from the cache)."""
 
     def __init__(self, files: list[Path], budget: int):
         self.files, self.budget = files, budget
         self.done = 0  # bytes read ahead so far
-        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="shardconv-readahead", daemon=True)
         self.thread.start()
 
@@ -130,16 +130,13 @@ class ReadAhead:
                 size = os.fstat(fd).st_size
                 for off in range(0, size, PIECE):
                     n = min(PIECE, size - off, self.budget - self.done)
-                    if n <= 0 or self.stopped.is_set():
+                    if n <= 0:
                         return
                     self.done += warm(fd, off, n, scratch)
             except OSError:
                 return
             finally:
                 os.close(fd)
-
-    def stop(self) -> None:
-        self.stopped.set()
 
 
 def start(src: str | None, budget: int | None = None) -> ReadAhead | None:

@@ -59,13 +59,6 @@ class TensorInfo:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype][0]
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
 
 def _short(value: object, limit: int = 120) -> str:
     """repr for an error message, cut short: hostile headers can hold megabyte-long names and shapes."""
@@ -174,6 +167,9 @@ def advise(fd: int, offset: int, nbytes: int) -> None:
             pass
 
 
+MAX_PREAD = 256 * 2**20  # bytes per pread call (Linux returns at most about 2 GiB anyway)
+
+
 def read_range(info: TensorInfo, out: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
     """Read bytes [start, stop) of one tensor with ``pread`` into the same bytes of ``out`` (a uint8
     CPU tensor at least ``info.nbytes`` long): the pipeline reads a tensor's pieces on several threads."""
@@ -182,16 +178,23 @@ def read_range(info: TensorInfo, out: torch.Tensor, start: int = 0, stop: int | 
     fd = os.open(info.path, os.O_RDONLY)
     advise(fd, info.offset + start, stop - start)
     try:
-        done = 0
-        while done < stop - start:
-            n = os.preadv(fd, [mv[done : done + (256 << 20)]], info.offset + start + done)
-            if n <= 0:
-                raise ShardconvError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
-            done += n
-    except OSError as e:
-        raise ShardconvError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from None
+        pread_exact(fd, info, mv, start)
     finally:
         os.close(fd)
+
+
+def pread_exact(fd: int, info: TensorInfo, mv: memoryview, start: int) -> None:
+    """Fill ``mv`` with the tensor's bytes from ``start`` on (counted from the tensor's first byte),
+    or fail with one line naming the file and the tensor."""
+    done = 0
+    while done < len(mv):
+        try:
+            n = os.preadv(fd, [mv[done : done + MAX_PREAD]], info.offset + start + done)
+        except OSError as e:
+            raise ShardconvError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from None
+        if n <= 0:
+            raise ShardconvError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
+        done += n
 
 
 def tensor_view(info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
@@ -354,8 +357,8 @@ class ShardWriter:
         (reused by the caller). Pieces of one tensor may be copied by several threads at once;
         returns True for the call that completed the tensor.
 
-        Large ``pread``/``pwrite`` pieces, not ``copy_file_range``: on the H200 machine the kernel's
-        file-to-file copy ran at 0.54 GB/s from a cold cache, this at 1.00 GB/s (tools/stages.py).
+        Large ``pread``/``pwrite`` pieces, not ``copy_file_range``, which was about half as fast from a
+        cold cache on the H200 machine (README, Performance).
         """
         stop = src.nbytes if stop is None else stop
         with self._lock:
@@ -366,17 +369,12 @@ class ShardWriter:
         fd = os.open(src.path, os.O_RDONLY)
         advise(fd, src.offset + start, stop - start)
         try:
-            done = start
-            while done < stop:
-                try:
-                    n = os.preadv(fd, [mv[: stop - done]], src.offset + done)
-                except OSError as e:
-                    raise ShardconvError(f"{src.path}: tensor {src.name!r}: read failed: {e.strerror or e}") from None
-                if n <= 0:
-                    raise ShardconvError(f"{src.path}: tensor {src.name!r}: file ended early (truncated?)")
+            for piece in range(start, stop, len(mv)):
+                n = min(len(mv), stop - piece)
+                pread_exact(fd, src, mv[:n], piece)
                 self._pwrite_all(mv[:n], pos)
                 self._written(pos, pos + n)
-                done, pos = done + n, pos + n
+                pos += n
         finally:
             os.close(fd)
         with self._lock:

@@ -11,6 +11,8 @@ The group's ``g`` is settled before any block scale is computed (FORMAT.md §3).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from . import numerics, sweep
@@ -19,13 +21,16 @@ from .plan import Member
 METHODS = ("max", "amax", *sweep.METHODS)
 
 
-def weight_global_amax(member: Member, weight: torch.Tensor, method: str) -> torch.Tensor:
-    """This member's contribution to the group's global amax (fp32 0-d, on the weight's device)."""
+def weight_global_amax(member: Member, weight: torch.Tensor, method: str, chunks: Iterable[slice]) -> torch.Tensor:
+    """This member's contribution to the group's global amax (fp32 0-d, on the weight's device).
+
+    From the weights, the max is taken over the row slices ``chunks`` one at a time, so that no
+    full-size temporary is made."""
     if method == "amax":
         a = member.amax
         value = a.global_amax if a.static else a.weight
         return value.reshape(()).to(weight.device)
-    return weight.abs().amax().float()
+    return torch.stack([weight[rows].abs().amax().float() for rows in chunks]).amax()
 
 
 def input_scale(members: list[Member]) -> torch.Tensor | None:

@@ -39,10 +39,10 @@ def test_prefetch_covers_the_window_in_input_order(src, monkeypatch):
     p = readahead.Prefetcher([u.inputs for u in units], window)
     p.ahead_of(0)
     p.pool.shutdown(wait=True)
-    ranges = [(str(t.path), t.offset, t.nbytes) for u in units[: p.hinted] for t in u.inputs]
+    ranges = [(str(t.path), t.offset, t.nbytes) for u in units[: p.queued] for t in u.inputs]
     assert calls == ranges
-    hinted = sum(u.in_bytes for u in units[: p.hinted])
-    assert window <= hinted < window + max(u.in_bytes for u in units)  # just enough, never a unit more
+    queued = sum(u.in_bytes for u in units[: p.queued])
+    assert window <= queued < window + max(u.in_bytes for u in units)  # just enough, never a unit more
     p.close()
 
 
@@ -66,22 +66,36 @@ def test_later_calls_only_add_units_past_the_window(src):
     units = plan.units
     p = readahead.Prefetcher([u.inputs for u in units], 1)
     p.ahead_of(0)
-    assert p.hinted == 1
+    assert p.queued == 1
     p.ahead_of(0)
-    assert p.hinted == 1  # already a unit ahead: nothing new
+    assert p.queued == 1  # already a unit ahead: nothing new
     p.ahead_of(len(units) - 1)
-    assert p.hinted == len(units)
+    assert p.queued == len(units)
     p.close()
     off = readahead.Prefetcher([u.inputs for u in units], 0)
     off.ahead_of(0)
-    assert off.hinted == 0 and off.pool is None
+    assert off.queued == 0 and off.pool is None
 
 
-def test_output_is_the_same_with_and_without_hints(src, tmp_path):
+def test_output_is_the_same_with_and_without_prefetch(src, tmp_path, monkeypatch):
+    calls = record_warm(monkeypatch)
+    plan = build_plan(open_source(src), get_format("modelopt"), scales="max")
+    order = [(str(t.path), t.offset, t.nbytes) for u in plan.units for t in u.inputs]
+    read = {}
     for name, extra in (("on", ("--prefetch", "2GiB")), ("off", ()), ("tiny", ("--prefetch", "1KB"))):
-        rc, err = run_cli("convert", src, tmp_path / name, "--device", "cpu", "--scales", "max", "--no-progress", *extra)
+        calls.clear()
+        rc, err = run_cli("convert", src, tmp_path / name, "--device", "cpu", "--scales", "max", "--no-progress",
+                          "--readahead", "0", *extra)
         assert rc == 0, err
+        read[name] = list(calls)
     assert tree_digest(tmp_path / "on") == tree_digest(tmp_path / "off") == tree_digest(tmp_path / "tiny")
+    # the option reaches the pipeline: the units' ranges are read ahead in the pipeline's order (what
+    # the readers finish first is cancelled, so not all of them), and nothing is without the option
+    assert read["off"] == []
+    for name in ("on", "tiny"):
+        assert read[name] and all(r in order for r in read[name]), name
+        positions = [order.index(r) for r in read[name]]
+        assert positions == sorted(positions), name
 
 
 def test_read_into_asks_for_sequential_read_ahead(src, monkeypatch):

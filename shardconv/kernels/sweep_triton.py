@@ -28,8 +28,6 @@ BLOCKS_PER_PROGRAM = 128
 NUM_WARPS = 4
 FULL_BPP = 64  # the full search runs on few blocks: small tiles, so they spread over the SMs
 FULL_PROGRAMS = 1024
-_N = sweep.N_CANDIDATES
-_MARGIN = sweep.MARGIN
 
 
 @triton.jit
