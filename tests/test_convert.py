@@ -177,6 +177,19 @@ def test_dry_run_writes_nothing(llama, tmp_path, capsys):
     assert "lm_head" in text and "W4A16_NVFP4" in text
 
 
+def test_default_scales_are_mse(llama, tmp_path, capsys):
+    """No --scales and no --amax: the FP8 scale sweep (README, Scale methods), not max."""
+    from shardconv.cli import main
+
+    assert main(["convert", str(llama), str(tmp_path / "d"), "--dry-run"]) == 0
+    assert "scales      mse " in capsys.readouterr().out
+    for name, extra in (("default", ()), ("mse", ("--scales", "mse")), ("max", ("--scales", "max"))):
+        rc, err = run_cli("convert", llama, tmp_path / name, "--device", "cpu", "--no-progress", *extra)
+        assert rc == 0, err
+    assert tree_digest(tmp_path / "default") == tree_digest(tmp_path / "mse")
+    assert tree_digest(tmp_path / "default") != tree_digest(tmp_path / "max")
+
+
 def test_exclude_pattern_takes_whole_group(llama, tmp_path):
     dst = tmp_path / "out"
     rc, err = run_cli("convert", llama, dst, "--exclude", "model.layers.0.self_attn.k_proj", "--exclude", "*.o_proj",

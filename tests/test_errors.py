@@ -124,7 +124,13 @@ def _huge_shape(h):
     h[_tensors(h)[0]]["shape"] = [2**40, 2**40]
 
 
-@pytest.mark.parametrize("edit, needle", [(_overlap, "overlap"), (_out_of_range, "truncated"), (_huge_shape, "needs")])
+def _span_longer_than_shape(h):
+    last = _tensors(h)[-1]
+    h[last]["data_offsets"][1] += 16  # 16 more bytes than dtype x shape: a reader would take garbage
+
+
+@pytest.mark.parametrize("edit, needle", [(_overlap, "overlap"), (_out_of_range, "truncated"), (_huge_shape, "needs"),
+                                          (_span_longer_than_shape, "needs")])
 def test_hostile_header_offsets_and_shapes(src, tmp_path, edit, needle):
     def count(path):
         return len(_tensors(json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])))

@@ -285,16 +285,22 @@ def _tensor_names(path: Path) -> list[str]:
 
 
 def _check_header_invariants(path: Path, tensors) -> None:
-    """What read_header accepted must be safe to read: inside the file, exact sizes, no overlaps."""
-    size = path.stat().st_size
+    """What read_header accepted must be safe to read: each tensor's raw data_offsets span exactly its
+    dtype and shape, inside the file's data section, with no overlaps."""
+    data = path.read_bytes()
+    raw, body = split(data)
+    data_start = len(data) - len(body)
     spans = []
     for name, t in tensors.items():
-        n = t.dtype and DTYPES[t.dtype][1]
-        for d in t.shape:
+        entry = raw[name]
+        begin, end = entry["data_offsets"]
+        n = DTYPES[entry["dtype"]][1]
+        for d in entry["shape"]:
             n *= d
-        assert n == t.nbytes, name
-        assert 8 <= t.offset and t.offset + t.nbytes <= size, name
-        spans.append((t.offset, t.offset + t.nbytes))
+        assert end - begin == n, name
+        assert (t.dtype, t.shape, t.offset, t.nbytes) == (entry["dtype"], tuple(entry["shape"]), data_start + begin, n)
+        assert 0 <= begin and end <= len(body), name
+        spans.append((begin, end))
     spans.sort()
     assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:]))
 
