@@ -4,9 +4,12 @@
     python tools/stages.py SRC [--readers 1,2,4,8] [--whole-reads 4:64M,4:64M:direct] [--device cuda]
 
 Prints GB/s, each from a cold cache, for: cat of every input file; reading every file front to back
-in pieces on N threads (buffered or O_DIRECT); reading the quantized weights a tensor per thread;
-copying the kept tensors with copy_file_range and through a buffer; quantizing from host memory on
-the device; and writing the quantized bytes.
+in pieces on N threads (buffered or O_DIRECT); the same read while as many bytes as the output holds
+are written beside it (the disk's floor for a conversion, which reads the input and writes the output
+at once); reading the quantized weights a tensor per thread; copying the kept tensors with
+``copy_file_range`` and as shardconv does (ShardWriter.copy_from: pread/pwrite through a buffer);
+quantizing from host memory on the device; and writing the quantized bytes (into the page cache, as
+the pipeline does without --fsync).
 """
 
 from __future__ import annotations
@@ -66,6 +69,19 @@ def read_files(files: list[Path], threads: int, chunk: int, direct: bool) -> int
     return total[0]
 
 
+def write_zeros(path: Path, nbytes: int, piece: int = 64 << 20) -> int:
+    """Write ``nbytes`` to a new file in ``piece``-byte writes, as the pipeline's writers do (no fsync)."""
+    buf = memoryview(bytearray(piece))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(fd, buf[: min(piece, nbytes - done)], done)
+    finally:
+        os.close(fd)
+    return done
+
+
 class Rows(list):
     """Rows printed as they are measured, so a run cut off by a time limit still tells."""
 
@@ -113,23 +129,30 @@ def main() -> None:
         rows.append((f"read quantized weights, {n} threads", qbytes, time.perf_counter() - t0))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.src))) as tmp:
         drop_cache(*source.shards)
+        t0 = time.perf_counter()
+        with open(Path(tmp) / "copy-cfr", "wb") as out:
+            for c in copies:
+                with open(c.path, "rb") as f:
+                    done = 0
+                    while done < c.nbytes:
+                        done += os.copy_file_range(f.fileno(), out.fileno(), c.nbytes - done, c.offset + done)
+        rows.append(("copy kept tensors (copy_file_range)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
+        drop_cache(*source.shards)
         planned = [PlannedTensor(c.name, c.dtype, c.shape) for c in copies]
         w = ShardWriter(Path(tmp) / "copy.safetensors", planned)
         t0 = time.perf_counter()
         for c in copies:
             w.copy_from(c.name, c)
         w.finish()
-        rows.append(("copy kept tensors (copy_file_range)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
-        drop_cache(*source.shards)
+        rows.append(("copy kept tensors (shardconv: pread + pwrite)", sum(c.nbytes for c in copies),
+                     time.perf_counter() - t0))
+        drop_cache(*files)
         t0 = time.perf_counter()
-        buf = torch.empty(64 << 20, dtype=torch.uint8)
-        with open(Path(tmp) / "copy2", "wb") as out:
-            for c in copies:
-                for off in range(0, c.nbytes, 64 << 20):
-                    n = min(64 << 20, c.nbytes - off)
-                    part = TensorInfo(c.name, c.path, "U8", (n,), c.offset + off, n)
-                    out.write(read_into(part, buf).numpy())
-        rows.append(("copy kept tensors (pread + write, 64 MiB)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
+        with ThreadPoolExecutor(1) as pool:
+            wrote = pool.submit(write_zeros, Path(tmp) / "out-sized", plan.out_bytes)
+            got = read_files(files, 4, 64 << 20, False)
+            wrote = wrote.result()
+        rows.append((f"read all, 4 threads, + write {wrote / 1e9:.2f} GB beside", got, time.perf_counter() - t0))
         # quantize from host memory (warm), one group at a time, results back on the host
         dev = torch.device(args.device)
         sample = [u for u in plan.units if u.members][:24]
@@ -151,7 +174,7 @@ def main() -> None:
         for i, t in enumerate(flat):
             w.write(f"t{i}", t)
         w.finish()
-        rows.append(("write quantized bytes (pwrite + fsync)", sum(t.numel() for t in flat), time.perf_counter() - t0))
+        rows.append(("write quantized bytes (pwrite, page cache)", sum(t.numel() for t in flat), time.perf_counter() - t0))
     print(f"\n{'stage':50} {'GB':>7} {'s':>7} {'GB/s':>7}")
     for name, nbytes, secs in rows:
         print(f"{name:50} {nbytes / 1e9:7.2f} {secs:7.2f} {nbytes / 1e9 / secs:7.2f}")
