@@ -60,6 +60,16 @@ def disk_full_after(n_shards, monkeypatch):
     return lambda: monkeypatch.setattr(pipeline.Shards, "_done", real)
 
 
+def interrupted(src, dst, n_shards, monkeypatch, *extra) -> dict:
+    """Run until the disk fills after ``n_shards`` finished shards; returns the journal it left."""
+    undo = disk_full_after(n_shards, monkeypatch)
+    assert run_cli("convert", src, dst, *ARGS, *extra)[0] == 2
+    undo()
+    log = json.loads((dst / ".shardconv-journal.json").read_text())
+    assert len(log["shards"]) == n_shards and not log["complete"]
+    return log
+
+
 def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_path, monkeypatch):
     dst = tmp_path / "out"
     undo = disk_full_after(3, monkeypatch)
@@ -172,11 +182,8 @@ def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch
 def test_a_damaged_finished_shard_is_rewritten_on_resume(src, reference, tmp_path, monkeypatch):
     """Without --fsync a power loss can leave a renamed shard incomplete: resume re-hashes what it keeps."""
     dst = tmp_path / "out"
-    undo = disk_full_after(3, monkeypatch)
-    assert run_cli("convert", src, dst, *ARGS)[0] == 2
-    undo()
-    log = json.loads((dst / ".shardconv-journal.json").read_text())
-    assert log["synced"] is False and len(log["shards"]) >= 2
+    log = interrupted(src, dst, 3, monkeypatch)
+    assert log["synced"] is False
     victim = dst / sorted(log["shards"])[0]
     data = bytearray(victim.read_bytes())
     data[-4096:] = bytes(b ^ 0x5A for b in data[-4096:])  # same size, other bytes: a page lost in a crash
@@ -192,11 +199,8 @@ def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_pa
     from shardconv import digest
 
     dst = tmp_path / "out"
-    undo = disk_full_after(2, monkeypatch)
-    assert run_cli("convert", src, dst, *ARGS, "--fsync")[0] == 2
-    undo()
-    log = json.loads((dst / ".shardconv-journal.json").read_text())
-    assert log["synced"] is True and len(log["shards"]) == 2
+    log = interrupted(src, dst, 2, monkeypatch, "--fsync")
+    assert log["synced"] is True
     inodes = {name: (dst / name).stat().st_ino for name in log["shards"]}
 
     def no_rehash(*a, **k):
@@ -211,11 +215,8 @@ def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_pa
 
 def test_resume_with_fsync_after_a_run_without(src, reference, tmp_path, monkeypatch):
     dst = tmp_path / "out"
-    undo = disk_full_after(2, monkeypatch)
-    assert run_cli("convert", src, dst, *ARGS)[0] == 2
-    undo()
-    first = json.loads((dst / ".shardconv-journal.json").read_text())
-    assert first["synced"] is False and len(first["shards"]) == 2
+    first = interrupted(src, dst, 2, monkeypatch)
+    assert first["synced"] is False
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))),
