@@ -131,6 +131,13 @@ def doubling_holds(scales: torch.Tensor) -> bool:
                 and torch.equal(scales[15:], scales[7:-8] * 2))
 
 
+def window_scales(global_amax: torch.Tensor, device) -> torch.Tensor | None:
+    """The candidate scales on ``device`` when the windowed search may be used for them (the
+    doubling argument holds), else None: then only the full search is exact. Reads them on the host."""
+    scales = candidate_scales(global_amax.float().reshape(()).to(device))
+    return scales if doubling_holds(scales) else None
+
+
 def _first_false(pred, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """First index in [lo, hi] where the monotone (true-then-false) predicate is false (7 halvings)."""
     lo, hi = lo.clone(), hi.clone()
@@ -186,9 +193,7 @@ def mse_choice_windowed(absw: torch.Tensor, global_amax: torch.Tensor) -> tuple[
 def mse_choice(absw: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     """The reference's choice (index 0..125 per block), computed through the window when it can."""
     absw = absw.float()
-    if os.environ.get("SHARDCONV_SWEEP") == "reference" or not doubling_holds(
-        candidate_scales(global_amax.to(absw.device))
-    ):
+    if os.environ.get("SHARDCONV_SWEEP") == "reference" or window_scales(global_amax, absw.device) is None:
         return mse_choice_reference(absw, global_amax)
     k, flagged = mse_choice_windowed(absw, global_amax)
     if flagged.any():

@@ -47,7 +47,7 @@ from .safetensors_io import TensorInfo, read_header, read_into
 
 DEFAULT_MAX_ERROR = 0.5
 MAX_REPORTED = 50  # problem lines printed; the count covers all of them
-_HASH_CHUNK = 16 << 20
+_COMPARE_PIECE = 16 << 20  # bytes compared at a time by _same_bytes
 _NVFP4_ALGOS = {"NVFP4", "W4A16_NVFP4"}
 
 
@@ -462,7 +462,7 @@ def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
         done = 0
         while done < a.nbytes:
-            n = min(_HASH_CHUNK, a.nbytes - done)
+            n = min(_COMPARE_PIECE, a.nbytes - done)
             if os.pread(fa.fileno(), n, a.offset + done) != os.pread(fb.fileno(), n, b.offset + done):
                 return False
             done += n

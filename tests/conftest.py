@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from shardconv import numerics, sweep
 from shardconv.cli import main
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -18,6 +19,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(GPU)
         if "slow" in item.keywords and not os.environ.get("SHARDCONV_SLOW"):
             item.add_marker(pytest.mark.skip(reason="multi-GB run; set SHARDCONV_SLOW=1"))
+
+
+def structured(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Test weights for the numerics: per-row scales, rare 40x outliers, and the edge cases of a block
+    (zero, tiny, a single element, all equal, exactly on a candidate scale's grid: exact ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen) * 0.05
+    idx = torch.randint(0, rows * cols, (rows * cols // 500,), generator=gen)
+    w.view(-1)[idx] *= 40
+    w[:, :16] = 0  # zero blocks
+    w[0::7, 16:32] = torch.randn(16, generator=gen) * 1e-7  # tiny blocks
+    w[1::7, 32:48] = 0
+    w[1::7, 40] = 0.03  # one element
+    g = w.abs().max()
+    grid = torch.tensor(numerics.E2M1_VALUES)
+    for r in range(2, rows, 7):  # exactly on a candidate's grid: exact ties between candidates
+        s = sweep.candidate_scales(g)[int(torch.randint(40, 120, (1,), generator=gen))]
+        w[r, 48:64] = grid[torch.randint(0, 8, (16,), generator=gen)] * s
+    w[3::7, 64:80] = w[3::7, 64:65]  # all elements equal
+    return w
 
 
 def run_cli(*args) -> tuple[int, str]:

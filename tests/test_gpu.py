@@ -3,20 +3,11 @@
 import pytest
 import torch
 
-from conftest import load_checkpoint, run_cli, same_bytes
+from conftest import load_checkpoint, run_cli, same_bytes, structured
 from shardconv import numerics as nx
 from shardconv.synth import write_checkpoint
 
 pytestmark = pytest.mark.gpu
-
-
-def structured(rows, cols, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 0.05
-    idx = torch.randint(0, rows * cols, (rows * cols // 500,), generator=g)
-    w.view(-1)[idx] *= 40
-    w[:, :16] = 0
-    return w
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

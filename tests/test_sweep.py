@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import load_checkpoint, run_cli, same_bytes
+from conftest import load_checkpoint, run_cli, same_bytes, structured
 from shardconv import numerics as nx
 from shardconv import sweep
 
@@ -23,25 +23,6 @@ GPU = pytest.mark.gpu
 # ----------------------------------------------------------------------------------------------
 # test weights
 # ----------------------------------------------------------------------------------------------
-def structured(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """Per-row scales, rare 40x outliers, zero / tiny / single-element / on-grid blocks."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen) * 0.05
-    idx = torch.randint(0, rows * cols, (rows * cols // 500,), generator=gen)
-    w.view(-1)[idx] *= 40
-    w[:, :16] = 0  # zero blocks
-    w[0::7, 16:32] = torch.randn(16, generator=gen) * 1e-7  # tiny blocks
-    w[1::7, 32:48] = 0
-    w[1::7, 40] = 0.03  # one element
-    g = w.abs().max()
-    grid = torch.tensor(nx.E2M1_VALUES)
-    for r in range(2, rows, 7):  # exactly on a candidate's grid: exact ties between candidates
-        s = sweep.candidate_scales(g)[int(torch.randint(40, 120, (1,), generator=gen))]
-        w[r, 48:64] = grid[torch.randint(0, 8, (16,), generator=gen)] * s
-    w[3::7, 64:80] = w[3::7, 64:65]  # all elements equal
-    return w
-
-
 def weight_sets():
     yield "gauss", torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02
     yield "laplace", torch.distributions.Laplace(0.0, 0.02).sample((96, 256))

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shardconv import numerics as nx  # noqa: E402
-from shardconv import sweep  # noqa: E402
+from shardconv import scales  # noqa: E402
 from shardconv.synth import make_tensor  # noqa: E402
 
 SHAPES = {  # Llama-3-8B: one layer's Linear shapes
@@ -38,14 +38,10 @@ METHODS = ("max", "mse", "four-over-six")
 
 
 def relative_error(w: torch.Tensor, method: str) -> float:
+    """The error of the conversion's own scales (scales.py) for one tensor alone in its group."""
     g = w.abs().amax().float()
-    if method == "max":
-        s2 = nx.global_scale(g)
-        scale = nx.block_scales_dynamic(w, s2)
-    else:
-        norm = sweep.fp8_norm(method)
-        s2 = nx.global_scale(g, norm)
-        scale = nx.block_scales_static(sweep.block_amax(w, g, method), g, norm)
+    s2 = scales.weight_scale_2(g, method)
+    scale = scales.block_scales(None, w, g, method, slice(None))  # no member: only "amax" reads it
     back = nx.dequantize(nx.quantize(w, scale, s2), scale, s2)
     w32 = w.float()
     return float(((w32 - back) ** 2).sum() / (w32 * w32).sum())

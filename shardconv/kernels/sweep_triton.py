@@ -211,8 +211,8 @@ def _mse_launch(blocks: torch.Tensor, scales: torch.Tensor, bpp: int, num_warps:
 def mse_choice(blocks: torch.Tensor, global_amax: torch.Tensor, *, bpp: int = BLOCKS_PER_PROGRAM,
                num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Candidate index (int64, 0..125) per block of ``blocks [N, 16]`` (CUDA, any float dtype)."""
-    scales = sweep.candidate_scales(global_amax.float().reshape(()).to(blocks.device))
-    if not sweep.doubling_holds(scales):  # only for absurd g (subnormal or overflowing scales)
+    scales = sweep.window_scales(global_amax, blocks.device)
+    if scales is None:  # only for absurd g (subnormal or overflowing scales)
         return sweep.mse_choice_reference(blocks.float().abs(), global_amax)
     x, k, count, todo = _mse_launch(blocks, scales, bpp, num_warps)
     if x.shape[0]:
