@@ -68,7 +68,7 @@ def quantize_group(
     for m, w in zip(members, on_device):
         if check:
             check_finite(m, w)
-    per_member = [scales.weight_global_amax(m, w, method, _row_chunks(w.shape[0], w[0].numel(), chunk))
+    per_member = [scales.weight_global_amax(m, w, method, _row_chunks(len(w), w[0].numel() if len(w) else 1, chunk))
                   for m, w in zip(members, on_device)]
     group_amax = torch.stack(per_member).amax()
     scale_2 = scales.weight_scale_2(group_amax, method)
