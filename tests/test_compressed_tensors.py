@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import load_checkpoint, run_cli, same_bytes
 from shardconv import numerics as nx

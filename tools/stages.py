@@ -31,7 +31,7 @@ from bench import drop_cache  # noqa: E402
 from shardconv.formats import get_format
 from shardconv.plan import build_plan
 from shardconv.quantize import quantize_group
-from shardconv.safetensors_io import PlannedTensor, ShardWriter, TensorInfo, read_into
+from shardconv.safetensors_io import PlannedTensor, ShardWriter, read_into
 from shardconv.source import open_source
 
 
@@ -135,7 +135,10 @@ def main() -> None:
                 with open(c.path, "rb") as f:
                     done = 0
                     while done < c.nbytes:
-                        done += os.copy_file_range(f.fileno(), out.fileno(), c.nbytes - done, c.offset + done)
+                        n = os.copy_file_range(f.fileno(), out.fileno(), c.nbytes - done, c.offset + done)
+                        if n <= 0:
+                            sys.exit(f"{c.path}: tensor {c.name!r}: file ended early")
+                        done += n
         rows.append(("copy kept tensors (copy_file_range)", sum(c.nbytes for c in copies), time.perf_counter() - t0))
         drop_cache(*source.shards)
         planned = [PlannedTensor(c.name, c.dtype, c.shape) for c in copies]
