@@ -83,11 +83,19 @@ def e2m1_magnitude(t: torch.Tensor) -> torch.Tensor:
     return E2M1_MAGNITUDES.to(t.device)[codes.long()]
 
 
+_EXPONENT_BITS = 0x7F800000  # of an fp32
+
+
 def e2m1_magnitude_fast(t: torch.Tensor) -> torch.Tensor:
     """:func:`e2m1_magnitude` as the kernels compute it (same values for every fp32 t >= 0): adding
     2**22, 2**23 or 2**24 (below 2, 4, above) leaves steps of 0.5, 1 or 2, and the fp32 add rounds to
-    the nearest step, ties to even."""
-    magic = torch.where(t < 2, 2.0**22, torch.where(t < 4, 2.0**23, 2.0**24))
+    the nearest step, ties to even.
+
+    The power of two is the exponent of ``clamp(t, 1, 4)`` (its fp32 bits with the mantissa masked
+    off: 1, 2 or 4) times 2**22, three cheap passes where two nested ``where`` took a third of the
+    CPU search's time."""
+    binade = (t.clamp(1.0, 4.0).view(torch.int32) & _EXPONENT_BITS).view(torch.float32)
+    magic = binade * 2.0**22
     return (t.clamp(max=nx.FP4_MAX) + magic) - magic
 
 

@@ -182,7 +182,8 @@ def test_kernel_e2m1_rounding_identity():
     """The kernels (and the windowed search) round t to e2m1 as (min(t, 6) + M) - M, M = 2**22, 2**23, 2**24."""
     bounds = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0])
     near = torch.cat([torch.nextafter(bounds, torch.tensor(-1.0)), bounds, torch.nextafter(bounds, torch.tensor(9.0))])
-    t = torch.cat([near.clamp(min=0), torch.rand(200_000) * 8, torch.rand(1000) * 1e-3, torch.tensor([1e30])])
+    t = torch.cat([near.clamp(min=0), torch.rand(200_000) * 8, torch.rand(1000) * 1e-3,
+                   torch.tensor([1e30, float("inf"), 2.0**-149, 3.4e38])])
     assert torch.equal(sweep.e2m1_magnitude_fast(t), sweep.e2m1_magnitude(t))
 
 
