@@ -367,7 +367,11 @@ def make_tensor(name: str, shape: tuple[int, ...], *, dtype: torch.dtype = torch
     idx = torch.randint(flat.numel(), (k,), generator=g)
     mag = torch.rand(k, generator=g).mul_(40.0).add_(10.0).mul_(_STD)
     sign = torch.randint(2, (k,), generator=g).mul_(2).sub_(1)
-    flat[idx] = mag * sign
+    # Positions drawn twice keep their last value, as a sequential write would: ``flat[idx] = v``
+    # with repeated indices is written by several threads in no fixed order on a multi-core CPU.
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    last = torch.zeros_like(uniq).scatter_reduce_(0, inverse, torch.arange(k), "amax", include_self=False)
+    flat[uniq] = (mag * sign)[last]
     in_dim = shape[1] if stacked else shape[-1]
     if in_dim % 16 == 0:
         if stacked:

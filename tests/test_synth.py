@@ -183,6 +183,25 @@ def test_deterministic_and_independent_of_sharding(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors.index.json").exists()
 
 
+def test_structured_values_do_not_depend_on_threads():
+    """Large enough that outlier positions repeat and writes run on several threads: every generation
+    equals a single-threaded one (a repeated position keeps its last value)."""
+    name, shape = "model.layers.0.mlp.gate_proj.weight", (2048, 4096)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = synth.make_tensor(name, shape, weights="structured")
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(max(2, threads))
+    try:
+        for _ in range(6):
+            assert torch.equal(synth.make_tensor(name, shape, weights="structured").view(torch.int16),
+                               one.view(torch.int16))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_dtypes(tmp_path, dtype):
     path = synth.write_checkpoint(tmp_path / "x", family="deepseek_v3", dtype=dtype, shard_size=200_000,
