@@ -71,10 +71,12 @@ class Journal:
         """Shards of ``old`` (same fingerprint) still present with their planned size: kept.
 
         Shards that were not fsync'ed when recorded are also re-hashed: a kill never loses written
-        data (it is in the page cache), but a power loss can leave a renamed shard incomplete.
+        data (it is in the page cache), but a power loss can leave a renamed shard incomplete. A
+        journal whose digests follow another scheme keeps nothing: every shard is written again.
         """
         kept = set()
-        recorded = old.get("shards") or {}
+        # digests of another scheme (an older shardconv hashed whole files) cannot vouch for a shard
+        recorded = (old.get("shards") or {}) if old.get("digest") == shard_digests.DESCRIPTION else {}
         trust = bool(old.get("synced"))
         for i, (name, tensors) in enumerate(zip(plan.shard_names, plan.shard_tensors)):
             path = Path(dst) / name

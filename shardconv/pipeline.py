@@ -43,6 +43,8 @@ DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
 READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
 COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by all reader threads at once
+
+
 @dataclass
 class Options:
     """Pipeline knobs; the defaults suit one GPU and a fast local disk."""

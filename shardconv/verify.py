@@ -40,6 +40,7 @@ import torch
 from . import numerics
 from .errors import ShardconvError
 from .plan import _EMBEDDING, _STACKED, FUSION_SETS, fusion_key
+from .digest import DESCRIPTION as DIGEST_SCHEME
 from .digest import shard_digest
 from .files import INDEX_NAME, indexed_shard_names, stays_inside, unindexed_shards
 from .journal import NAME as JOURNAL_NAME
@@ -112,7 +113,7 @@ def _read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[
             if not stays_inside(name):
                 report.fail(f"{index_path}: shard name {name!r} points outside DST")
             elif not (dst / name).is_file():
-                n = sum(1 for s in wm.values() if s == name)
+                n = sum(1 for s in wm.values() if os.path.normpath(s) == name)
                 report.fail(f"{index_path}: shard {name} ({n} tensors) does not exist")
             else:
                 shards.append(dst / name)
@@ -141,9 +142,9 @@ def _read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[
                 elif listed != shard.name and os.path.normpath(listed) != str(shard.relative_to(dst)):
                     report.fail(f"{index_path}: tensor {name!r} is listed in {listed} but stored in {shard.name}")
     if weight_map is not None:
-        readable = {s.name for s in shards}
+        readable = {str(s.relative_to(dst)) for s in shards}
         for name, shard_name in weight_map.items():
-            if name not in tensors and shard_name in readable:
+            if name not in tensors and os.path.normpath(shard_name) in readable:
                 report.fail(f"{index_path}: tensor {name!r} is listed in {shard_name} but not stored there")
         total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
         actual = sum(t.nbytes for t in tensors.values())
@@ -168,6 +169,10 @@ def _check_journal(dst: Path, shards: list[Path], report: Report, workers: int =
     recorded = journal.get("shards") if isinstance(journal, dict) else None
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
         report.fail(f"{path}: no 'shards' object of digest strings")
+        return
+    scheme = journal.get("digest")
+    if scheme != DIGEST_SCHEME:
+        report.warnings.append(f"{path}: digests of another scheme ({scheme!r}, not {DIGEST_SCHEME!r}): not checked")
         return
     todo = []
     for name, digest in sorted(recorded.items()):

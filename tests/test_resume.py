@@ -213,6 +213,21 @@ def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_pa
     assert without_journal(dst) == without_journal(reference)
 
 
+def test_journal_of_another_digest_scheme_keeps_no_shard(src, reference, tmp_path, monkeypatch):
+    """Digests recorded by another scheme (an older version hashed whole files) cannot vouch for a
+    shard, even one recorded as flushed: every shard is written again."""
+    dst = tmp_path / "out"
+    log = interrupted(src, dst, 2, monkeypatch, "--fsync")
+    log["digest"] = "sha256 of the file"
+    (dst / ".shardconv-journal.json").write_text(json.dumps(log))
+    for name in log["shards"]:  # same size, other bytes: trusted by size, this would survive
+        (dst / name).write_bytes(b"\0" * (dst / name).stat().st_size)
+    rc, err = run_cli("convert", src, dst, *ARGS, "--fsync")
+    assert rc == 0, err
+    assert without_journal(dst) == without_journal(reference)
+    assert json.loads((dst / ".shardconv-journal.json").read_text())["digest"] != "sha256 of the file"
+
+
 def test_resume_with_fsync_after_a_run_without(src, reference, tmp_path, monkeypatch):
     dst = tmp_path / "out"
     first = interrupted(src, dst, 2, monkeypatch)

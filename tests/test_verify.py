@@ -191,6 +191,26 @@ def test_index_entry_names_a_shard_that_does_not_exist(good):
     assert f"'model.norm.weight' is listed in {missing} but stored in {real}" in err
 
 
+def test_index_names_with_dot_slash_are_the_same_shards(good):
+    """``./name`` and ``name`` are one shard: counts and the not-stored check see through the prefix."""
+    dst = good("llama")
+    shard = shard_of(dst, f"{K}.weight").name
+    missing = "model-00009-of-00009.safetensors"
+
+    def edit(j):
+        wm = j["weight_map"]
+        for t in wm:
+            wm[t] = "./" + wm[t]
+        wm[f"{K}.bias"] = "./" + shard  # not stored there
+        wm["model.norm.weight"] = "./" + missing
+        wm["model.embed_tokens.weight"] = missing
+
+    edit_json(dst / INDEX, edit)
+    err = fails(dst, problems=4)
+    assert f"'{K}.bias' is listed in ./{shard} but not stored there" in err
+    assert f"{INDEX}: shard {missing} (2 tensors) does not exist" in err
+
+
 def test_tensor_missing_from_index(good):
     dst = good("moe")
     shard = shard_of(dst, "model.norm.weight").name
@@ -240,6 +260,16 @@ def test_shard_changed_after_it_was_written(good):
     shard.write_bytes(bytes(data))
     assert shard.stat().st_size == size
     fails(dst, f"{shard}: digest ", "does not match the journal's", "changed after it was written")
+
+
+def test_journal_of_another_digest_scheme_is_not_checked(good):
+    """An older shardconv hashed whole files: its digests say nothing about these shards."""
+    dst = good("llama")
+    edit_json(dst / JOURNAL, lambda j: (j.__setitem__("digest", "sha256 of the file"),
+                                        j["shards"].update({k: "0" * 64 for k in j["shards"]})))
+    rc, out, err = verify(dst)
+    assert rc == 0 and not err, err
+    assert "digests of another scheme ('sha256 of the file'" in out and "not checked" in out
 
 
 # -- 5. fusion groups ------------------------------------------------------------------------------
