@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .files import INDEX_NAME, indexed_shard_names, unindexed_shards
+from .files import INDEX_NAME, indexed_shard_names, stays_inside, unindexed_shards
 
 MAX_AUTO = 8 * 2**30
 PIECE = 64 * 2**20  # read in pieces, so the budget ends within a file
@@ -43,10 +43,12 @@ def auto_budget() -> int:
 
 
 def input_files(src: Path) -> list[Path]:
-    """The shard files in the order the pipeline reads them (files.py's rules, as source.py uses)."""
+    """The shard files in the order the pipeline reads them (files.py's rules, as source.py uses);
+    names that leave SRC are skipped here (source.py refuses them)."""
     index = src / INDEX_NAME
     if index.is_file():
-        return [src / n for n in indexed_shard_names(json.loads(index.read_text())["weight_map"].values())]
+        names = indexed_shard_names(json.loads(index.read_text())["weight_map"].values())
+        return [src / n for n in names if stays_inside(n)]
     return unindexed_shards(src)
 
 

@@ -49,7 +49,9 @@ FOUR_OVER_SIX_NORM = 256.0  # e4m3 value the per-tensor scale maps g / 6 to (448
 FOUR_OVER_SIX_MULT = 1.5  # the second candidate amax: m * 1.5 (the block's max lands on 4, not 6)
 STEP_BLOCKS = 1 << 16  # blocks per torch step: temporaries stay around 4 MB
 MARGIN = 1e-5  # relative and sum(w^2)-relative slack of the doubling bound (fp32 error is < 2e-6)
-_LOW_END = 23  # the window reaches at least this index: [15, 23) is the first binade of normals
+LOW_END = 23  # the window reaches at least this index: [15, 23) is the first binade of normals
+BINADE = 8  # candidates per binade (e4m3 has 3 mantissa bits): s_{k+8} = 2 s_k
+WINDOW_AHEAD = 2 * BINADE  # the window ends this many candidates past k0
 E2M1_MAGNITUDES = torch.tensor(nx.E2M1_VALUES, dtype=torch.float32)
 
 
@@ -141,7 +143,7 @@ def mse_choice_reference(absw: torch.Tensor, global_amax: torch.Tensor) -> torch
 def doubling_holds(scales: torch.Tensor) -> bool:
     """Whether ``s_{k+8} == 2 s_k`` exactly over the normal candidates (false only for absurd g)."""
     return bool(torch.isfinite(scales).all() and (scales[0] > 2.0**-126)
-                and torch.equal(scales[15:], scales[7:-8] * 2))
+                and torch.equal(scales[15:], scales[15 - BINADE:-BINADE] * 2))
 
 
 def window_scales(global_amax: torch.Tensor, device) -> torch.Tensor | None:
@@ -185,7 +187,7 @@ def mse_choice_windowed(absw: torch.Tensor, global_amax: torch.Tensor) -> tuple[
         return d * d > upper
 
     k_lo = _first_false(clipped_loses, zero, k0)
-    k_end = (k0 + 16).clamp(min=_LOW_END, max=N_CANDIDATES)
+    k_end = (k0 + WINDOW_AHEAD).clamp(min=LOW_END, max=N_CANDIDATES)
     best = torch.full_like(m, float("inf"))
     best_k = k_lo.clone()
     bound = torch.full_like(m, float("inf"))
@@ -197,7 +199,7 @@ def mse_choice_windowed(absw: torch.Tensor, global_amax: torch.Tensor) -> tuple[
         better = loss < best
         best = torch.where(better, loss, best)
         best_k = torch.where(better, k, best_k)
-        top = valid & (k >= k_end - 8) & (k + 8 < N_CANDIDATES)  # doubling continues past the window
+        top = valid & (k >= k_end - BINADE) & (k + BINADE < N_CANDIDATES)  # doubling continues past the window
         slack = loss * (1 - MARGIN) - MARGIN * w2
         bound = torch.where(top, torch.minimum(bound, slack), bound)
     return best_k, bound < best

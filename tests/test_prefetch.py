@@ -3,6 +3,7 @@ more than the window ahead; at start-up (readahead.py), the first --readahead by
 the order the pipeline reads them; sequential-access hints on every read; and the output does not
 depend on any of them."""
 
+import json
 import os
 
 import pytest
@@ -136,6 +137,19 @@ def test_startup_readahead_does_nothing_where_it_cannot_help(src, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors.index.json").write_text("{not json")
     assert readahead.start(str(tmp_path / "bad"), 2**30) is None
+
+
+def test_startup_readahead_never_reads_outside_src(tmp_path):
+    """An index naming files outside SRC is refused by the conversion; the read-ahead, which runs
+    before that check, must not read them either."""
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"x" * 100)
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.safetensors").write_bytes(b"y" * 100)
+    weight_map = {"t0": "a.safetensors", "t1": "../secret.safetensors", "t2": str(outside)}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert readahead.input_files(root) == [root / "a.safetensors"]
 
 
 def test_cli_reads_ahead_on_fresh_runs_only(src, tmp_path, monkeypatch):

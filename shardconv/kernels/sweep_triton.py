@@ -28,6 +28,12 @@ BLOCKS_PER_PROGRAM = 128
 NUM_WARPS = 4
 FULL_BPP = 64  # the full search runs on few blocks: small tiles, so they spread over the SMs
 FULL_PROGRAMS = 1024
+# sweep.py's constants, as Triton reads globals (they must be constexpr): one definition for both
+_N = tl.constexpr(sweep.N_CANDIDATES)
+_LOW_END = tl.constexpr(sweep.LOW_END)
+_BINADE = tl.constexpr(sweep.BINADE)
+_AHEAD = tl.constexpr(sweep.WINDOW_AHEAD)
+_MARGIN = tl.constexpr(sweep.MARGIN)
 
 
 @triton.jit
@@ -95,7 +101,7 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
     sumsq = _sumsq16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     # k0: first candidate with 6 s_k >= m (from there on, doubling a scale never helps)
     lo = tl.zeros([BPP], dtype=tl.int32)
-    hi = tl.full([BPP], 126, dtype=tl.int32)
+    hi = tl.full([BPP], _N, dtype=tl.int32)
     for _ in tl.static_range(7):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -103,7 +109,7 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
         lo = tl.where(active & (v < m), mid + 1, lo)
         hi = tl.where(active & (v >= m), mid, hi)
     k0 = lo
-    s0 = tl.load(scale_ptr + tl.minimum(k0, 125))
+    s0 = tl.load(scale_ptr + tl.minimum(k0, _N - 1))
     upper = _loss16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, s0)
     # k_lo: first candidate below k0 whose clipped max element alone does not exceed upper
     lo = tl.zeros([BPP], dtype=tl.int32)
@@ -115,7 +121,7 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
         lo = tl.where(active & (d * d > upper), mid + 1, lo)
         hi = tl.where(active & (d * d <= upper), mid, hi)
     k_lo = lo
-    k_end = tl.minimum(tl.maximum(k0 + 16, 23), 126)
+    k_end = tl.minimum(tl.maximum(k0 + _AHEAD, _LOW_END), _N)
     best = tl.full([BPP], float("inf"), tl.float32)
     best_k = k_lo
     bound = tl.full([BPP], float("inf"), tl.float32)
@@ -129,8 +135,8 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
         better = loss < best
         best = tl.where(better, loss, best)
         best_k = tl.where(better, k, best_k)
-        top = valid & (k >= k_end - 8) & (k + 8 < 126)
-        bound = tl.where(top, tl.minimum(bound, loss * (1.0 - 1e-5) - 1e-5 * sumsq), bound)
+        top = valid & (k >= k_end - _BINADE) & (k + _BINADE < _N)
+        bound = tl.where(top, tl.minimum(bound, loss * (1.0 - _MARGIN) - _MARGIN * sumsq), bound)
     tl.store(k_ptr + blk, best_k, mask=mask)
     flagged = mask & (bound < best)
     slot = tl.atomic_add(count_ptr + tl.zeros([BPP], dtype=tl.int32), 1, mask=flagged)
@@ -148,7 +154,7 @@ def _mse_full_kernel(x_ptr, scale_ptr, k_ptr, count_ptr, todo_ptr, BPP: tl.const
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _load16(x_ptr, blk, valid)
         best = tl.full([BPP], float("inf"), tl.float32)
         best_k = tl.zeros([BPP], dtype=tl.int32)
-        for k in range(0, 126):
+        for k in range(0, _N):
             s = tl.load(scale_ptr + k)
             loss = _loss16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, s)
             better = loss < best
