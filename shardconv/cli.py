@@ -224,7 +224,7 @@ def _convert(args) -> int:
         set_export_rounding(args.export_rounding)
         source = open_source(src)
         if dst is None:
-            dst = f"{source.root.name}-NVFP4"
+            dst = default_dst(source.root)
         fmt = get_format(args.format)
         amax = load_amax(args.amax) if args.amax else None
         plan = build_plan(source, fmt, excludes=args.exclude, amax=amax, scales=args.scales,
@@ -256,13 +256,20 @@ def _convert(args) -> int:
             tmp.cleanup()
 
 
+def default_dst(src_root: Path) -> str:
+    """Where a conversion of SRC goes when no DST is given: ``<SRC name>-NVFP4`` in the working folder."""
+    return f"{src_root.name}-NVFP4"
+
+
 def _start_readahead(args) -> None:
     """Read the input's first bytes while torch and CUDA start (readahead.py); not on a resume, whose
     first shards may already be done, nor where DST is refused anyway."""
     from . import readahead
 
-    dst = Path(args.dst) if args.dst else None
-    if args.dry_run or (dst is not None and dst.is_dir() and any(dst.iterdir()) and not args.overwrite):
+    if args.dry_run or not args.src:
+        return
+    dst = Path(args.dst) if args.dst else Path(default_dst(Path(args.src).expanduser().resolve()))
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         return
     readahead.start(args.src, args.readahead)
 

@@ -168,11 +168,6 @@ class Unit:
         """The unit's first input tensor (units are processed in input order)."""
         return self.copy or (self.dequant[0] if self.dequant else self.members[0].weight)
 
-    @property
-    def position(self) -> tuple[str, int]:
-        info = self.first
-        return (str(info.path), info.offset)
-
 
 @dataclass
 class Plan:

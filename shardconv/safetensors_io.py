@@ -245,9 +245,9 @@ def layout(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None)
     """Assign data offsets and return the header bytes (space-padded to a multiple of 8 bytes, as the
     safetensors library writes it).
 
-    Tensors keep their given order (the order the pipeline produces them, so a shard's bytes are
-    finished front to back and can be hashed as they come) when every tensor then lands on a
-    multiple of its element size, as loaders need; otherwise widest dtype first, which always aligns.
+    Tensors keep their given order (the order the pipeline produces them, so a shard fills roughly
+    front to back) when every tensor then lands on a multiple of its element size, as loaders need;
+    otherwise widest dtype first, which always aligns.
     """
     order = list(range(len(tensors)))
     if not _aligned_in_order(tensors):
@@ -346,7 +346,8 @@ class ShardWriter:
                 f"{self.path}: tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {t.dtype}{t.shape}"
             )
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        pos = self._target(name, data.numel())
+        with self._lock:  # writer threads and copying readers share a shard
+            pos = self._target(name, data.numel())
         mv = memoryview(data.numpy()).cast("B")
         self._pwrite_all(mv, pos)
         self._written(pos, pos + data.numel())

@@ -336,6 +336,16 @@ def _is_vector(name: str, shape: tuple[int, ...]) -> bool:
     return name.endswith(("bias", "sinks")) or len(shape) == 1
 
 
+def put_last(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``flat[idx[i]] = values[i]`` in order, so a position drawn twice keeps its last value.
+    (``flat[idx] = values`` with repeated indices is written by several threads in no fixed order
+    on a multi-core CPU: the same name and seed then gave other bytes in another process.)"""
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    order = torch.arange(len(idx), device=idx.device)
+    last = torch.zeros_like(uniq).scatter_reduce_(0, inverse, order, "amax", include_self=False)
+    flat[uniq] = values[last]
+
+
 def make_tensor(name: str, shape: tuple[int, ...], *, dtype: torch.dtype = torch.bfloat16,
                 weights: str = "random", seed: int = 0) -> torch.Tensor:
     """The value of one tensor; depends only on (name, shape, weights, seed) and then ``dtype``.
@@ -367,11 +377,7 @@ def make_tensor(name: str, shape: tuple[int, ...], *, dtype: torch.dtype = torch
     idx = torch.randint(flat.numel(), (k,), generator=g)
     mag = torch.rand(k, generator=g).mul_(40.0).add_(10.0).mul_(_STD)
     sign = torch.randint(2, (k,), generator=g).mul_(2).sub_(1)
-    # Positions drawn twice keep their last value, as a sequential write would: ``flat[idx] = v``
-    # with repeated indices is written by several threads in no fixed order on a multi-core CPU.
-    uniq, inverse = torch.unique(idx, return_inverse=True)
-    last = torch.zeros_like(uniq).scatter_reduce_(0, inverse, torch.arange(k), "amax", include_self=False)
-    flat[uniq] = (mag * sign)[last]
+    put_last(flat, idx, mag * sign)
     in_dim = shape[1] if stacked else shape[-1]
     if in_dim % 16 == 0:
         if stacked:

@@ -43,7 +43,7 @@ def test_prefetch_covers_the_window_in_input_order(src, monkeypatch):
     ranges = [(str(t.path), t.offset, t.nbytes) for u in units[: p.queued] for t in u.inputs]
     assert calls == ranges
     queued = sum(u.in_bytes for u in units[: p.queued])
-    assert window <= queued < window + max(u.in_bytes for u in units)  # just enough, never a unit more
+    assert queued - units[p.queued - 1].in_bytes < window <= queued  # just enough, never a unit more
     p.close()
 
 
@@ -130,7 +130,16 @@ def test_startup_readahead_reads_the_shards_in_pipeline_order_up_to_the_budget(s
     assert calls == want
 
 
-def test_startup_readahead_does_nothing_where_it_cannot_help(src, tmp_path):
+def test_startup_readahead_does_nothing_where_it_cannot_help(src, tmp_path, monkeypatch):
+    def listed(path):
+        raise AssertionError(f"{path}: shards listed where nothing is read ahead")
+
+    with monkeypatch.context() as m:  # these are refused before any file is looked for
+        m.setattr(readahead, "input_files", listed)
+        assert readahead.start(str(src), 0) is None
+        assert readahead.start("meta-llama/Llama-3.1-8B", 2**30) is None  # a hub id: not a local folder
+        (tmp_path / "file").write_bytes(b"x")
+        assert readahead.start(str(tmp_path / "file"), 2**30) is None
     assert readahead.start(str(src), 0) is None
     assert readahead.start(None, 2**30) is None  # the built-in sample
     assert readahead.start("meta-llama/Llama-3.1-8B", 2**30) is None  # a hub id: not a local folder
@@ -164,6 +173,12 @@ def test_cli_reads_ahead_on_fresh_runs_only(src, tmp_path, monkeypatch):
     assert run_cli("convert", src, tmp_path / "a", *args, "--overwrite")[0] == 0
     assert started[-1] == (str(src), None)  # default: readahead.auto_budget()
     assert 0 < readahead.auto_budget() <= readahead.MAX_AUTO
+    monkeypatch.chdir(tmp_path)  # no DST: the default <SRC name>-NVFP4, here
+    n = len(started)
+    assert run_cli("convert", src, *args)[0] == 0 and (tmp_path / f"{src.name}-NVFP4").is_dir()
+    assert len(started) == n + 1
+    assert run_cli("convert", src, *args)[0] == 0  # a resume into the default DST: no read-ahead
+    assert len(started) == n + 1
 
 
 

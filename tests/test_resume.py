@@ -60,6 +60,13 @@ def disk_full_after(n_shards, monkeypatch):
     return lambda: monkeypatch.setattr(pipeline.Shards, "_done", real)
 
 
+def stamp(path) -> tuple[int, int]:
+    """Inode and modification time: a file written again differs in at least one (an inode alone may
+    be reused by the new file)."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
 def interrupted(src, dst, n_shards, monkeypatch, *extra) -> dict:
     """Run until the disk fills after ``n_shards`` finished shards; returns the journal it left."""
     undo = disk_full_after(n_shards, monkeypatch)
@@ -79,11 +86,11 @@ def test_failure_mid_run_keeps_finished_shards_and_resumes(src, reference, tmp_p
     assert not (dst / "model.safetensors.index.json").exists() and not list(dst.glob("*.partial"))
     finished = json.loads((dst / ".shardconv-journal.json").read_text())["shards"]
     assert finished and not json.loads((dst / ".shardconv-journal.json").read_text())["complete"]
-    stamps = {n: (dst / n).stat().st_ino for n in finished}
+    stamps = {n: stamp(dst / n) for n in finished}
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 0, err
     assert tree_digest(dst) == tree_digest(reference)
-    assert {n: (dst / n).stat().st_ino for n in finished} == stamps  # kept, not written again
+    assert {n: stamp(dst / n) for n in finished} == stamps  # kept, not written again
 
 
 def journal_written_since(dst, start_ns: int, p, timeout: float = 60) -> bool:
@@ -188,11 +195,11 @@ def test_a_damaged_finished_shard_is_rewritten_on_resume(src, reference, tmp_pat
     data = bytearray(victim.read_bytes())
     data[-4096:] = bytes(b ^ 0x5A for b in data[-4096:])  # same size, other bytes: a page lost in a crash
     victim.write_bytes(bytes(data))
-    others = {n: (dst / n).stat().st_ino for n in log["shards"] if n != victim.name}
+    others = {n: stamp(dst / n) for n in log["shards"] if n != victim.name}
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 0, err
     assert tree_digest(dst) == tree_digest(reference)
-    assert {n: (dst / n).stat().st_ino for n in others} == others  # the undamaged ones were kept
+    assert {n: stamp(dst / n) for n in others} == others  # the undamaged ones were kept
 
 
 def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_path, monkeypatch):
@@ -201,7 +208,7 @@ def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_pa
     dst = tmp_path / "out"
     log = interrupted(src, dst, 2, monkeypatch, "--fsync")
     assert log["synced"] is True
-    inodes = {name: (dst / name).stat().st_ino for name in log["shards"]}
+    inodes = {name: stamp(dst / name) for name in log["shards"]}
 
     def no_rehash(*a, **k):
         raise AssertionError("a flushed shard was hashed again")
@@ -209,7 +216,7 @@ def test_fsync_run_is_trusted_by_size_and_journal_says_so(src, reference, tmp_pa
     monkeypatch.setattr(digest, "shard_digest", no_rehash)  # trusted by size and the journal alone
     rc, err = run_cli("convert", src, dst, *ARGS, "--fsync")
     assert rc == 0, err
-    assert {name: (dst / name).stat().st_ino for name in inodes} == inodes  # kept, not rewritten
+    assert {name: stamp(dst / name) for name in inodes} == inodes  # kept, not rewritten
     assert without_journal(dst) == without_journal(reference)
 
 

@@ -183,6 +183,18 @@ def test_deterministic_and_independent_of_sharding(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors.index.json").exists()
 
 
+def test_put_last_is_a_sequential_write():
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 50, (400,), generator=gen)  # every position drawn many times
+    values = torch.randn(400, generator=gen)
+    want = torch.zeros(60)
+    for i, v in zip(idx.tolist(), values.tolist()):
+        want[i] = v
+    got = torch.zeros(60)
+    synth.put_last(got, idx, values)
+    assert torch.equal(got, want)
+
+
 def test_structured_values_do_not_depend_on_threads():
     """Large enough that outlier positions repeat and writes run on several threads: every generation
     equals a single-threaded one (a repeated position keeps its last value)."""
