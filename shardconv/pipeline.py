@@ -8,8 +8,8 @@ Stages:
   compute stream and the download into pinned output buffers on a third stream, without waiting;
 - writer threads wait for a group's download, write its tensors at their planned offsets, and hand
   the buffers back.
-Host memory is the two buffer pools (``--host-buffer``) plus a few small tensors, whatever the model
-size; the GPU holds one group plus row-chunked temporaries (``--gpu-buffer``). Output shards are
+Host memory is the two buffer pools (``--host-buffer``), a copy buffer per reader thread, the
+read-ahead's scratch buffers and a few small tensors, whatever the model size; the GPU holds one group plus row-chunked temporaries (``--gpu-buffer``). Output shards are
 written under ``.partial`` names and renamed when complete; the config files and, last, the index
 come after every shard, so a DST without ``model.safetensors.index.json`` is never a finished
 checkpoint. A failed run keeps its finished shards, recorded with their digests in the journal
@@ -352,7 +352,7 @@ class Converter:
         from tqdm.auto import tqdm
 
         units = [u for u in self.plan.units if u.shard not in self.skip_shards]
-        pending: collections.deque[tuple[Unit, Future | None, list | None]] = collections.deque()
+        pending: collections.deque[tuple[Unit, list[Future] | None, list | None]] = collections.deque()
         jobs: list[Future] = []
         self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1024,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
