@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shardconv import numerics as nx  # noqa: E402
-from shardconv import sweep  # noqa: E402
+from shardconv import scales, sweep  # noqa: E402
+from shardconv.synth import put_last  # noqa: E402
 
 
 def structured(rows: int, cols: int, device, seed: int = 0) -> torch.Tensor:
@@ -48,7 +49,7 @@ def structured(rows: int, cols: int, device, seed: int = 0) -> torch.Tensor:
     k = max(1, flat.numel() // 1000)
     idx = torch.randint(flat.numel(), (k,), generator=g, device=device)
     sign = torch.randint(2, (k,), generator=g, device=device).mul_(2).sub_(1)
-    flat[idx] = torch.rand(k, generator=g, device=device).mul_(40).add_(10).mul_(0.02) * sign
+    put_last(flat, idx, torch.rand(k, generator=g, device=device).mul_(40).add_(10).mul_(0.02) * sign)
     w.view(rows, cols // 16, 16).mul_(torch.rand(rows, cols // 16, 1, generator=g, device=device) >= 0.01)
     return w.bfloat16()
 
@@ -171,15 +172,11 @@ def main() -> None:
                     f"within {rel:.1e} relative, ours lower or equal in {lower} of them)")
             except Exception as e:  # optional comparison
                 print(f"ModelOpt's sweep kernel failed: {e!r}")
-        s2 = nx.global_scale(g)
-        row(spec, "max", "export", timed(lambda: nx.quantize(w, nx.block_scales_dynamic(w, s2), s2), device), n,
-            "(dynamic block scales + packing)")
-        for method in sweep.METHODS:
-            norm = sweep.fp8_norm(method)
-            s2m = nx.global_scale(g, norm)
+        for method in ("max", *sweep.METHODS):  # the conversion's own choice of scales (scales.py)
+            s2m = scales.weight_scale_2(g, method)
             row(spec, method, "export", timed(lambda: nx.quantize(
-                w, nx.block_scales_static(sweep.block_amax(w, g, method), g, norm), s2m), device), n,
-                "(search + static block scales + packing)")
+                w, scales.block_scales(None, w, g, method, slice(None)), s2m), device), n,
+                "(dynamic block scales + packing)" if method == "max" else "(search + static block scales + packing)")
         del w, blocks, sub, sub_abs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -187,7 +184,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"\nmachine: {platform.node()}, {name}; torch {torch.__version__}, triton "
           f"{importlib.import_module('triton').__version__}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
-    print(f"| shape | method | implementation | ms | G params/s | note |\n|---|---|---|---:|---:|---|")
+    print("| shape | method | implementation | ms | G params/s | note |\n|---|---|---|---:|---:|---|")
     for shape, method, impl, ms, gps, note in rows_out:
         print(f"| {shape} | {method} | {impl} | {ms:.2f} | {gps:.2f} | {note.strip('()')} |")
 
