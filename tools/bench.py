@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from shardconv.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter
-from shardconv.synth import make_config, make_tensor, plan_shards, tensor_specs
+from shardconv.synth import make_config, make_tensor, plan_shards, tensor_dtype, tensor_specs
 
 MODELS = {  # name -> (family, config kwargs, default layers)
     "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
@@ -52,10 +53,12 @@ def role(name: str) -> str:
 
 
 def write_model(path: Path | str, family: str, layers: int, kw: dict, shard_size: int) -> int:
+    """synth.write_checkpoint's layout and "structured" values, generated once per role and shape
+    (:func:`role`) and streamed through ShardWriter, so multi-GB shards write at disk speed."""
     path = Path(path)
     config = make_config(family, num_layers=layers, **kw)
     specs = tensor_specs(config)
-    sizes = [2 * _numel(s) for _, s in specs]
+    sizes = [math.prod(s) * tensor_dtype(nm).itemsize for nm, s in specs]
     shard_of = plan_shards(sizes, shard_size)
     n = max(shard_of) + 1
     path.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,7 @@ def write_model(path: Path | str, family: str, layers: int, kw: dict, shard_size
     for s in range(n):
         names = [(nm, sh) for (nm, sh), o in zip(specs, shard_of) if o == s]
         fname = f"model-{s + 1:05d}-of-{n:05d}.safetensors"
-        planned = [PlannedTensor(nm, DTYPE_NAMES[torch.bfloat16], tuple(sh)) for nm, sh in names]
+        planned = [PlannedTensor(nm, DTYPE_NAMES[tensor_dtype(nm)], tuple(sh)) for nm, sh in names]
         w = ShardWriter(path / fname, planned, {"format": "pt"})
         for nm, sh in names:
             key = (role(nm), tuple(sh))
@@ -77,13 +80,6 @@ def write_model(path: Path | str, family: str, layers: int, kw: dict, shard_size
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}))
     return sum(sizes)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def drop_cache(*paths: Path) -> str:

@@ -6,12 +6,15 @@ buffer pools, read-ahead, copies of kept tensors, writers, shard hashing) withou
 CPU pipeline runs with ``quantize_group`` replaced by a lookup of results computed beforehand (one per
 weight shape; the output bytes are therefore wrong, the amount and order of I/O are not). Each run
 starts from a cold page cache (drop_caches as root, else posix_fadvise DONTNEED), after a
-``cat > /dev/null`` baseline of the same input.
+``cat > /dev/null`` baseline of the same input. The converter runs in this process, after torch is
+imported, so the start-up read-ahead (``--readahead``) has no start-up to fill here: it only competes
+with the readers. The default runs therefore turn it off and compare ``--prefetch`` off and on.
 
-    python tools/io_bench.py SRC [--runs "--readahead 0" "--prefetch 2GiB"] [--repeat 2]
+    python tools/io_bench.py SRC [--runs "--readahead 0" "--readahead 0 --prefetch 2GiB"] [--repeat 2]
 
-Seen on the 2-core development VM (cold cache; its disk varies: cat of the same input took 2.2-4.7 s):
-a Llama-70B-shaped checkpoint of 2 layers with a 32k vocabulary (4.47 GB) ran at 1.16-2.32x cat.
+Seen on the 2-core development VM (commit 19bf08b, whose default runs were "--readahead 0" and ""; cold
+cache; its disk varies: cat of the same input took 2.2-4.7 s): a Llama-70B-shaped checkpoint of 2
+layers with a 32k vocabulary (4.47 GB) ran at 1.16-2.32x cat.
 
 SRC: a checkpoint folder (tools/bench.py can write one: see its write_model).
 """
@@ -34,6 +37,7 @@ from bench import drop_cache  # noqa: E402
 from shardconv import pipeline  # noqa: E402
 from shardconv.cli import main as cli_main  # noqa: E402
 from shardconv.quantize import quantize_group  # noqa: E402
+from shardconv.source import open_source  # noqa: E402
 
 
 def fake_quantizer():
@@ -52,12 +56,12 @@ def fake_quantizer():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
-    ap.add_argument("--runs", nargs="+", default=["--readahead 0", ""],
+    ap.add_argument("--runs", nargs="+", default=["--readahead 0", "--readahead 0 --prefetch 2GiB"],
                     help="extra convert arguments, one string per configuration")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     src = Path(args.src)
-    shards = sorted(src.glob("*.safetensors"))
+    shards = open_source(str(src)).shards
     gb = sum(p.stat().st_size for p in shards) / 1e9
     pipeline.quantize_group = fake_quantizer()
     work = Path(tempfile.mkdtemp(prefix="shardconv-io-"))
