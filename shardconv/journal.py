@@ -51,9 +51,9 @@ def fingerprint(plan, extra: dict | None = None) -> str:
 class Journal:
     """Reads and updates DST's journal; safe to call from writer threads."""
 
-    def __init__(self, dst: Path, digest: str, synced: bool = False):
+    def __init__(self, dst: Path, fingerprint: str, synced: bool = False):
         self.path = Path(dst) / NAME
-        self.digest = digest
+        self.fingerprint = fingerprint
         self.synced = synced  # shards were fsync'ed before being recorded
         self.shards: dict[str, str] = {}
         self.complete = False
@@ -104,6 +104,6 @@ class Journal:
             self.save()
 
     def save(self) -> None:
-        doc = {"shardconv": __version__, "fingerprint": self.digest, "complete": self.complete,
+        doc = {"shardconv": __version__, "fingerprint": self.fingerprint, "complete": self.complete,
                "digest": shard_digests.DESCRIPTION, "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
         write_json(self.path, doc, indent=1)

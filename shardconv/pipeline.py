@@ -443,12 +443,12 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     src = plan.source.root
     dst = Path(dst)
     check_destination(src, dst, overwrite)
-    digest = journal.fingerprint(plan, fingerprint_extra)
+    run = journal.fingerprint(plan, fingerprint_extra)
     old = journal.Journal.read(dst) if dst.is_dir() else None
-    if old is not None and old.get("fingerprint") != digest and not overwrite:
+    if old is not None and old.get("fingerprint") != run and not overwrite:
         raise ShardconvError(f"{dst}: holds a run of a different conversion (other source, options or version); "
                              "use --overwrite to replace it")
-    resume = old is not None and old.get("fingerprint") == digest and not overwrite
+    resume = old is not None and old.get("fingerprint") == run and not overwrite
     created_dir = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
     # Order matters for a kill at any point: the index (the "finished" mark) goes first, so it never
@@ -456,7 +456,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     # DST that is not empty always says what it holds and the same command resumes it.
     if not resume:
         (dst / INDEX_NAME).unlink(missing_ok=True)
-    log = journal.Journal(dst, digest, synced=opts.fsync)
+    log = journal.Journal(dst, run, synced=opts.fsync)
     if resume:
         kept = log.adopt(old, plan, dst)
     else:

@@ -145,11 +145,6 @@ class Unit:
     dequant: tuple[TensorInfo, TensorInfo, tuple[int, int]] | None = None
 
     @property
-    def in_bytes(self) -> int:
-        fp8 = self.dequant[0].nbytes + self.dequant[1].nbytes if self.dequant else 0
-        return sum(m.weight.nbytes for m in self.members) + (self.copy.nbytes if self.copy else 0) + fp8
-
-    @property
     def inputs(self) -> list[TensorInfo]:
         """Every input tensor the unit reads (FP8 sources' block scales included)."""
         out = [m.weight for m in self.members] + [m.scale_inv for m in self.members if m.scale_inv is not None]
@@ -158,6 +153,10 @@ class Unit:
         if self.dequant is not None:
             out += list(self.dequant[:2])
         return out
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
 
     @property
     def out_bytes(self) -> int:

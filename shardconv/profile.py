@@ -24,8 +24,9 @@ def say(message: str) -> None:
 def process_age() -> float:
     """Seconds since this process started (Linux), for the start-up figure."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        return float(open("/proc/uptime").read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            return float(uptime.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
 
@@ -64,7 +65,8 @@ class DiskTimeline:
     @staticmethod
     def _read() -> tuple[int, int]:
         try:
-            stats = dict(line.split() for line in open("/proc/vmstat"))
+            with open("/proc/vmstat") as f:
+                stats = dict(line.split() for line in f)
             return int(stats["pgpgin"]) * 1024, int(stats["pgpgout"]) * 1024
         except (OSError, KeyError, ValueError):
             return 0, 0

@@ -34,9 +34,10 @@ SCRATCH = 8 * 2**20  # bytes per read
 def auto_budget() -> int:
     """How much to read ahead when not told: 1/8 of the memory available now, at most 8 GiB."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return min(MAX_AUTO, int(line.split()[1]) * 1024 // 8)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return min(MAX_AUTO, int(line.split()[1]) * 1024 // 8)
     except (OSError, ValueError, IndexError):
         pass
     return 0

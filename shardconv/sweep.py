@@ -165,16 +165,18 @@ def _first_false(pred, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return lo
 
 
-def mse_choice_windowed(absw: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mse_choice_windowed(absw: torch.Tensor, global_amax: torch.Tensor,
+                        scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's choice from a few candidates per block: ``(index, flagged)``.
 
     Flagged blocks (rare) are those where the window cannot be proven to hold the answer; their
     index is not meaningful. See the module docstring for the argument. Needs
-    :func:`doubling_holds` for the tensor's scales.
+    :func:`doubling_holds` for the tensor's scales; ``scales``, when given, are
+    :func:`window_scales`' (not computed again).
     """
     absw = absw.float()
     dev = absw.device
-    scales = candidate_scales(global_amax.to(dev))
+    scales = candidate_scales(global_amax.to(dev)) if scales is None else scales
     six = scales * nx.FP4_MAX
     m = absw.amax(dim=-1)
     w2 = (absw * absw).sum(dim=-1)
@@ -208,9 +210,10 @@ def mse_choice_windowed(absw: torch.Tensor, global_amax: torch.Tensor) -> tuple[
 def mse_choice(absw: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     """The reference's choice (index 0..125 per block), computed through the window when it can."""
     absw = absw.float()
-    if os.environ.get("SHARDCONV_SWEEP") == "reference" or window_scales(global_amax, absw.device) is None:
+    scales = None if os.environ.get("SHARDCONV_SWEEP") == "reference" else window_scales(global_amax, absw.device)
+    if scales is None:
         return mse_choice_reference(absw, global_amax)
-    k, flagged = mse_choice_windowed(absw, global_amax)
+    k, flagged = mse_choice_windowed(absw, global_amax, scales)
     if flagged.any():
         idx = flagged.nonzero().squeeze(1)
         k[idx] = mse_choice_reference(absw[idx], global_amax)
