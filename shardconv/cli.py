@@ -61,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--export-rounding", choices=("cpu", "cuda"), default="cpu",
                    help="reproduce the bytes of a ModelOpt export that ran on this device kind: its scalar "
                    "divisions round differently on CUDA (default: cpu)")
+    # the defaults repeat pipeline.Options' (a test keeps them equal): pipeline imports torch, which the
+    # start-up read-ahead must not wait for
     c.add_argument("--readers", type=int, default=4, metavar="N", help="reader threads (default: 4)")
     c.add_argument("--host-buffer", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
-                   help="host staging buffers, pinned with a GPU (default: 1GiB; at least one fusion group)")
+                   help="host staging budget, pinned with a GPU: buffers the size of the largest weight, at least the "
+                   "largest fusion group plus one (default: 1GiB)")
     c.add_argument("--gpu-buffer", type=parse_size, default=parse_size("4GiB"), metavar="SIZE",
                    help="GPU temporaries per quantize step (default: 4GiB)")
     c.add_argument("--prefetch", type=parse_size_or_zero, default=0, metavar="SIZE",

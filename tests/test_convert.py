@@ -177,6 +177,17 @@ def test_dry_run_writes_nothing(llama, tmp_path, capsys):
     assert "lm_head" in text and "W4A16_NVFP4" in text
 
 
+def test_cli_defaults_are_the_pipeline_defaults():
+    from shardconv import readahead
+    from shardconv.cli import build_parser, parse_size
+    from shardconv.pipeline import Options
+
+    args, opts = build_parser().parse_args(["convert", "SRC"]), Options()
+    assert (args.readers, args.host_buffer, args.gpu_buffer, args.prefetch, args.fsync) == (
+        opts.readers, opts.host_buffer, opts.gpu_buffer, opts.prefetch, opts.fsync)
+    assert readahead.MAX_AUTO == parse_size("8GiB")  # the --readahead help says "at most 8GiB"
+
+
 def test_default_scales_are_mse(llama, tmp_path, capsys):
     """No --scales and no --amax: the FP8 scale sweep (README, Scale methods), not max."""
     from shardconv.cli import main
