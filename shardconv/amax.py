@@ -38,10 +38,23 @@ class ModuleAmax:
 class AmaxFile:
     """Amax entries by module name, with the aliases checkpoints use on disk."""
 
-    def __init__(self, path: Path, modules: dict[str, ModuleAmax], kv: dict[str, dict[str, torch.Tensor]]):
+    def __init__(self, path: Path, modules: dict[str, ModuleAmax], kv: dict[str, dict[str, torch.Tensor]],
+                 keys: dict[str, str] | None = None):
         self.path = Path(path)
         self.modules = modules
         self.kv = kv  # attention module -> {"k": amax, "v": amax}
+        self.keys = keys or {}  # module (or attention) -> one of the file's keys for it, for messages
+
+    def key(self, module: str) -> str:
+        """A key of the file that fed ``module``'s entry, as the user would find it in the file."""
+        return self.keys.get(module, module)
+
+    def unknown(self, known: set[str]) -> str | None:
+        """The first of the file's modules (and attention modules) that ``known`` lacks under every alias."""
+        for module in sorted([*self.modules, *self.kv]):
+            if not any(name in known for name in _reverse_aliases(module)):
+                return module
+        return None
 
     @property
     def has_weight_amax(self) -> bool:
@@ -75,9 +88,27 @@ def _aliases(module: str) -> list[str]:
     return names
 
 
+def _reverse_aliases(module: str) -> list[str]:
+    """Names a calibrated transformers-5 module may carry on disk (the inverse of :func:`_aliases`)."""
+    names = [module]
+    for new, old in ((".gate_proj", ".w1"), (".up_proj", ".w3"), (".down_proj", ".w2")):
+        if module.endswith(new) and ".experts." in module:
+            names.append(module[: -len(new)] + old)
+    fused = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)$", module)
+    if fused:  # a fused-expert quantizer of experts stored one module each on disk
+        names.append(fused.group(1))
+    for name in list(names):
+        m = re.match(r"^(.*)\.mlp\.(experts(?:\..*)?|gate)$", name)
+        if m:
+            names.append(f"{m.group(1)}.block_sparse_moe.{m.group(2)}")
+    return names
+
+
 def _load_raw(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+    if not path.exists():
         raise ShardconvError(f"{path}: amax file not found")
+    if not path.is_file():
+        raise ShardconvError(f"{path}: amax file is not a regular file")
     with open(path, "rb") as f:
         magic = f.read(8)
     if path.suffix == ".safetensors" or (len(magic) == 8 and not magic.startswith((b"PK", b"\x80"))):
@@ -109,6 +140,7 @@ def load_amax(path: str | Path) -> AmaxFile:
     modules: dict[str, ModuleAmax] = {}
     kv: dict[str, dict[str, torch.Tensor]] = {}
     fused: list[tuple[str, str, str, int | None, str, torch.Tensor]] = []
+    keys: dict[str, str] = {}  # module -> a key of the file, for messages
     for key, value in raw.items():
         if not isinstance(key, str):
             continue
@@ -117,10 +149,19 @@ def load_amax(path: str | Path) -> AmaxFile:
             continue
         if not isinstance(value, torch.Tensor):
             raise ShardconvError(f"{path}: entry {key!r} is not a tensor")
+        if value.layout != torch.strided or value.is_meta or value.numel() == 0 or \
+                not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            what = ("sparse" if value.layout != torch.strided else "a meta tensor (no data)" if value.is_meta
+                    else "empty" if value.numel() == 0 else f"of dtype {value.dtype}")
+            raise ShardconvError(f"{path}: entry {key!r} is {what}; amax entries are dense float tensors")
         value = value.detach().float().cpu()
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ShardconvError(f"{path}: entry {key!r} holds NaN, Inf or negative amax values")
         module, quantizer, buffer = m["module"], m["quantizer"], m["buffer"]
+        if (buffer == "_global_amax" or "input" in quantizer or "bmm" in quantizer) and value.numel() != 1:
+            raise ShardconvError(f"{path}: entry {key!r} has shape {list(value.shape)}; it must be a single "
+                                 "per-tensor value")
+        keys.setdefault(module, key)
         f = _FUSED.match(quantizer)
         if f:
             expert = int(f["expert"]) if f["expert"] is not None else None
@@ -147,6 +188,7 @@ def load_amax(path: str | Path) -> AmaxFile:
         if expert is not None:
             continue
         entry = modules.setdefault(f"{module}.{proj}", ModuleAmax())
+        keys.setdefault(f"{module}.{proj}", f"{module}.{proj}_{kind}_quantizer.{buffer}")
         if kind == "input":
             if buffer == "_amax":
                 entry.input = value.reshape(-1).amax()
@@ -160,6 +202,7 @@ def load_amax(path: str | Path) -> AmaxFile:
         halves = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
         for i, half in enumerate(halves):
             entry = modules.setdefault(f"{module}.{expert}.{half}", ModuleAmax())
+            keys.setdefault(f"{module}.{expert}.{half}", f"{module}.{proj}_weight_quantizers.{expert}.{buffer}")
             if buffer == "_global_amax":
                 entry.global_amax = value.reshape(())
             elif value.numel() == 1:
@@ -174,4 +217,4 @@ def load_amax(path: str | Path) -> AmaxFile:
                 entry.input = shared_inputs[(module, proj)].reshape(-1).amax()
     if not modules and not kv:
         raise ShardconvError(f"{path}: no ModelOpt quantizer amax entries ('...quantizer._amax') found")
-    return AmaxFile(path, modules, kv)
+    return AmaxFile(path, modules, kv, keys)

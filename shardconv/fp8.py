@@ -190,4 +190,10 @@ def dequantize_tensor(weight_info, scale_info, block: tuple[int, int], device="c
     from .safetensors_io import read_into
 
     w = read_into(weight_info).to(device)
-    return dequantize(w, read_into(scale_info), block).cpu()
+    out = dequantize(w, read_into(scale_info), block).cpu()
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):  # e.g. an Inf or NaN weight_scale_inv, or one that overflows bf16
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ShardconvError(f"{weight_info.path}: tensor {weight_info.name!r} dequantizes to NaN/Inf (first at row "
+                             f"{row}, column {col}; its {scale_info.name} holds {float(read_into(scale_info)[row // block[0], col // block[1]])})")
+    return out

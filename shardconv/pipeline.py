@@ -33,7 +33,7 @@ from . import journal, profile, readahead
 from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
-from .quantize import QuantizedWeight, check_finite, quantize_group
+from .quantize import QuantizedWeight, quantize_group, validate
 from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
 from .files import INDEX_NAME, other_files, write_json
 
@@ -285,18 +285,18 @@ class Converter:
         with torch.cuda.stream(self.compute):
             for t in on_dev:
                 t.record_stream(self.compute)
-            finite = torch.stack([fp8.isfinite(t).all() for t in on_dev])  # fp8.py: FP8 sources too
             results = quantize_group(unit.members, on_dev, self.plan.scales, dev, to_cpu=False,
                                      chunk=self.chunk, check=False)
+            ok = torch.stack([q.ok for q in results]).all()  # finite input, usable scales (quantize.py)
             done = torch.cuda.Event()
             done.record(self.compute)
         self.d2h.wait_event(done)
         out_bufs = self.outputs.take(len(unit.members))
         host: list[dict[str, torch.Tensor]] = []
         with torch.cuda.stream(self.d2h):
-            finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-            finite.record_stream(self.d2h)
-            finite_host.copy_(finite, non_blocking=True)
+            ok_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            ok.record_stream(self.d2h)
+            ok_host.copy_(ok, non_blocking=True)
             for m, q, buf in zip(unit.members, results, out_bufs):
                 tensors = self.fmt.quantized_tensors(m.module, q)
                 pos, mine = 0, {}
@@ -313,18 +313,17 @@ class Converter:
                 host.append(mine)
             downloaded = torch.cuda.Event()
             downloaded.record(self.d2h)
-        return host, (downloaded, finite_host, out_bufs)
+        return host, (downloaded, ok_host, out_bufs)
 
     def _write_cuda(self, unit: Unit, host, state) -> None:
-        downloaded, finite_host, out_bufs = state
+        downloaded, ok_host, out_bufs = state
         try:
             t0 = time.perf_counter()
             downloaded.synchronize()
             self.clock.add("gpu-wait", t0)
             t0 = time.perf_counter()
-            for m, ok in zip(unit.members, finite_host.tolist()):
-                if not ok:  # the input buffer is reused by now: read the weight again to say where
-                    check_finite(m, read_into(m.weight))
+            if not bool(ok_host):  # the input buffers are reused by now: read the weights again to say why
+                validate(unit.members, [read_into(m.weight) for m in unit.members], self.plan.scales)
             for tensors in host:
                 self.shards.write(unit.shard, tensors)
             if unit.extra:

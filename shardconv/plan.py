@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from . import fp8 as fp8_input
 from .amax import AmaxFile, ModuleAmax
 from .errors import ShardconvError
-from .numerics import BLOCK
+from .numerics import BLOCK, FP8_MAX
 from .safetensors_io import PlannedTensor, TensorInfo
 from .source import Source
 
@@ -291,6 +292,14 @@ def build_plan(
             for m in groups.pop(key):
                 excluded[m.module] = f"fusion group member {module} is excluded ({reason})"
 
+    if not groups:
+        reasons = Counter(excluded.values())
+        why = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "no 2-D Linear weights"
+        raise ShardconvError(f"{source.root}: nothing to quantize, so no NVFP4 checkpoint would result "
+                             f"(every Linear weight is kept: {why})")
+    if amax is not None:
+        _check_amax_modules(source, amax)
+
     # Saved amax: every quantized module needs what the chosen method reads from the file.
     w4a4 = bool(amax and amax.has_input_amax)
     for members in groups.values():
@@ -319,9 +328,8 @@ def build_plan(
     elif amax is not None and amax.kv:
         kv_cache = True
         by_module = {m.module: u for u in units for m in u.members}
+        _check_kv_amax(source, amax)
         for attention, kv in sorted(amax.kv.items()):
-            if set(kv) != {"k", "v"}:
-                raise ShardconvError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
             unit = by_module.get(f"{attention}.k_proj")
             if unit is None:
                 unit = Unit(copy=None)
@@ -376,7 +384,54 @@ def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> No
                 f"{where}: weight_quantizer._amax has {a.weight.numel()} values, expected {n_blocks} "
                 f"(one per 16-element block of {m.weight.name} {list(m.weight.shape)})"
             )
+        # ModelOpt's static block amax never exceed the global amax (beyond fp32 rounding); one that does
+        # would be clamped to the e4m3 maximum and its block written with the wrong scale
+        if bool(a.weight.max() > a.global_amax * (1 + 2.0**-16)):
+            raise ShardconvError(f"{amax.path}: entry {amax.key(m.module)!r}: a static block amax "
+                                 f"({float(a.weight.max()):.6g}) is above the module's global amax "
+                                 f"({float(a.global_amax):.6g})")
     elif a.weight.numel() != 1:
         if a.weight.numel() == n_blocks:
             raise ShardconvError(f"{where}: per-block weight_quantizer._amax without _global_amax")
         raise ShardconvError(f"{where}: weight_quantizer._amax has shape {list(a.weight.shape)}, expected a scalar")
+
+
+def _check_amax_modules(source: Source, amax: AmaxFile) -> None:
+    """Every module the amax file names must be in the checkpoint (under the names checkpoints or
+    transformers-5 models give it): a file of another model, or of more layers, is refused."""
+    known: set[str] = set()
+    for name in source.tensors:
+        parts = name.split(".")
+        known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    unknown = amax.unknown(known)
+    if unknown is not None:
+        raise ShardconvError(f"{amax.path}: entry {amax.key(unknown)!r} is for module {unknown}, which "
+                             f"{source.root} does not have (an amax file of another model?)")
+
+
+def _attention_modules(source: Source) -> set[str]:
+    """Attention modules that hold a KV cache: parents of ``k_proj`` weights, outside kept subtrees."""
+    return {n[: -len(".k_proj.weight")] for n in source.tensors
+            if n.endswith(".k_proj.weight") and excluded_subtree(n, source.config) is None}
+
+
+def _check_kv_amax(source: Source, amax: AmaxFile) -> None:
+    """KV-cache scales only for attention modules that exist, for every one of them, and usable."""
+    attentions = _attention_modules(source)
+    for attention, kv in sorted(amax.kv.items()):
+        key = amax.key(attention)
+        if set(kv) != {"k", "v"}:
+            raise ShardconvError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
+        if attention not in attentions:
+            raise ShardconvError(f"{amax.path}: entry {key!r}: {attention} is not an attention module of "
+                                 f"{source.root} (no {attention}.k_proj.weight)")
+        for which, value in sorted(kv.items()):
+            scale = float(value) / FP8_MAX
+            if not scale >= 2.0**-126:  # a zero amax (an attention that saw no tokens) would divide by zero
+                raise ShardconvError(f"{amax.path}: {attention}.{which}_bmm_quantizer._amax is {float(value):.4g}: "
+                                     "no usable FP8 KV-cache scale")
+    missing = sorted(attentions - set(amax.kv))
+    if missing:
+        raise ShardconvError(
+            f"{amax.path}: k/v bmm amax for {len(attentions) - len(missing)} of {len(attentions)} attention modules "
+            f"(none for {missing[0]}); FP8 KV-cache scales are written for all of them or none")

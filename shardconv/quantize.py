@@ -26,12 +26,23 @@ class QuantizedWeight:
     scale: torch.Tensor  # float8_e4m3fn [out, in/16] (stacked experts: [E, in/16, out])
     scale_2: torch.Tensor  # float32 0-d
     input_scale: torch.Tensor | None  # float32 0-d, W4A4 only
+    ok: torch.Tensor | None = None  # with check=False: a device bool, False when validate() would raise
 
 
 def _row_chunks(rows: int, cols: int, chunk: int | None = None):
     step = max(1, (chunk or CHUNK_ELEMENTS) // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+# A fusion group whose weights are all zero has no max to scale by. ModelOpt writes weight_scale_2 = 0
+# and NaN block scales for it (0 / 0), which engines turn into NaN outputs; shardconv uses the amax
+# ModelOpt's export gives an unused quantizer (the e2m1 maximum, 6.0) instead: every code is 0, so the
+# weight still dequantizes to exact zeros, and every scale is a plain finite number (README, Reliability).
+ZERO_GROUP_AMAX = numerics.FP4_MAX
+# The smallest weight_scale_2 (and input_scale) written: a normal fp32 whose reciprocal (the
+# compressed-tensors global scale) is finite too. A group max below ~3e-35 is refused, not written.
+MIN_GLOBAL_SCALE = 2.0**-126
 
 
 def check_finite(member: Member, weight: torch.Tensor) -> None:
@@ -42,7 +53,8 @@ def check_finite(member: Member, weight: torch.Tensor) -> None:
             where = f"row {bad[0]}, column {bad[1]}" if len(bad) == 2 else f"index {bad}"
             raise ShardconvError(
                 f"{member.weight.path}: tensor {member.weight.name!r} has NaN/Inf values "
-                f"(first at {where}); cannot quantize it"
+                + ("after FP8 dequantization with its weight_scale_inv " if member.scale_inv is not None else "")
+                + f"(first at {where}); cannot quantize it"
             )
 
 
@@ -68,11 +80,16 @@ def quantize_group(
     for m, w in zip(members, on_device):
         if check:
             check_finite(m, w)
-    per_member = [scales.weight_global_amax(m, w, method, _row_chunks(len(w), w[0].numel() if len(w) else 1, chunk))
-                  for m, w in zip(members, on_device)]
+    chunks = [list(_row_chunks(len(w), w[0].numel() if len(w) else 1, chunk)) for w in on_device]
+    per_member = [scales.weight_global_amax(m, w, method, c) for m, w, c in zip(members, on_device, chunks)]
     group_amax = torch.stack(per_member).amax()
+    if check and method == "amax":
+        _check_saved_amax(members, on_device, chunks, group_amax)
+    group_amax = torch.where(group_amax == 0, torch.full_like(group_amax, ZERO_GROUP_AMAX), group_amax)
     scale_2 = scales.weight_scale_2(group_amax, method)
     in_scale = scales.input_scale(members)
+    if check:
+        _check_global_scales(members, scale_2, in_scale)
     results = []
     for m, w in zip(members, on_device):
         if m.stacked:
@@ -86,12 +103,74 @@ def quantize_group(
             bscale[rows] = s
             packed[rows] = numerics.quantize(w[rows], s, scale_2)
         results.append(QuantizedWeight(packed, bscale, scale_2, in_scale))
+    if check:
+        for m, q in zip(members, results):
+            _check_block_scales(m, q.scale)
+    else:  # one device flag per member, read by the caller once the group is done (no sync here)
+        group_ok = _scalar_ok(scale_2) & (_scalar_ok(in_scale) if in_scale is not None else True)
+        if method == "amax":
+            group_ok = group_ok & ~_zero_amax_lies(members, on_device, chunks, torch.stack(per_member).amax())
+        for m, w, c, q in zip(members, on_device, chunks, results):
+            finite = torch.stack([fp8.isfinite(w[rows]).all() for rows in c]).all() if len(w) else True
+            scales_ok = (((q.scale.view(torch.uint8) & 0x7F) != 0x7F).all())
+            q.ok = group_ok & finite & scales_ok
     if to_cpu:
         results = [
             QuantizedWeight(*(None if t is None else t.cpu() for t in (q.packed, q.scale, q.scale_2, q.input_scale)))
             for q in results
         ]
     return results
+
+
+def _scalar_ok(t: torch.Tensor) -> torch.Tensor:
+    """A global scale engines can use: finite, at least MIN_GLOBAL_SCALE, with a finite reciprocal."""
+    t = t.float()
+    return torch.isfinite(t) & (t >= MIN_GLOBAL_SCALE) & torch.isfinite(1.0 / t)
+
+
+def _names(members: list[Member]) -> str:
+    return ", ".join(m.weight.name for m in members)
+
+
+def _check_global_scales(members: list[Member], scale_2: torch.Tensor, in_scale: torch.Tensor | None) -> None:
+    """Refuse a group whose weight_scale_2 or input_scale is not a usable positive number."""
+    where = f"{members[0].weight.path}: tensor {_names(members)}"
+    if not bool(_scalar_ok(scale_2)):
+        raise ShardconvError(
+            f"{where}: weight_scale_2 would be {float(scale_2):.4g}: the group's max |w| is too small for NVFP4 "
+            "scales (use --exclude to keep it in source precision)")
+    if in_scale is not None and not bool(_scalar_ok(in_scale)):
+        raise ShardconvError(f"{where}: input_scale would be {float(in_scale):.4g} (from the amax file's "
+                             "input_quantizer._amax): not a usable positive scale")
+
+
+def _zero_amax_lies(members, weights, chunks, saved_amax) -> torch.Tensor:
+    """True (a device bool) when the amax file gives the group a zero global amax but a weight is not zero."""
+    actual = torch.stack([torch.stack([w[rows].abs().amax().float() for rows in c]).amax() if len(w) else
+                          torch.zeros((), device=w.device) for w, c in zip(weights, chunks)]).amax()
+    return (saved_amax == 0) & (actual > 0)
+
+
+def _check_saved_amax(members, weights, chunks, saved_amax) -> None:
+    if bool(_zero_amax_lies(members, weights, chunks, saved_amax)):
+        raise ShardconvError(f"{members[0].weight.path}: tensor {_names(members)}: the amax file gives a global "
+                             "amax of 0 but the weights are not all zero (the amax file does not fit this checkpoint)")
+
+
+def _check_block_scales(member: Member, scale: torch.Tensor) -> None:
+    bad = (scale.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise ShardconvError(f"{member.weight.path}: tensor {member.weight.name!r}: block scale {first} is NaN "
+                             "(a bad scale source); nothing was written for it")
+
+
+def validate(members: list[Member], weights: list[torch.Tensor], method: str) -> None:
+    """Raise the ShardconvError that a group flagged ``ok == False`` on a device deserves, by quantizing
+    it again on the CPU with every check on (only ever run for a group that failed)."""
+    quantize_group(members, [w.cpu() for w in weights], method, "cpu", check=True)
+    raise ShardconvError(f"{members[0].weight.path}: tensor {_names(members)}: quantized to non-finite or "
+                         "unusable scales on the device, though the CPU reference gives valid ones (a device bug?)")
 
 
 def _quantize_stacked(m: Member, w: torch.Tensor, group_amax, scale_2, in_scale, method, device, chunk):
