@@ -98,14 +98,13 @@ def _verify(args) -> int:
 
     max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
     report = verify(args.dst, args.source, max_error=max_error)
-    print("\n".join(report.info + error_table(report, args.top)))
-    for w in report.warnings:
-        print(f"warning: {w}")
+    say(*report.info, *error_table(report, args.top))
+    say(*(f"warning: {w}" for w in report.warnings))
     for problem in report.problems[:MAX_REPORTED]:
         print(f"shardconv: verify: {problem}", file=sys.stderr)
     if len(report.problems) > MAX_REPORTED:
         print(f"shardconv: verify: ... and {len(report.problems) - MAX_REPORTED} more problems", file=sys.stderr)
-    print(f"verify: {'PASS' if report.ok else f'FAIL ({len(report.problems)} problems)'}")
+    say(f"verify: {'PASS' if report.ok else f'FAIL ({len(report.problems)} problems)'}")
     return 0 if report.ok else 1
 
 
@@ -218,7 +217,7 @@ def _convert(args) -> int:
 
         tmp = tempfile.TemporaryDirectory(prefix="shardconv-sample-")
         src = str(sample_checkpoint(Path(tmp.name) / "sample"))
-        print(f"no model given: converting the built-in sample checkpoint ({src})")
+        say(f"no model given: converting the built-in sample checkpoint ({src})")
         if dst is None:
             dst, overwrite = SAMPLE_DST, True
     try:
@@ -233,10 +232,9 @@ def _convert(args) -> int:
         plan = build_plan(source, fmt, excludes=args.exclude, amax=amax, scales=args.scales,
                           max_shard_size=args.max_shard_size)
         if args.dry_run:
-            print("\n".join(describe(plan)))
+            say(*describe(plan))
             return 0
-        for note in plan.notes:
-            print(f"note: {note}")
+        say(*(f"note: {note}" for note in plan.notes))
         device = pick_device(args.device)
         if profile.ENABLED:
             if device.type == "cuda":
@@ -251,8 +249,7 @@ def _convert(args) -> int:
             extra["amax"] = [str(Path(args.amax).resolve()), st.st_size, st.st_mtime_ns]
         summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra)
         profile.say(f"done {profile.process_age():.1f} s after process start")
-        print(f"wrote {dst}")
-        print("\n".join(summary.lines()))
+        say(f"wrote {dst}", *summary.lines())
         return 0
     finally:
         if tmp is not None:
@@ -277,6 +274,27 @@ def _start_readahead(args) -> None:
     readahead.start(args.src, args.readahead)
 
 
+def say(*lines: str) -> None:
+    """Print to stdout; a closed or broken stdout (``| head``, ``>&-``) loses the text, never the run."""
+    try:
+        if sys.stdout is not None and lines:
+            print(*lines, sep="\n")
+    except (OSError, ValueError):  # BrokenPipeError, EBADF, or "I/O operation on closed file"
+        pass
+
+
+def _error(message: str, error: BaseException | None = None) -> None:
+    """One line on stderr; with SHARDCONV_DEBUG=1 the traceback that led to it first."""
+    try:
+        if error is not None and os.environ.get("SHARDCONV_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exception(error.__cause__ or error, file=sys.stderr)
+        print(f"shardconv: error: {' '.join(message.split())}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -286,16 +304,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
     except ShardconvError as e:
-        print(f"shardconv: error: {e}", file=sys.stderr)
+        _error(str(e), e)
         return 2
     except OSError as e:  # the disk, not the input: e.g. DST filled up while config files were written
         where = f"{e.filename}: " if e.filename else ""
-        print(f"shardconv: error: {where}{e.strerror or e}", file=sys.stderr)
+        _error(f"{where}{e.strerror or e}", e)
         return 2
     except KeyboardInterrupt:
-        print("shardconv: interrupted; finished shards were kept: run the same command again to resume",
-              file=sys.stderr)
+        try:
+            print("shardconv: interrupted; finished shards were kept: run the same command again to resume",
+                  file=sys.stderr)
+        except (OSError, ValueError):
+            pass
         return 130
+    except Exception as e:  # a bug: still one line, and the traceback on request
+        from .errors import describe
+
+        _error(f"unexpected {describe(e)} (a shardconv bug: please report it; SHARDCONV_DEBUG=1 prints the "
+               "traceback)", e)
+        return 2
     return 1
 
 
@@ -306,8 +333,12 @@ def run() -> None:
     a second on the H200 machine and writes nothing.
     """
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: the conversion's result stands
+            pass
     os._exit(code)
 
 

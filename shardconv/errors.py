@@ -1,8 +1,14 @@
-"""One exception type for every user-facing failure.
+"""One exception type for every user-facing failure, and how anything else becomes one.
 
-The CLI prints ``str(error)`` as a single line and exits non-zero; anything else escaping is a bug.
-Messages name the file and, where there is one, the tensor.
+The CLI prints ``str(error)`` as a single line and exits non-zero. An unexpected exception (a bug, or
+an OS error without a file name) raised while a tensor is worked on is turned into a ShardconvError
+naming that file and tensor by :func:`working_on`, so the user still gets one line saying where it
+happened; ``SHARDCONV_DEBUG=1`` makes the CLI print the original traceback too.
 """
+
+from __future__ import annotations
+
+from contextlib import contextmanager
 
 
 class ShardconvError(Exception):
@@ -10,3 +16,30 @@ class ShardconvError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` of an unexpected exception, on one line."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror + (f": {error.filename}" if error.filename else "")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextmanager
+def working_on(path, tensor: str | None = None):
+    """Re-raise anything but a ShardconvError, an OS error that names its file, or an interrupt as a
+    ShardconvError naming ``path`` and ``tensor`` (the original stays as ``__cause__``)."""
+    try:
+        yield
+    except ShardconvError:
+        raise
+    except OSError as e:
+        if e.filename:  # already says which file: the CLI prints it as it is
+            raise
+        where = f"{path}: tensor {tensor!r}" if tensor else f"{path}"
+        raise ShardconvError(f"{where}: {describe(e)}") from e
+    except Exception as e:
+        where = f"{path}: tensor {tensor!r}" if tensor else f"{path}"
+        raise ShardconvError(f"{where}: unexpected {describe(e)} (a shardconv bug: please report it; "
+                             "SHARDCONV_DEBUG=1 prints the traceback)") from e

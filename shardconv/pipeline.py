@@ -19,6 +19,7 @@ checkpoint. A failed run keeps its finished shards, recorded with their digests 
 from __future__ import annotations
 
 import collections
+import functools
 import shutil
 import signal
 import threading
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import journal, profile, readahead
-from .errors import ShardconvError
+from .errors import ShardconvError, working_on
 from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, quantize_group, validate
@@ -204,6 +205,16 @@ def _aligned(n: int) -> int:
     return (n + 63) // 64 * 64
 
 
+def _in_context(method):
+    """Run a stage method so that an unexpected error names the tensor it was working on (errors.py)."""
+    @functools.wraps(method)
+    def wrapper(self, subject, *args, **kwargs):
+        info = subject if isinstance(subject, TensorInfo) else subject.first
+        with working_on(info.path, info.name):
+            return method(self, subject, *args, **kwargs)
+    return wrapper
+
+
 class Converter:
     """Runs one plan through the stages described in the module docstring."""
 
@@ -237,6 +248,7 @@ class Converter:
         return [self.readers.submit(self._read_piece, m.weight, buf, start, min(start + READ_PIECE, m.weight.nbytes))
                 for m, buf in zip(unit.members, buffers) for start in range(0, m.weight.nbytes, READ_PIECE)]
 
+    @_in_context
     def _read_piece(self, info: TensorInfo, buf: torch.Tensor, start: int, stop: int) -> None:
         t0 = time.perf_counter()
         read_range(info, buf, start, stop)
@@ -253,6 +265,7 @@ class Converter:
             jobs.append(self.readers.submit(self._write_small, unit))
         return jobs
 
+    @_in_context
     def _copy_piece(self, unit: Unit, start: int, stop: int) -> None:
         t0 = time.perf_counter()
         if not hasattr(self.local, "copy_buffer"):  # one per reader thread, allocated on first use
@@ -261,6 +274,7 @@ class Converter:
         self.clock.add("copy", t0)
         self._advance(stop - start)
 
+    @_in_context
     def _write_small(self, unit: Unit) -> None:
         if unit.dequant is not None:  # an excluded FP8 weight, written dequantized as bf16 (fp8.py)
             self.shards.write(unit.shard, {unit.dequant[0].name: fp8.dequantize_tensor(*unit.dequant)})
@@ -269,6 +283,7 @@ class Converter:
             self.shards.write(unit.shard, dict(unit.extra))
 
     # -- stage 2: device work ---------------------------------------------------------------------
+    @_in_context
     def _quantize_cuda(self, unit: Unit, weights: list[torch.Tensor], in_bufs):
         dev = self.opts.device
         with torch.cuda.stream(self.h2d):
@@ -315,6 +330,7 @@ class Converter:
             downloaded.record(self.d2h)
         return host, (downloaded, ok_host, out_bufs)
 
+    @_in_context
     def _write_cuda(self, unit: Unit, host, state) -> None:
         downloaded, ok_host, out_bufs = state
         try:
@@ -333,6 +349,7 @@ class Converter:
             self.outputs.give(out_bufs)
         self._advance(unit.in_bytes)
 
+    @_in_context
     def _write_cpu(self, unit: Unit, results: list[QuantizedWeight]) -> None:
         t0 = time.perf_counter()
         for m, q in zip(unit.members, results):
@@ -393,7 +410,8 @@ class Converter:
                     jobs.append(self.writers.submit(self._write_cuda, unit, host, state))
                 else:
                     try:
-                        results = quantize_group(unit.members, weights, self.plan.scales, "cpu")
+                        with working_on(unit.first.path, unit.first.name):
+                            results = quantize_group(unit.members, weights, self.plan.scales, "cpu")
                     finally:
                         self.inputs.give(bufs)
                     jobs.append(self.writers.submit(self._write_cpu, unit, results))

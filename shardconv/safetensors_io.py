@@ -92,7 +92,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 raise ShardconvError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            if hlen > MAX_HEADER_BYTES:
+                raise ShardconvError(f"{path}: safetensors header of {hlen} bytes is over the {MAX_HEADER_BYTES} byte "
+                                     "limit (the safetensors library's own)")
+            if 8 + hlen > size:
                 raise ShardconvError(
                     f"{path}: corrupt safetensors header (header length {hlen} but file has {size} bytes)"
                 )
@@ -154,6 +157,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ShardconvError(f"{path}: corrupt header: tensors {_short(n0)} and {_short(n1)} overlap")
+    # Every data byte belongs to a tensor, as the safetensors library itself requires: a gap or a tail
+    # is a tensor the header lost (or bytes nothing accounts for), so the file is not read whole.
+    pos = 0
+    for s0, e0, n0 in spans:
+        if s0 > pos:
+            raise ShardconvError(f"{path}: corrupt header: data bytes {pos}..{s0} before tensor {_short(n0)} "
+                                 "belong to no tensor")
+        pos = max(pos, e0)
+    if pos != data_len:
+        raise ShardconvError(f"{path}: corrupt safetensors file: {data_len - pos} bytes after the last tensor's data "
+                             "belong to no tensor")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 

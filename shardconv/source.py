@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,7 @@ _CONFIG_TYPES = {
     "num_hidden_layers": (int,),
     "num_nextn_predict_layers": (int,),
     "quantization_config": (dict,),
+    "tie_word_embeddings": (bool,),
     "text_config": (dict,),
     "language_config": (dict,),
     "llm_config": (dict,),
@@ -89,7 +91,7 @@ def _check_config(cfg_path: Path, config: dict, where: str = "") -> None:
         value = config.get(key)
         if value is None:
             continue
-        if not isinstance(value, types) or isinstance(value, bool) or (
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) or (
                 key == "architectures" and not all(isinstance(a, str) for a in value)):
             raise ShardconvError(f"{cfg_path}: {where}{key} is {_short(value)}, not a {types[0].__name__}"
                                  + (" of strings" if key == "architectures" else ""))
@@ -101,11 +103,42 @@ def _check_config(cfg_path: Path, config: dict, where: str = "") -> None:
                 _check_config(cfg_path, config[key], f"{key}.")
 
 
+_NUMBERED = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def _check_numbered(root: Path, shards: list[Path], index_path: Path | None) -> None:
+    """Shards named ``<stem>-0000i-of-0000N.safetensors`` promise N of them: every one must be there,
+    and, with an index, be listed by it (a shard on disk that the index never names is a set the
+    index does not describe)."""
+    series: dict[tuple[str, str, int], set[int]] = {}
+    for shard in shards:
+        m = _NUMBERED.match(shard.name)
+        if m:
+            series.setdefault((str(shard.parent), m["stem"], len(m["i"]), int(m["n"])), set()).add(int(m["i"]))
+    for (parent, stem, width, n), present in sorted(series.items()):
+        if n > 100_000 or max(present) > n or 0 in present:
+            bad = max(present) if max(present) > n else 0
+            raise ShardconvError(f"{Path(parent) / f'{stem}-{bad:0{width}d}-of-{n:0{width}d}.safetensors'}: "
+                                 f"shard number outside 1..{n}")
+        for i in range(1, n + 1):
+            if i in present:
+                continue
+            name = f"{stem}-{i:0{width}d}-of-{n:0{width}d}.safetensors"
+            path = Path(parent) / name
+            if index_path is not None and _check(Path.exists, path):
+                raise ShardconvError(f"{index_path}: lists no tensor in {name}, which is on disk: the index does not "
+                                     "describe this checkpoint's shards")
+            raise ShardconvError(f"{path}: missing: {len(present)} of the {n} shards named {stem}-*-of-{n:0{width}d} "
+                                 "are there, and a checkpoint is converted whole or not at all")
+
+
 def open_source(src: str) -> Source:
     """Resolve SRC, read config.json, find the shards and read every header (no tensor data)."""
     root = resolve(src)
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
+        if _check(Path.exists, cfg_path):
+            raise ShardconvError(f"{cfg_path}: not a regular file")
         raise ShardconvError(f"{cfg_path}: not found (SRC must be a Hugging Face checkpoint folder)")
     try:
         config = json.loads(cfg_path.read_text())
@@ -121,6 +154,8 @@ def open_source(src: str) -> Source:
 
     index_path = root / INDEX_NAME
     weight_map: dict[str, str] | None = None
+    if _check(Path.exists, index_path) and not index_path.is_file():
+        raise ShardconvError(f"{index_path}: not a regular file")
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
@@ -140,11 +175,13 @@ def open_source(src: str) -> Source:
         for name, shard in zip(names, shards):
             if not _check(Path.is_file, shard):
                 tensor = next(t for t, s in weight_map.items() if s == name)
-                raise ShardconvError(f"{index_path}: tensor {_short(tensor)} is in {_short(name)}, which does not exist")
+                what = "is not a regular file" if _check(Path.exists, shard) else "does not exist"
+                raise ShardconvError(f"{index_path}: tensor {_short(tensor)} is in {_short(name)}, which {what}")
     else:
         shards = unindexed_shards(root)
     if not shards:
         raise ShardconvError(f"{root}: no .safetensors files (only safetensors checkpoints are supported)")
+    _check_numbered(root, shards, index_path if weight_map is not None else None)
 
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
