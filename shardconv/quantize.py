@@ -116,7 +116,8 @@ def quantize_group(
             q.ok = group_ok & finite & scales_ok
     if to_cpu:
         results = [
-            QuantizedWeight(*(None if t is None else t.cpu() for t in (q.packed, q.scale, q.scale_2, q.input_scale)))
+            QuantizedWeight(*(t if t is None or isinstance(t, bool) else t.cpu()
+                              for t in (q.packed, q.scale, q.scale_2, q.input_scale, q.ok)))
             for q in results
         ]
     return results

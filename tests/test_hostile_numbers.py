@@ -1,0 +1,186 @@
+"""Hostile inputs, class 1: no non-finite or degenerate number in a finished output.
+
+Every tensor written (quantized, kept, or dequantized from FP8) is finite; weight_scale_2 and
+input_scale are finite and usable (normal fp32 with a finite reciprocal); an all-zero fusion group
+gives a valid checkpoint (global amax 6.0, zero codes) where ModelOpt would write 0/0 = NaN scales.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import load_checkpoint, run_cli, tree_digest
+from shardconv import numerics as nx
+from shardconv.quantize import ZERO_GROUP_AMAX, quantize_group, validate
+from shardconv.errors import ShardconvError
+from shardconv.synth import write_checkpoint
+from test_fp8 import make_fp8
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def edit(src, changes: dict):
+    """Replace tensors of a checkpoint in place (name -> function of the old tensor)."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in sorted({index[n] for n in changes}):
+        tensors = load_file(str(src / shard))
+        for name, fn in changes.items():
+            if index[name] == shard:
+                tensors[name] = fn(tensors[name])
+        save_file(tensors, str(src / shard), metadata={"format": "pt"})
+
+
+@pytest.fixture()
+def llama(tmp_path):
+    return write_checkpoint(tmp_path / "src", family="llama", weights="structured", num_layers=2, shard_size=100_000)
+
+
+def all_finite(out: dict) -> list[str]:
+    bad = []
+    for name, t in out.items():
+        if t.dtype == torch.float8_e4m3fn:
+            if ((t.view(torch.uint8) & 0x7F) == 0x7F).any():
+                bad.append(name)
+        elif t.is_floating_point() and not torch.isfinite(t).all():
+            bad.append(name)
+    return bad
+
+
+@pytest.mark.parametrize("method,block_byte,norm", [("max", 0x38, 448.0), ("mse", 0x01, 448.0),
+                                                    ("four-over-six", 0x78, 256.0)])
+def test_all_zero_weights_give_a_valid_checkpoint(llama, tmp_path, method, block_byte, norm):
+    """(block bytes: max 1.0 as ModelOpt's [==0]=1 rule; mse 0x01, FORMAT.md §2; four-over-six: 1.0 * 256 / (6 / 6))"""
+    """A lone zero Linear and a whole zero q/k/v group: finite scales, zero codes, exact zeros back."""
+    zeros = {"model.layers.0.mlp.down_proj.weight": torch.zeros_like}
+    zeros.update({f"model.layers.1.self_attn.{p}.weight": torch.zeros_like for p in QKV})
+    zeros["model.layers.0.self_attn.v_proj.weight"] = torch.zeros_like  # one zero member of a live group
+    edit(llama, zeros)
+    dst = tmp_path / "out"
+    rc, err = run_cli("convert", llama, dst, "--device", "cpu", "--scales", method, "--no-progress")
+    assert rc == 0, err
+    out = load_checkpoint(dst)
+    assert not all_finite(out)
+    want_s2 = nx.global_scale(torch.tensor(ZERO_GROUP_AMAX), norm)
+    for m in ["model.layers.0.mlp.down_proj"] + [f"model.layers.1.self_attn.{p}" for p in QKV]:
+        assert torch.equal(out[f"{m}.weight_scale_2"], want_s2), m
+        assert float(out[f"{m}.weight_scale_2"]) > 0 and torch.isfinite(1 / out[f"{m}.weight_scale_2"])
+        assert not out[f"{m}.weight"].any(), m  # every code is +0
+        assert (out[f"{m}.weight_scale"].view(torch.uint8) == block_byte).all(), m
+        deq = nx.dequantize(out[f"{m}.weight"], out[f"{m}.weight_scale"], out[f"{m}.weight_scale_2"])
+        assert not deq.any()
+    # the zero v_proj shares its live group's scale, not the fallback
+    s2 = out["model.layers.0.self_attn.v_proj.weight_scale_2"]
+    assert torch.equal(s2, out["model.layers.0.self_attn.q_proj.weight_scale_2"]) and not torch.equal(s2, want_s2)
+    rc, err = run_cli("verify", dst, "--source", llama)
+    assert rc == 0, err
+
+
+def test_all_zero_group_compressed_tensors_has_finite_global_scales(llama, tmp_path):
+    edit(llama, {f"model.layers.1.self_attn.{p}.weight": torch.zeros_like for p in QKV})
+    rc, err = run_cli("convert", llama, tmp_path / "ct", "--format", "compressed-tensors", "--scales", "max",
+                      "--no-progress")
+    assert rc == 0, err
+    out = load_checkpoint(tmp_path / "ct")
+    assert not all_finite(out)
+    g = out["model.layers.1.self_attn.q_proj.weight_global_scale"]
+    assert torch.isfinite(g).all() and (g > 0).all()
+
+
+def fails(src, dst, *needles, args=()):
+    before = tree_digest(src)
+    rc, err = run_cli("convert", src, dst, "--no-progress", *args)
+    assert rc == 2 and err.startswith("shardconv: error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert tree_digest(src) == before
+    assert not (dst / "model.safetensors.index.json").exists()
+    return err
+
+
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_a_weight_too_small_for_nvfp4_scales_is_refused(llama, tmp_path, method):
+    """max |w| = 1e-37: weight_scale_2 would be subnormal and 1/weight_scale_2 infinite."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    edit(llama, {name: lambda t: torch.full_like(t, 1e-37)})
+    fails(llama, tmp_path / "out", name, "weight_scale_2", "--exclude", args=("--scales", method))
+
+
+def test_nan_in_a_kept_tensor_is_refused(llama, tmp_path):
+    name = "model.layers.1.input_layernorm.weight"
+
+    def poison(t):
+        t = t.clone()
+        t[5] = float("nan")
+        return t
+    edit(llama, {name: poison})
+    err = fails(llama, tmp_path / "out", name, "NaN/Inf", "flat index 5")
+    assert "model.norm" not in err
+
+
+def test_inf_in_a_kept_f32_tensor_is_refused(tmp_path):
+    src = write_checkpoint(tmp_path / "src", family="llama", num_layers=2, shard_size=100_000, dtype=torch.float32)
+    edit(src, {"model.norm.weight": lambda t: torch.cat([t[:-1], torch.tensor([float("inf")])])})
+    fails(src, tmp_path / "out", "model.norm.weight", "NaN/Inf")
+
+
+@pytest.fixture()
+def fp8_src(tmp_path):
+    bf16 = write_checkpoint(tmp_path / "bf16", family="deepseek_v3", weights="structured", num_layers=2,
+                            hidden_size=256, intermediate_size=320, moe_intermediate_size=64, num_experts=4,
+                            vocab_size=256, shard_size=300_000)
+    src, _ = make_fp8(bf16, tmp_path / "fp8")
+    return src
+
+
+def test_fp8_scale_that_overflows_bf16_in_an_excluded_weight_is_refused(fp8_src, tmp_path):
+    """Excluded FP8 weights are written dequantized (bf16): an Inf there would ship."""
+    name = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    edit(fp8_src, {name: lambda t: torch.full_like(t, float("inf"))})
+    fails(fp8_src, tmp_path / "out", "model.layers.0.self_attn.o_proj.weight", "dequantizes to NaN/Inf",
+          args=("--exclude", "model.layers.0.self_attn.o_proj"))
+
+
+def test_fp8_scale_that_overflows_bf16_in_a_quantized_weight_is_refused(fp8_src, tmp_path):
+    name = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    edit(fp8_src, {name: lambda t: torch.full_like(t, 3e38)})  # fp32 * e4m3 up to 448 overflows
+    fails(fp8_src, tmp_path / "out", "model.layers.0.self_attn.o_proj.weight", "after FP8 dequantization")
+
+
+def members_of(src, names):
+    from shardconv.formats import get_format
+    from shardconv.plan import build_plan
+    from shardconv.source import open_source
+
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales="max")
+    by = {m.module: m for m in plan.quantized}
+    return [by[n] for n in names]
+
+
+@pytest.mark.parametrize("fill,ok", [(0.0, True), (0.5, True), (1e-37, False), (float("nan"), False),
+                                     (float("inf"), False)])
+def test_device_flag_matches_the_cpu_checks(llama, fill, ok):
+    """The device path's one bool per member (check=False, no sync) says False exactly when the CPU
+    path (check=True) raises, and validate() then gives the CPU's message."""
+    (m,) = members_of(llama, ["model.layers.0.mlp.down_proj"])
+    w = torch.full(m.weight.shape, fill, dtype=torch.bfloat16)
+    (q,) = quantize_group([m], [w], "max", "cpu", check=False)
+    assert bool(q.ok) is ok
+    if ok:
+        quantize_group([m], [w], "max", "cpu", check=True)
+    else:
+        with pytest.raises(ShardconvError, match="down_proj"):
+            validate([m], [w], "max")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fill,ok", [(0.0, True), (1e-37, False), (float("nan"), False)])
+def test_device_flag_on_cuda(llama, fill, ok):
+    (m,) = members_of(llama, ["model.layers.0.mlp.down_proj"])
+    w = torch.full(m.weight.shape, fill, dtype=torch.bfloat16)
+    (q,) = quantize_group([m], [w.cuda()], "max", "cuda", check=False, to_cpu=False)
+    assert bool(q.ok.cpu()) is ok
+    if ok:
+        (ref,) = quantize_group([m], [w], "max", "cpu")
+        assert torch.equal(q.scale_2.cpu(), ref.scale_2) and torch.equal(q.packed.cpu(), ref.packed)
