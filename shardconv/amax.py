@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ShardconvError
+from .errors import AmaxError
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<quantizer>[A-Za-z0-9_]*quantizers?(?:\.\d+)?)\.(?P<buffer>_amax|_global_amax)$")
 _FUSED = re.compile(r"^(?P<proj>gate_up_proj|down_proj)_(?P<kind>weight|input)_quantizers?(?:\.(?P<expert>\d+))?$")
@@ -106,9 +106,9 @@ def _reverse_aliases(module: str) -> list[str]:
 
 def _load_raw(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise ShardconvError(f"{path}: amax file not found")
+        raise AmaxError(f"{path}: amax file not found")
     if not path.is_file():
-        raise ShardconvError(f"{path}: amax file is not a regular file")
+        raise AmaxError(f"{path}: amax file is not a regular file")
     with open(path, "rb") as f:
         magic = f.read(8)
     if path.suffix == ".safetensors" or (len(magic) == 8 and not magic.startswith((b"PK", b"\x80"))):
@@ -118,18 +118,18 @@ def _load_raw(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:
             if path.suffix == ".safetensors":
-                raise ShardconvError(f"{path}: not a readable safetensors amax file: {e}") from None
+                raise AmaxError(f"{path}: not a readable safetensors amax file: {e}") from None
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ShardconvError(
+        raise AmaxError(
             f"{path}: not a loadable amax file (torch.load with weights_only=True refused it: {first})"
         ) from None
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict):
-        raise ShardconvError(f"{path}: amax file must hold a dict of tensors, found {type(raw).__name__}")
+        raise AmaxError(f"{path}: amax file must hold a dict of tensors, found {type(raw).__name__}")
     return raw
 
 
@@ -148,18 +148,18 @@ def load_amax(path: str | Path) -> AmaxFile:
         if not m:
             continue
         if not isinstance(value, torch.Tensor):
-            raise ShardconvError(f"{path}: entry {key!r} is not a tensor")
+            raise AmaxError(f"{path}: entry {key!r} is not a tensor")
         if value.layout != torch.strided or value.is_meta or value.numel() == 0 or \
                 not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             what = ("sparse" if value.layout != torch.strided else "a meta tensor (no data)" if value.is_meta
                     else "empty" if value.numel() == 0 else f"of dtype {value.dtype}")
-            raise ShardconvError(f"{path}: entry {key!r} is {what}; amax entries are dense float tensors")
+            raise AmaxError(f"{path}: entry {key!r} is {what}; amax entries are dense float tensors")
         value = value.detach().float().cpu()
         if not torch.isfinite(value).all() or (value < 0).any():
-            raise ShardconvError(f"{path}: entry {key!r} holds NaN, Inf or negative amax values")
+            raise AmaxError(f"{path}: entry {key!r} holds NaN, Inf or negative amax values")
         module, quantizer, buffer = m["module"], m["quantizer"], m["buffer"]
         if (buffer == "_global_amax" or "input" in quantizer or "bmm" in quantizer) and value.numel() != 1:
-            raise ShardconvError(f"{path}: entry {key!r} has shape {list(value.shape)}; it must be a single "
+            raise AmaxError(f"{path}: entry {key!r} has shape {list(value.shape)}; it must be a single "
                                  "per-tensor value")
         keys.setdefault(module, key)
         f = _FUSED.match(quantizer)
@@ -210,11 +210,11 @@ def load_amax(path: str | Path) -> AmaxFile:
             else:
                 flat = value.reshape(-1)
                 if flat.numel() % len(halves):
-                    raise ShardconvError(f"{path}: {module}.{proj} expert {expert}: odd number of block amax values")
+                    raise AmaxError(f"{path}: {module}.{proj} expert {expert}: odd number of block amax values")
                 n = flat.numel() // len(halves)
                 entry.weight = flat[i * n : (i + 1) * n]
             if (module, proj) in shared_inputs:
                 entry.input = shared_inputs[(module, proj)].reshape(-1).amax()
     if not modules and not kv:
-        raise ShardconvError(f"{path}: no ModelOpt quantizer amax entries ('...quantizer._amax') found")
+        raise AmaxError(f"{path}: no ModelOpt quantizer amax entries ('...quantizer._amax') found")
     return AmaxFile(path, modules, kv, keys)

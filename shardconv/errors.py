@@ -18,6 +18,26 @@ class ShardconvError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class SourceError(ShardconvError):
+    """SRC is unusable: a missing or malformed file, header, config or tensor (NaN/Inf values too)."""
+
+
+class AmaxError(ShardconvError):
+    """The amax file is unreadable or does not fit the model."""
+
+
+class DestinationError(ShardconvError):
+    """DST cannot take this output: not empty, inside SRC, locked by another run, or not writable."""
+
+
+class OptionError(ShardconvError):
+    """An option, or a combination of options, that cannot work."""
+
+
+class QuantizationError(ShardconvError):
+    """A weight that NVFP4 cannot represent with usable scales (e.g. a max |w| too small)."""
+
+
 def describe(error: BaseException) -> str:
     """``Type: message`` of an unexpected exception, on one line."""
     text = " ".join(str(error).split())

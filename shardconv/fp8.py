@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ShardconvError
+from .errors import SourceError
 
 DEQUANT_DTYPE = torch.bfloat16
 DEQUANT_DTYPE_NAME = "BF16"
@@ -66,8 +66,8 @@ class Fp8Blocks:
         return (math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1]))
 
 
-def _already_4bit(where, what: str) -> ShardconvError:
-    return ShardconvError(f"{where}: the checkpoint is already quantized to 4 bits ({what}); {_NEEDS}")
+def _already_4bit(where, what: str) -> SourceError:
+    return SourceError(f"{where}: the checkpoint is already quantized to 4 bits ({what}); {_NEEDS}")
 
 
 def input_quantization(source) -> Fp8Blocks | None:
@@ -79,7 +79,7 @@ def input_quantization(source) -> Fp8Blocks | None:
     cfg_path = source.root / "config.json"
     qc = source.config.get("quantization_config")
     if qc is not None and not isinstance(qc, dict):
-        raise ShardconvError(f"{cfg_path}: quantization_config is not an object")
+        raise SourceError(f"{cfg_path}: quantization_config is not an object")
     if not qc:
         hf_quant = source.root / "hf_quant_config.json"
         if hf_quant.is_file():
@@ -88,7 +88,7 @@ def input_quantization(source) -> Fp8Blocks | None:
             except Exception:
                 algo = "?"
             if "FP8" in algo.upper() or "INT8" in algo.upper():
-                raise ShardconvError(f"{hf_quant}: the checkpoint is already quantized (ModelOpt {algo}); {_NEEDS}")
+                raise SourceError(f"{hf_quant}: the checkpoint is already quantized (ModelOpt {algo}); {_NEEDS}")
             raise _already_4bit(hf_quant, f"ModelOpt export, quant_algo {algo}")
         for name, info in source.tensors.items():
             for suffix, what in _QUANTIZED_TENSORS:
@@ -101,19 +101,19 @@ def input_quantization(source) -> Fp8Blocks | None:
     if method == "fp8":
         block = qc.get("weight_block_size")
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
-            raise ShardconvError(
+            raise SourceError(
                 f"{where}: FP8 without a [rows, cols] weight_block_size (per-tensor or per-channel FP8) is not "
                 f"supported; {_NEEDS}"
             )
         fmt = str(qc.get("fmt", "e4m3")).lower()
         if fmt != "e4m3":
-            raise ShardconvError(f"{where}: FP8 fmt {fmt!r} is not supported (only e4m3)")
+            raise SourceError(f"{where}: FP8 fmt {fmt!r} is not supported (only e4m3)")
         return Fp8Blocks((int(block[0]), int(block[1])))
     if method == "modelopt":
         algo = str(qc.get("quant_algo") or qc.get("quantization", {}).get("quant_algo") or "?")
         if "FP4" in algo.upper() or "W4" in algo.upper() or "INT4" in algo.upper():
             raise _already_4bit(where, f"ModelOpt {algo}")
-        raise ShardconvError(f"{where}: the checkpoint is already quantized (ModelOpt {algo}); {_NEEDS}")
+        raise SourceError(f"{where}: the checkpoint is already quantized (ModelOpt {algo}); {_NEEDS}")
     if method == "compressed-tensors":
         bits = set()
         for group in (qc.get("config_groups") or {}).values():
@@ -122,29 +122,29 @@ def input_quantization(source) -> Fp8Blocks | None:
         fmt = qc.get("format", "?")
         if bits & {2, 3, 4} or "fp4" in str(fmt) or "int4" in str(fmt):
             raise _already_4bit(where, f"compressed-tensors {fmt}")
-        raise ShardconvError(f"{where}: the checkpoint is already quantized (compressed-tensors {fmt}); {_NEEDS}")
+        raise SourceError(f"{where}: the checkpoint is already quantized (compressed-tensors {fmt}); {_NEEDS}")
     if method == "bitsandbytes":
         what = "bitsandbytes 4-bit" if qc.get("load_in_4bit") or qc.get("_load_in_4bit") else None
         if what:
             raise _already_4bit(where, what)
-        raise ShardconvError(f"{where}: the checkpoint is already quantized (bitsandbytes 8-bit); {_NEEDS}")
+        raise SourceError(f"{where}: the checkpoint is already quantized (bitsandbytes 8-bit); {_NEEDS}")
     if method in _FOUR_BIT:
         bits = qc.get("bits", qc.get("w_bit", 4))
         if bits in (None, 2, 3, 4) or method in ("mxfp4", "bitnet"):
             raise _already_4bit(where, _FOUR_BIT[method])
-    raise ShardconvError(f"{where}: the checkpoint is already quantized (quant_method {method!r}); {_NEEDS}")
+    raise SourceError(f"{where}: the checkpoint is already quantized (quant_method {method!r}); {_NEEDS}")
 
 
 def check_scale(weight, scale, spec: Fp8Blocks) -> None:
     """A FP8 weight's ``weight_scale_inv``: present, float, and one value per block."""
     if scale is None:
-        raise ShardconvError(
+        raise SourceError(
             f"{weight.path}: tensor {weight.name!r} is float8_e4m3fn but the checkpoint has no "
             f"{weight.name[: -len('.weight')]}{SCALE_SUFFIX}"
         )
     want = spec.scale_shape(weight.shape)
     if scale.dtype not in ("F32", "BF16", "F16") or tuple(scale.shape) != want:
-        raise ShardconvError(
+        raise SourceError(
             f"{scale.path}: tensor {scale.name!r} is {scale.dtype}{list(scale.shape)}; expected a float "
             f"{list(want)} (one per {spec.block[0]}x{spec.block[1]} block of {weight.name} {list(weight.shape)})"
         )
@@ -194,6 +194,6 @@ def dequantize_tensor(weight_info, scale_info, block: tuple[int, int], device="c
     bad = ~torch.isfinite(out)
     if bool(bad.any()):  # e.g. an Inf or NaN weight_scale_inv, or one that overflows bf16
         row, col = (int(i) for i in bad.nonzero()[0])
-        raise ShardconvError(f"{weight_info.path}: tensor {weight_info.name!r} dequantizes to NaN/Inf (first at row "
+        raise SourceError(f"{weight_info.path}: tensor {weight_info.name!r} dequantizes to NaN/Inf (first at row "
                              f"{row}, column {col}; its {scale_info.name} holds {float(read_into(scale_info)[row // block[0], col // block[1]])})")
     return out

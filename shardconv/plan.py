@@ -17,7 +17,7 @@ import torch
 
 from . import fp8 as fp8_input
 from .amax import AmaxFile, ModuleAmax
-from .errors import ShardconvError
+from .errors import AmaxError, OptionError, SourceError
 from .numerics import BLOCK, FP8_MAX
 from .safetensors_io import PlannedTensor, TensorInfo
 from .source import Source
@@ -231,7 +231,7 @@ def build_plan(
     if scales is None:
         scales = "amax" if amax is not None and amax.has_weight_amax else "mse"  # README: Scale methods
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
-        raise ShardconvError("--scales amax needs an --amax file with weight_quantizer amax entries")
+        raise OptionError("--scales amax needs an --amax file with weight_quantizer amax entries")
     fp8 = fp8_input.input_quantization(source)  # refuses 4-bit and other quantized inputs
     notes: list[str] = []
     stack_types = _model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
@@ -265,7 +265,7 @@ def build_plan(
         if reason is None and stacked and not fmt_stacked:
             reason = f"stacked experts have no {fmt.name} layout"
         if reason is None and info.dtype not in QUANTIZABLE_DTYPES and scale is None:
-            raise ShardconvError(
+            raise SourceError(
                 f"{info.path}: tensor {info.name!r} has dtype {info.dtype}; only BF16, F16 and F32 weights "
                 "(or FP8 with weight_scale_inv blocks) can be quantized (use --exclude to keep it)"
             )
@@ -295,7 +295,7 @@ def build_plan(
     if not groups:
         reasons = Counter(excluded.values())
         why = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "no 2-D Linear weights"
-        raise ShardconvError(f"{source.root}: nothing to quantize, so no NVFP4 checkpoint would result "
+        raise SourceError(f"{source.root}: nothing to quantize, so no NVFP4 checkpoint would result "
                              f"(every Linear weight is kept: {why})")
     if amax is not None:
         _check_amax_modules(source, amax)
@@ -372,28 +372,28 @@ def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> No
     where = f"{amax.path}: module {m.module}" if amax else m.module
     a = m.amax
     if w4a4 and (a is None or a.input is None):
-        raise ShardconvError(f"{where}: no input_quantizer._amax (the file has activation amax for other modules)")
+        raise AmaxError(f"{where}: no input_quantizer._amax (the file has activation amax for other modules)")
     if scales != "amax":
         return
     if a is None or a.weight is None:
-        raise ShardconvError(f"{where}: no weight_quantizer._amax")
+        raise AmaxError(f"{where}: no weight_quantizer._amax")
     n_blocks = m.out_features * (m.in_features // BLOCK) * (m.experts or 1)
     if a.static:
         if a.weight.numel() != n_blocks:
-            raise ShardconvError(
+            raise AmaxError(
                 f"{where}: weight_quantizer._amax has {a.weight.numel()} values, expected {n_blocks} "
                 f"(one per 16-element block of {m.weight.name} {list(m.weight.shape)})"
             )
         # ModelOpt's static block amax never exceed the global amax (beyond fp32 rounding); one that does
         # would be clamped to the e4m3 maximum and its block written with the wrong scale
         if bool(a.weight.max() > a.global_amax * (1 + 2.0**-16)):
-            raise ShardconvError(f"{amax.path}: entry {amax.key(m.module)!r}: a static block amax "
+            raise AmaxError(f"{amax.path}: entry {amax.key(m.module)!r}: a static block amax "
                                  f"({float(a.weight.max()):.6g}) is above the module's global amax "
                                  f"({float(a.global_amax):.6g})")
     elif a.weight.numel() != 1:
         if a.weight.numel() == n_blocks:
-            raise ShardconvError(f"{where}: per-block weight_quantizer._amax without _global_amax")
-        raise ShardconvError(f"{where}: weight_quantizer._amax has shape {list(a.weight.shape)}, expected a scalar")
+            raise AmaxError(f"{where}: per-block weight_quantizer._amax without _global_amax")
+        raise AmaxError(f"{where}: weight_quantizer._amax has shape {list(a.weight.shape)}, expected a scalar")
 
 
 def _check_amax_modules(source: Source, amax: AmaxFile) -> None:
@@ -405,7 +405,7 @@ def _check_amax_modules(source: Source, amax: AmaxFile) -> None:
         known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     unknown = amax.unknown(known)
     if unknown is not None:
-        raise ShardconvError(f"{amax.path}: entry {amax.key(unknown)!r} is for module {unknown}, which "
+        raise AmaxError(f"{amax.path}: entry {amax.key(unknown)!r} is for module {unknown}, which "
                              f"{source.root} does not have (an amax file of another model?)")
 
 
@@ -421,17 +421,17 @@ def _check_kv_amax(source: Source, amax: AmaxFile) -> None:
     for attention, kv in sorted(amax.kv.items()):
         key = amax.key(attention)
         if set(kv) != {"k", "v"}:
-            raise ShardconvError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
+            raise AmaxError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
         if attention not in attentions:
-            raise ShardconvError(f"{amax.path}: entry {key!r}: {attention} is not an attention module of "
+            raise AmaxError(f"{amax.path}: entry {key!r}: {attention} is not an attention module of "
                                  f"{source.root} (no {attention}.k_proj.weight)")
         for which, value in sorted(kv.items()):
             scale = float(value) / FP8_MAX
             if not scale >= 2.0**-126:  # a zero amax (an attention that saw no tokens) would divide by zero
-                raise ShardconvError(f"{amax.path}: {attention}.{which}_bmm_quantizer._amax is {float(value):.4g}: "
+                raise AmaxError(f"{amax.path}: {attention}.{which}_bmm_quantizer._amax is {float(value):.4g}: "
                                      "no usable FP8 KV-cache scale")
     missing = sorted(attentions - set(amax.kv))
     if missing:
-        raise ShardconvError(
+        raise AmaxError(
             f"{amax.path}: k/v bmm amax for {len(attentions) - len(missing)} of {len(attentions)} attention modules "
             f"(none for {missing[0]}); FP8 KV-cache scales are written for all of them or none")

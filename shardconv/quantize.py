@@ -6,13 +6,14 @@ correctly rounded fp32 operations (see numerics.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from . import fp8, numerics, scales
 from .amax import ModuleAmax
-from .errors import ShardconvError
+from .errors import AmaxError, OptionError, QuantizationError, SourceError
 from .plan import Member
 
 CHUNK_ELEMENTS = 1 << 24  # rows per step are chosen so fp32 temporaries stay around 64 MB
@@ -51,7 +52,7 @@ def check_finite(member: Member, weight: torch.Tensor) -> None:
             bad = (~fp8.isfinite(weight[rows])).nonzero()[0].tolist()
             bad[0] += rows.start
             where = f"row {bad[0]}, column {bad[1]}" if len(bad) == 2 else f"index {bad}"
-            raise ShardconvError(
+            raise SourceError(
                 f"{member.weight.path}: tensor {member.weight.name!r} has NaN/Inf values "
                 + ("after FP8 dequantization with its weight_scale_inv " if member.scale_inv is not None else "")
                 + f"(first at {where}); cannot quantize it"
@@ -137,11 +138,11 @@ def _check_global_scales(members: list[Member], scale_2: torch.Tensor, in_scale:
     """Refuse a group whose weight_scale_2 or input_scale is not a usable positive number."""
     where = f"{members[0].weight.path}: tensor {_names(members)}"
     if not bool(_scalar_ok(scale_2)):
-        raise ShardconvError(
+        raise QuantizationError(
             f"{where}: weight_scale_2 would be {float(scale_2):.4g}: the group's max |w| is too small for NVFP4 "
             "scales (use --exclude to keep it in source precision)")
     if in_scale is not None and not bool(_scalar_ok(in_scale)):
-        raise ShardconvError(f"{where}: input_scale would be {float(in_scale):.4g} (from the amax file's "
+        raise AmaxError(f"{where}: input_scale would be {float(in_scale):.4g} (from the amax file's "
                              "input_quantizer._amax): not a usable positive scale")
 
 
@@ -154,7 +155,7 @@ def _zero_amax_lies(members, weights, chunks, saved_amax) -> torch.Tensor:
 
 def _check_saved_amax(members, weights, chunks, saved_amax) -> None:
     if bool(_zero_amax_lies(members, weights, chunks, saved_amax)):
-        raise ShardconvError(f"{members[0].weight.path}: tensor {_names(members)}: the amax file gives a global "
+        raise AmaxError(f"{members[0].weight.path}: tensor {_names(members)}: the amax file gives a global "
                              "amax of 0 but the weights are not all zero (the amax file does not fit this checkpoint)")
 
 
@@ -162,7 +163,7 @@ def _check_block_scales(member: Member, scale: torch.Tensor) -> None:
     bad = (scale.view(torch.uint8) & 0x7F) == 0x7F
     if bool(bad.any()):
         first = [int(i) for i in bad.nonzero()[0]]
-        raise ShardconvError(f"{member.weight.path}: tensor {member.weight.name!r}: block scale {first} is NaN "
+        raise QuantizationError(f"{member.weight.path}: tensor {member.weight.name!r}: block scale {first} is NaN "
                              "(a bad scale source); nothing was written for it")
 
 
@@ -170,7 +171,7 @@ def validate(members: list[Member], weights: list[torch.Tensor], method: str) ->
     """Raise the ShardconvError that a group flagged ``ok == False`` on a device deserves, by quantizing
     it again on the CPU with every check on (only ever run for a group that failed)."""
     quantize_group(members, [w.cpu() for w in weights], method, "cpu", check=True)
-    raise ShardconvError(f"{members[0].weight.path}: tensor {_names(members)}: quantized to non-finite or "
+    raise QuantizationError(f"{members[0].weight.path}: tensor {_names(members)}: quantized to non-finite or "
                          "unusable scales on the device, though the CPU reference gives valid ones (a device bug?)")
 
 
@@ -195,14 +196,38 @@ def _quantize_stacked(m: Member, w: torch.Tensor, group_amax, scale_2, in_scale,
     return QuantizedWeight(packed, bscale, scale_2, in_scale)
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """Threads for torch's CPU kernels: ``requested``, else the cores this process may run on less the
+    load other processes already put on them (at least one). torch's default (every core) collapses on
+    a busy machine: one MSE scale search took 0.37 s with 1 thread and 7.98 s with 2 on a 2-core VM
+    whose other core was busy (issue 11's measurement)."""
+    if requested is not None:
+        if requested < 1:
+            raise OptionError(f"--threads {requested}: must be at least 1")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:  # no load average on this system
+        busy = 0
+    return max(1, cores - busy)
+
+
+def set_cpu_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads (:func:`cpu_threads`); returns the number."""
+    n = cpu_threads(requested)
+    torch.set_num_threads(n)
+    return n
+
+
 def pick_device(choice: str) -> torch.device:
     """``auto``: the first CUDA device when there is one, else the CPU."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise ShardconvError(f"--device {choice}: no CUDA device is available (use --device cpu)")
+        raise OptionError(f"--device {choice}: no CUDA device is available (use --device cpu)")
     try:
         return torch.device(choice)
     except RuntimeError:
-        raise ShardconvError(f"--device {choice}: not a device (auto, cpu, cuda, cuda:N)") from None
+        raise OptionError(f"--device {choice}: not a device (auto, cpu, cuda, cuda:N)") from None
 

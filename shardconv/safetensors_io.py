@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .digest import HASH_PIECE, combine_digests, piece_sha256
-from .errors import ShardconvError
+from .errors import DestinationError, SourceError
 
 # safetensors dtype string -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -86,35 +86,35 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         st = path.stat()
         size = st.st_size
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise ShardconvError(f"{path}: not a regular file")
+            raise SourceError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ShardconvError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                raise SourceError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (hlen,) = struct.unpack("<Q", head)
             if hlen > MAX_HEADER_BYTES:
-                raise ShardconvError(f"{path}: safetensors header of {hlen} bytes is over the {MAX_HEADER_BYTES} byte "
+                raise SourceError(f"{path}: safetensors header of {hlen} bytes is over the {MAX_HEADER_BYTES} byte "
                                      "limit (the safetensors library's own)")
             if 8 + hlen > size:
-                raise ShardconvError(
+                raise SourceError(
                     f"{path}: corrupt safetensors header (header length {hlen} but file has {size} bytes)"
                 )
             raw = f.read(hlen)
     except OSError as e:
-        raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        raise ShardconvError(f"{path}: corrupt safetensors header (key {_short(e.args[0])} appears twice)") from None
+        raise SourceError(f"{path}: corrupt safetensors header (key {_short(e.args[0])} appears twice)") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and int literals too long to convert
-        raise ShardconvError(f"{path}: corrupt safetensors header (invalid JSON: {_short(str(e), 200)[1:-1]})") from None
+        raise SourceError(f"{path}: corrupt safetensors header (invalid JSON: {_short(str(e), 200)[1:-1]})") from None
     except RecursionError:
-        raise ShardconvError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+        raise SourceError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
-        raise ShardconvError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
-        raise ShardconvError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+        raise SourceError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     data_start = 8 + hlen
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
@@ -122,19 +122,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         where = f"{path}: tensor {_short(name)}"
         if not isinstance(entry, dict):
-            raise ShardconvError(f"{where}: corrupt header entry")
+            raise SourceError(f"{where}: corrupt header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ShardconvError(f"{where}: unsupported dtype {_short(dtype)}")
+            raise SourceError(f"{where}: unsupported dtype {_short(dtype)}")
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
-            raise ShardconvError(f"{where}: invalid shape {_short(shape)}")
+            raise SourceError(f"{where}: invalid shape {_short(shape)}")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            raise ShardconvError(f"{where}: invalid data_offsets {_short(offsets)}")
+            raise SourceError(f"{where}: invalid data_offsets {_short(offsets)}")
         numel = 0 if 0 in shape else 1
         for d in shape:  # stop past 2**64: a hostile shape must not build a huge integer
             if numel >= 2**64:
@@ -143,12 +143,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         nbytes = numel * DTYPES[dtype][1]
         if offsets[1] - offsets[0] != nbytes:
             need = nbytes if numel < 2**64 else "more than 2**64"
-            raise ShardconvError(
+            raise SourceError(
                 f"{where}: data_offsets {_short(offsets)} hold {_short(offsets[1] - offsets[0])} bytes, "
                 f"but {dtype}{shape[:8]}{'...' if len(shape) > 8 else ''} needs {need}"
             )
         if offsets[1] > data_len:
-            raise ShardconvError(
+            raise SourceError(
                 f"{where}: data ends at byte {data_start + offsets[1]} but the file has {size} bytes (truncated?)"
             )
         tensors[name] = TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], nbytes)
@@ -156,17 +156,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     spans.sort()
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
-            raise ShardconvError(f"{path}: corrupt header: tensors {_short(n0)} and {_short(n1)} overlap")
+            raise SourceError(f"{path}: corrupt header: tensors {_short(n0)} and {_short(n1)} overlap")
     # Every data byte belongs to a tensor, as the safetensors library itself requires: a gap or a tail
     # is a tensor the header lost (or bytes nothing accounts for), so the file is not read whole.
     pos = 0
     for s0, e0, n0 in spans:
         if s0 > pos:
-            raise ShardconvError(f"{path}: corrupt header: data bytes {pos}..{s0} before tensor {_short(n0)} "
+            raise SourceError(f"{path}: corrupt header: data bytes {pos}..{s0} before tensor {_short(n0)} "
                                  "belong to no tensor")
         pos = max(pos, e0)
     if pos != data_len:
-        raise ShardconvError(f"{path}: corrupt safetensors file: {data_len - pos} bytes after the last tensor's data "
+        raise SourceError(f"{path}: corrupt safetensors file: {data_len - pos} bytes after the last tensor's data "
                              "belong to no tensor")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
@@ -205,9 +205,9 @@ def pread_exact(fd: int, info: TensorInfo, mv: memoryview, start: int) -> None:
         try:
             n = os.preadv(fd, [mv[done : done + MAX_PREAD]], info.offset + start + done)
         except OSError as e:
-            raise ShardconvError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from None
+            raise SourceError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from None
         if n <= 0:
-            raise ShardconvError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
+            raise SourceError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
         done += n
 
 
@@ -239,7 +239,7 @@ def check_finite_bytes(info: TensorInfo, data: memoryview, start: int) -> None:
     bad = nonfinite(torch.frombuffer(data, dtype=torch.uint8), info.dtype)
     if bool(bad.any()):
         index = (start + lead) // size + int(bad.nonzero()[0, 0])
-        raise ShardconvError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (first at flat index {index}); "
+        raise SourceError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (first at flat index {index}); "
                              "a finished output must be finite (use a repaired source checkpoint)")
 
 
@@ -356,7 +356,7 @@ class ShardWriter:
             os.ftruncate(self.fd, self.size)
         except OSError as e:
             self.abort()
-            raise ShardconvError(f"{self.partial}: cannot write: {e.strerror or e}") from None
+            raise DestinationError(f"{self.partial}: cannot write: {e.strerror or e}") from None
         self._written(0, len(header))
 
     def _written(self, start: int, end: int) -> None:
@@ -372,7 +372,7 @@ class ShardWriter:
             try:
                 digest = piece_sha256(self.fd, i * self.piece, min((i + 1) * self.piece, self.size))
             except OSError as e:
-                raise ShardconvError(f"{self.partial}: cannot read back what was written: {e}") from None
+                raise DestinationError(f"{self.partial}: cannot read back what was written: {e}") from None
             self._digests[i] = digest
 
     def _target(self, name: str, nbytes: int) -> int:
@@ -438,7 +438,7 @@ class ShardWriter:
                 n = os.pwrite(self.fd, mv, pos)
                 mv, pos = mv[n:], pos + n
         except OSError as e:
-            raise ShardconvError(f"{self.partial}: write failed: {e.strerror or e}") from None
+            raise DestinationError(f"{self.partial}: write failed: {e.strerror or e}") from None
 
     def finish(self, sync: bool = False) -> None:
         """Rename to the final name; with ``sync``, flush to the disk first (survives a power loss)."""

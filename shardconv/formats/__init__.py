@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import ShardconvError
+from ..errors import OptionError
 from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModelOptFormat
 
@@ -13,4 +13,4 @@ def get_format(name: str):
     try:
         return FORMATS[name]()
     except KeyError:
-        raise ShardconvError(f"--format {name}: unknown (choose from {', '.join(FORMATS)})") from None
+        raise OptionError(f"--format {name}: unknown (choose from {', '.join(FORMATS)})") from None
