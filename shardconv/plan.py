@@ -435,3 +435,13 @@ def _check_kv_amax(source: Source, amax: AmaxFile) -> None:
         raise AmaxError(
             f"{amax.path}: k/v bmm amax for {len(attentions) - len(missing)} of {len(attentions)} attention modules "
             f"(none for {missing[0]}); FP8 KV-cache scales are written for all of them or none")
+
+
+def unmatched_excludes(source: Source, patterns: list[str]) -> list[str]:
+    """The ``--exclude`` patterns that match no module of the checkpoint (a typo keeps nothing)."""
+    modules: set[str] = set()
+    for name in source.tensors:
+        parts = name.split(".")
+        modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        modules.add(name)  # a stacked expert tensor is a module of its own
+    return [p for p in patterns if not any(matches(m, [p]) for m in modules)]
