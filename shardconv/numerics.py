@@ -56,11 +56,18 @@ def div_scalar(x: torch.Tensor, d: float) -> torch.Tensor:
     return true_div(x, d)
 
 
+def _per_tensor(amax: torch.Tensor) -> torch.Tensor:
+    """A global amax as fp32: 0-d for one tensor; a batch of groups keeps its shape (``[G, 1, 1]``),
+    which broadcasts over the batch's ``[G, rows, in]`` weights element by element, same bytes."""
+    return amax.float().reshape(()) if amax.numel() == 1 else amax.float()
+
+
 def global_scale(global_amax: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
-    """``weight_scale_2`` (and ``input_scale``): amax / (6 * 448) in fp32, a 0-d tensor.
+    """``weight_scale_2`` (and ``input_scale``): amax / (6 * 448) in fp32, a 0-d tensor (or one per
+    group of a batch).
 
     ``fp8_max``: the e4m3 value that ``amax / 6`` maps to (256 for four-over-six weights)."""
-    return div_scalar(global_amax.float().reshape(()), FP4_MAX * fp8_max)
+    return div_scalar(_per_tensor(global_amax), FP4_MAX * fp8_max)
 
 
 def block_amax(weight: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ def block_scales_static(block_amax_: torch.Tensor, global_amax: torch.Tensor, fp
     ``fp8_max`` normalises as in :func:`global_scale` (four-over-six: 256); the clamp stays 448."""
     scale = div_scalar(block_amax_.float(), FP4_MAX)
     scale.masked_fill_(scale == 0, 1.0)  # not scale[mask] = 1: that may synchronise
-    scale_max = div_scalar(global_amax.float().reshape(()).to(scale.device), FP4_MAX)
+    scale_max = div_scalar(_per_tensor(global_amax).to(scale.device), FP4_MAX)
     return (scale * fp8_max / scale_max).clamp_(min=FP8_MIN, max=FP8_MAX).to(torch.float8_e4m3fn)
 
 

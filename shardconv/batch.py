@@ -1,0 +1,105 @@
+"""Same-shape fusion groups quantized together: a MoE layer's experts in a few kernel launches.
+
+A Qwen3-MoE layer has 128 experts, each a gate/up group and a down_proj; quantized one group at a
+time, the GPU runs ~50 small kernels per weight and the main thread spends its time issuing them
+(issue 11: 4.4-10.8 s of a MoE conversion). Groups of one structure (the same number of members, each
+member the same shape and dtype) are stacked along a new first dimension and quantized with the same
+element-wise fp32 operations, the group's global amax broadcast as ``[G, 1, 1]``: every byte equals
+:func:`quantize.quantize_group` on each group alone (the operations are element-wise and the max is
+exact in any order; tests/test_batch.py checks it).
+
+Batched here: ``max`` and ``amax`` (static per-block, or per-tensor). ``mse`` and ``four-over-six``
+search per group (their Triton kernels take one global amax), inside the same call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import numerics, scales
+from .amax import ModuleAmax
+from .plan import Member
+from .quantize import ZERO_GROUP_AMAX, QuantizedWeight, _row_chunks, _scalar_ok, quantize_group
+from .safetensors_io import nonfinite
+
+BATCHED_METHODS = ("max", "amax")
+
+
+def structure(members: list[Member]) -> tuple | None:
+    """What groups must share to be quantized as one batch (None: never batched)."""
+    if any(m.stacked or m.scale_inv is not None for m in members):
+        return None
+    return tuple((m.weight.dtype, tuple(m.weight.shape), _amax_kind(m.amax)) for m in members)
+
+
+def _amax_kind(a: ModuleAmax | None) -> str:
+    if a is None or a.weight is None:
+        return "none"
+    return "static" if a.static else "dynamic"
+
+
+def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]], method: str,
+                   device: torch.device | str = "cpu", *, chunk: int | None = None) -> list[list[QuantizedWeight]]:
+    """:func:`quantize.quantize_group` (with ``check=False``: each result carries its ``ok`` flag) for
+    several groups of one :func:`structure`, in one pass per member position; results stay on
+    ``device``."""
+    device = torch.device(device)
+    if method not in BATCHED_METHODS or len(groups) == 1:
+        return [quantize_group(ms, ws, method, device, to_cpu=False, chunk=chunk, check=False)
+                for ms, ws in zip(groups, weights)]
+    n = len(groups)
+    stacked = [torch.stack([ws[i].to(device, non_blocking=True) for ws in weights]) for i in range(len(groups[0]))]
+    rows_of = [list(_row_chunks(w.shape[1], w.shape[2] * n, chunk)) for w in stacked]
+
+    # the group's global amax, [G]: from the weights (max), or the file's (amax)
+    if method == "amax":
+        saved = torch.stack([torch.stack([(m.amax.global_amax if m.amax.static else m.amax.weight).float().reshape(())
+                                          for m in ms]).amax() for ms in groups]).to(device, non_blocking=True)
+        actual = torch.stack([_batch_amax(w, rows) for w, rows in zip(stacked, rows_of)]).amax(dim=0)
+        group_ok = ~((saved == 0) & (actual > 0))  # a zero amax over weights that are not zero
+        group_amax = saved
+    else:
+        group_amax = torch.stack([_batch_amax(w, rows) for w, rows in zip(stacked, rows_of)]).amax(dim=0)
+        group_ok = torch.ones(n, dtype=torch.bool, device=device)
+    group_amax = torch.where(group_amax == 0, torch.full_like(group_amax, ZERO_GROUP_AMAX), group_amax)
+    scale_2 = scales.weight_scale_2(group_amax, method)  # [G]
+    in_scales = [scales.input_scale(ms) for ms in groups]
+    group_ok = group_ok & _scalar_ok(scale_2)
+    for g, s in enumerate(in_scales):
+        if s is not None and not bool(_scalar_ok(s)):  # a host value: no sync
+            group_ok[g] = False
+    s2 = scale_2.view(n, 1, 1)
+
+    results: list[list[QuantizedWeight]] = [[] for _ in groups]
+    for i, (w, rows_list) in enumerate(zip(stacked, rows_of)):
+        _, out, cols = w.shape
+        packed = torch.empty((n, out, cols // 2), dtype=torch.uint8, device=device)
+        bscale = torch.empty((n, out, cols // numerics.BLOCK), dtype=torch.float8_e4m3fn, device=device)
+        finite = torch.ones(n, dtype=torch.bool, device=device)
+        for rows in rows_list:
+            part = w[:, rows]
+            finite &= ~nonfinite(part, _name(part.dtype)).flatten(1).any(dim=1)
+            if method == "amax" and groups[0][i].amax.static:
+                blocks = torch.stack([m.amax.weight.reshape(out, cols // numerics.BLOCK)[rows]
+                                      for m in (ms[i] for ms in groups)]).to(device, non_blocking=True)
+                s = numerics.block_scales_static(blocks, group_amax.view(n, 1, 1))
+            else:
+                s = numerics.block_scales_dynamic(part, s2)
+            bscale[:, rows] = s
+            packed[:, rows] = numerics.quantize(part, s, s2)
+        scales_ok = ((bscale.view(torch.uint8) & 0x7F) != 0x7F).flatten(1).all(dim=1)
+        ok = group_ok & finite & scales_ok
+        for g in range(n):
+            results[g].append(QuantizedWeight(packed[g], bscale[g], scale_2[g], in_scales[g], ok=ok[g]))
+    return results
+
+
+def _batch_amax(w: torch.Tensor, rows_list: list[slice]) -> torch.Tensor:
+    """max |w| per group of a ``[G, out, in]`` batch, a row chunk at a time (fp32 ``[G]``)."""
+    return torch.stack([w[:, rows].abs().amax(dim=(1, 2)).float() for rows in rows_list]).amax(dim=0)
+
+
+def _name(dtype: torch.dtype) -> str:
+    from .safetensors_io import DTYPE_NAMES
+
+    return DTYPE_NAMES[dtype]

@@ -1,0 +1,114 @@
+"""Same-shape groups quantized as one batch (batch.py) give the bytes of one group at a time."""
+
+import pytest
+import torch
+
+from conftest import GPU
+from shardconv.amax import load_amax
+from shardconv.batch import quantize_batch, structure
+from shardconv.formats import get_format
+from shardconv.plan import build_plan
+from shardconv.quantize import quantize_group
+from shardconv.safetensors_io import read_into
+from shardconv.source import open_source
+from shardconv.synth import write_checkpoint
+from test_amax import make_amax, weights
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    src = write_checkpoint(root / "src", family="qwen3_moe", weights="structured", num_layers=2, num_experts=6,
+                           hidden_size=128, moe_intermediate_size=96, shard_size=400_000)
+    w = weights(src)
+    torch.save(make_amax(w, kv=False), root / "static.pt")
+    torch.save(make_amax(w, static=False, kv=False), root / "dynamic.pt")
+    return src, root
+
+
+def batches(plan):
+    """Units grouped by structure, in plan order (as the pipeline batches consecutive units)."""
+    out: dict = {}
+    for u in plan.units:
+        if u.members:
+            out.setdefault(structure(u.members), []).append(u)
+    return [us for key, us in out.items() if key is not None and len(us) > 1]
+
+
+def same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                     b.reshape(-1).view(torch.uint8))
+
+
+def check(plan, method, device="cpu", mutate=None):
+    seen = 0
+    for units in batches(plan):
+        groups = [u.members for u in units]
+        ws = [[read_into(m.weight).clone() for m in ms] for ms in groups]
+        if mutate:
+            mutate(ws)
+        got = quantize_batch(groups, [[w.to(device) for w in g] for g in ws], method, device, chunk=4096)
+        for ms, w, res in zip(groups, ws, got):
+            want = quantize_group(ms, w, method, "cpu", check=False)
+            for q, r in zip(res, want):
+                for field in ("packed", "scale", "scale_2", "input_scale"):
+                    a, b = getattr(q, field), getattr(r, field)
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        assert same(a.cpu(), b.cpu()), (ms[0].module, field)
+                assert bool(q.ok) == bool(r.ok), ms[0].module
+            seen += 1
+    assert seen >= 12  # experts of both layers, in batches
+    return seen
+
+
+@pytest.mark.parametrize("method", ["max", "mse", "four-over-six"])
+def test_batch_equals_one_group_at_a_time(moe, method):
+    src, _ = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales=method)
+    check(plan, method)
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_batch_with_saved_amax(moe, kind):
+    src, root = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), amax=load_amax(root / f"{kind}.pt"),
+                      scales="amax")
+    check(plan, "amax")
+
+
+def test_batch_flags_a_bad_group_alone(moe):
+    """A NaN in one expert and an all-zero expert: only the NaN group is flagged; the zero one is valid."""
+    src, _ = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales="max")
+
+    def poison(ws):
+        if len(ws) < 3:
+            return
+        ws[1][0][3, 5] = float("nan")
+        for w in ws[2]:
+            w.zero_()
+    check(plan, "max", mutate=poison)
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_batch_on_cuda_equals_the_cpu(moe, method):
+    src, _ = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales=method)
+    check(plan, method, device="cuda")
+
+
+def test_structure_keeps_apart_what_cannot_share_a_launch(moe):
+    from dataclasses import replace
+
+    src, _ = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales="max")
+    by = {u.members[0].module: u.members for u in plan.units if u.members}
+    experts = [ms for name, ms in by.items() if ".experts." in name and name.endswith("gate_proj")]
+    assert len({structure(ms) for ms in experts}) == 1  # every expert's gate/up, both layers
+    assert structure(by["model.layers.0.self_attn.q_proj"]) != structure(experts[0])
+    down = [ms for name, ms in by.items() if name.endswith("experts.0.down_proj")][0]
+    assert structure(down) != structure(experts[0])
+    assert structure([replace(down[0], stacked=True)]) is None
