@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import shutil
 import signal
 import threading
@@ -34,6 +35,7 @@ from . import journal, profile, readahead
 from .errors import ShardconvError, working_on
 from .plan import Plan, Unit
 from . import fp8
+from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate
 from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
 from .files import INDEX_NAME, other_files, write_json
@@ -42,6 +44,7 @@ DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
 DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
+MAX_BATCH = 64  # groups quantized in one batch at most (batch.py)
 READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
 COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by all reader threads at once
 
@@ -233,6 +236,9 @@ class Converter:
         self.readers = ThreadPoolExecutor(max(1, opts.readers), thread_name_prefix="shardconv-read")
         self.writers = ThreadPoolExecutor(max(1, opts.writers), thread_name_prefix="shardconv-write")
         self.chunk = max(1 << 20, opts.gpu_buffer // 32) if self.cuda else None
+        self.uploads: collections.deque = collections.deque()  # (upload event, host buffers) in flight
+        # bytes of same-structure groups quantized as one batch (batch.py); SHARDCONV_BATCH=0: one at a time
+        self.batch_bytes = 0 if os.environ.get("SHARDCONV_BATCH") == "0" else min(2**30, opts.gpu_buffer // 4)
         if self.cuda:
             self.h2d = torch.cuda.Stream(opts.device)
             self.compute = torch.cuda.Stream(opts.device)
@@ -283,52 +289,74 @@ class Converter:
             self.shards.write(unit.shard, dict(unit.extra))
 
     # -- stage 2: device work ---------------------------------------------------------------------
-    @_in_context
-    def _quantize_cuda(self, unit: Unit, weights: list[torch.Tensor], in_bufs):
-        dev = self.opts.device
+    def _upload(self, unit: Unit, weights: list[torch.Tensor], in_bufs) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        """Copy a group to the device on the copy stream; its host buffers go back once the copy is
+        done (:meth:`_release_uploads`), not once the group is written: holding them through the
+        writers' disk time starves the readers. No wait here."""
         with torch.cuda.stream(self.h2d):
-            on_dev = [w.to(dev, non_blocking=True) for w in weights]
+            on_dev = [w.to(self.opts.device, non_blocking=True) for w in weights]
             uploaded = torch.cuda.Event()
             uploaded.record(self.h2d)
-        self.compute.wait_event(uploaded)
-        # The host buffers are free once uploaded (a few ms over PCIe), not once the group is written:
-        # holding them through the writers' disk time starves the readers.
-        t0 = time.perf_counter()
-        uploaded.synchronize()
-        self.clock.add("main-wait-upload", t0)
-        self.inputs.give(in_bufs)
+        self.uploads.append((uploaded, in_bufs))
+        return on_dev, uploaded
+
+    def _release_uploads(self, wait: bool = False) -> None:
+        """Give back the host buffers of finished uploads (all of them, waiting, with ``wait``)."""
+        while self.uploads and (wait or self.uploads[0][0].query()):
+            uploaded, bufs = self.uploads.popleft()
+            if wait:
+                t0 = time.perf_counter()
+                uploaded.synchronize()
+                self.clock.add("main-wait-upload", t0)
+            self.inputs.give(bufs)
+
+    @_in_context
+    def _quantize_cuda(self, unit: Unit, batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]):
+        """Quantize uploaded groups (``unit`` is the first; several only when they share a
+        batch.structure) on the compute stream and download each into pinned output buffers on the
+        third stream, without waiting; returns (unit, host tensors, state for the writer) per group."""
+        dev = self.opts.device
         with torch.cuda.stream(self.compute):
-            for t in on_dev:
-                t.record_stream(self.compute)
-            results = quantize_group(unit.members, on_dev, self.plan.scales, dev, to_cpu=False,
-                                     chunk=self.chunk, check=False)
-            ok = torch.stack([q.ok for q in results]).all()  # finite input, usable scales (quantize.py)
+            for _, on_dev, uploaded in batch:
+                self.compute.wait_event(uploaded)
+                for t in on_dev:
+                    t.record_stream(self.compute)
+            groups = [u.members for u, _, _ in batch]
+            if len(batch) > 1:
+                results = quantize_batch(groups, [d for _, d, _ in batch], self.plan.scales, dev, chunk=self.chunk)
+            else:
+                results = [quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
+                                          chunk=self.chunk, check=False)]
+            oks = [torch.stack([q.ok for q in r]).all() for r in results]  # finite input, usable scales
             done = torch.cuda.Event()
             done.record(self.compute)
         self.d2h.wait_event(done)
-        out_bufs = self.outputs.take(len(unit.members))
-        host: list[dict[str, torch.Tensor]] = []
-        with torch.cuda.stream(self.d2h):
-            ok_host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            ok.record_stream(self.d2h)
-            ok_host.copy_(ok, non_blocking=True)
-            for m, q, buf in zip(unit.members, results, out_bufs):
-                tensors = self.fmt.quantized_tensors(m.module, q)
-                pos, mine = 0, {}
-                for name, t in tensors.items():
-                    t.record_stream(self.d2h)
-                    raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-                    if raw.device.type != "cuda":  # e.g. input_scale built on the CPU
-                        mine[name] = t
-                        continue
-                    dst = buf[pos : pos + raw.numel()]
-                    dst.copy_(raw, non_blocking=True)
-                    mine[name] = dst.view(t.dtype).reshape(t.shape)
-                    pos += _aligned(raw.numel())
-                host.append(mine)
-            downloaded = torch.cuda.Event()
-            downloaded.record(self.d2h)
-        return host, (downloaded, ok_host, out_bufs)
+        out = []
+        for (u, _, _), res, ok in zip(batch, results, oks):
+            out_bufs = self.outputs.take(len(u.members))
+            host: list[dict[str, torch.Tensor]] = []
+            with torch.cuda.stream(self.d2h):
+                ok_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+                ok.record_stream(self.d2h)
+                ok_host.copy_(ok, non_blocking=True)
+                for m, q, buf in zip(u.members, res, out_bufs):
+                    tensors = self.fmt.quantized_tensors(m.module, q)
+                    pos, mine = 0, {}
+                    for name, t in tensors.items():
+                        t.record_stream(self.d2h)
+                        raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+                        if raw.device.type != "cuda":  # e.g. input_scale built on the CPU
+                            mine[name] = t
+                            continue
+                        dst = buf[pos : pos + raw.numel()]
+                        dst.copy_(raw, non_blocking=True)
+                        mine[name] = dst.view(t.dtype).reshape(t.shape)
+                        pos += _aligned(raw.numel())
+                    host.append(mine)
+                downloaded = torch.cuda.Event()
+                downloaded.record(self.d2h)
+            out.append((u, host, (downloaded, ok_host, out_bufs)))
+        return out
 
     @_in_context
     def _write_cuda(self, unit: Unit, host, state) -> None:
@@ -384,11 +412,29 @@ class Converter:
                     jobs.extend(self._submit_copies(u))
                     pending.append((u, None, None))
                 else:
-                    bufs = self.inputs.take(len(u.members), block=block and not pending)
+                    bufs = self.inputs.take(len(u.members), block=False)
+                    if bufs is None and self.cuda:
+                        self._release_uploads()
+                        bufs = self.inputs.take(len(u.members), block=False)
                     if bufs is None:
-                        return
+                        if pending or not block:
+                            return
+                        if self.cuda:  # only uploads in flight hold buffers now
+                            self._release_uploads(wait=True)
+                        bufs = self.inputs.take(len(u.members), block=True)
                     pending.append((u, self._submit_reads(u, bufs), bufs))
                 nxt += 1
+
+        batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]] = []  # uploaded, of one structure
+        batch_bytes, batch_key = 0, None
+
+        def flush() -> None:
+            nonlocal batch_bytes
+            if batch:
+                for u, host, state in self._quantize_cuda(batch[0][0], list(batch)):
+                    jobs.append(self.writers.submit(self._write_cuda, u, host, state))
+                batch.clear()
+                batch_bytes = 0
 
         try:
             while pending or nxt < len(units):
@@ -405,9 +451,17 @@ class Converter:
                 if timeline is not None and not timeline.events:
                     timeline.mark("first group read")
                 t0 = time.perf_counter()
-                if self.cuda:
-                    host, state = self._quantize_cuda(unit, weights, bufs)
-                    jobs.append(self.writers.submit(self._write_cuda, unit, host, state))
+                if self.cuda:  # same-structure groups (a MoE layer's experts) wait to be quantized as one batch
+                    key = structure(unit.members) if self.batch_bytes else None
+                    if batch and (key is None or key != batch_key or len(batch) >= MAX_BATCH
+                                  or batch_bytes + unit.in_bytes > self.batch_bytes):
+                        flush()
+                    on_dev, uploaded = self._upload(unit, weights, bufs)
+                    batch.append((unit, on_dev, uploaded))
+                    batch_key, batch_bytes = key, batch_bytes + unit.in_bytes
+                    if key is None:
+                        flush()
+                    self._release_uploads()
                 else:
                     try:
                         with working_on(unit.first.path, unit.first.name):
@@ -419,6 +473,8 @@ class Converter:
                 # surface a failed job early rather than after the whole model
                 while jobs and jobs[0].done():
                     jobs.pop(0).result()
+            if self.cuda:
+                flush()
             t0 = time.perf_counter()
             if timeline is not None:
                 timeline.mark("all groups issued")
@@ -434,6 +490,7 @@ class Converter:
             self.writers.shutdown(wait=True, cancel_futures=True)
             if self.cuda:
                 torch.cuda.synchronize(self.opts.device)
+                self._release_uploads(wait=True)
                 self.inputs.close()
                 self.outputs.close()
             self.bar.close()

@@ -72,3 +72,46 @@ def test_max_quantization_of_a_group_never_waits_for_the_gpu(tmp_path):
         torch.cuda.set_sync_debug_mode(0)
     for a, b in zip(want, got):
         assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu())
+
+
+@pytest.mark.parametrize("scales", ["max", "mse", "four-over-six"])
+def test_moe_conversion_batched_on_cuda_equals_cpu(scales, tmp_path, monkeypatch):
+    """The pipeline quantizes a MoE layer's experts as batches on CUDA (batch.py): same bytes as the
+    CPU, and as one group at a time (SHARDCONV_BATCH=0)."""
+    src = tmp_path / "src"
+    write_checkpoint(src, family="qwen3_moe", weights="structured", num_layers=2, num_experts=16, shard_size=300_000)
+    args = ("--scales", scales, "--no-progress")
+    assert run_cli("convert", src, tmp_path / "cpu", "--device", "cpu", *args)[0] == 0
+    assert run_cli("convert", src, tmp_path / "gpu", "--device", "cuda", *args)[0] == 0
+    monkeypatch.setenv("SHARDCONV_BATCH", "0")
+    assert run_cli("convert", src, tmp_path / "one", "--device", "cuda", *args)[0] == 0
+    a, b, c = (load_checkpoint(tmp_path / d) for d in ("cpu", "gpu", "one"))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(same_bytes(a[k], b[k]) and same_bytes(a[k], c[k]) for k in a)
+
+
+def test_max_quantization_of_a_batch_never_waits_for_the_gpu(tmp_path):
+    from shardconv.batch import quantize_batch, structure
+    from shardconv.formats import get_format
+    from shardconv.plan import build_plan
+    from shardconv.quantize import quantize_group
+    from shardconv.safetensors_io import read_into
+    from shardconv.source import open_source
+
+    src = tmp_path / "src"
+    write_checkpoint(src, family="qwen3_moe", weights="structured", num_layers=1, num_experts=8)
+    plan = build_plan(open_source(src), get_format("modelopt"), scales="max")
+    units = [u for u in plan.units if u.members and ".experts." in u.members[0].module and len(u.members) == 2]
+    assert len({structure(u.members) for u in units}) == 1 and len(units) == 8
+    weights = [[read_into(m.weight).cuda() for m in u.members] for u in units]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = quantize_batch([u.members for u in units], weights, "max", "cuda", chunk=4096)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for u, w, res in zip(units, weights, got):
+        want = quantize_group(u.members, [x.cpu() for x in w], "max", "cpu")
+        for a, b in zip(want, res):
+            assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu())
+            assert same_bytes(a.scale_2, b.scale_2.cpu()) and bool(b.ok.cpu())
