@@ -231,7 +231,11 @@ class Converter:
         # Enough buffers to keep every reader busy while a group is on the device, within the budget.
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, opts.readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda)
-        self.outputs = BufferPool(count, max(_largest_output(plan, fmt), 1), pin=self.cuda) if self.cuda else None
+        out_size = max(_largest_output(plan, fmt), 1)
+        # a batch of small groups (MoE experts) downloads MAX_BATCH groups at once: room for them where the
+        # outputs are small enough to fit the host budget (dense models keep `count` buffers)
+        out_count = max(count, min(MAX_BATCH * max_members, opts.host_buffer // out_size))
+        self.outputs = BufferPool(out_count, out_size, pin=self.cuda) if self.cuda else None
         self.shards = Shards(plan, dst, log, sync=opts.fsync)
         self.readers = ThreadPoolExecutor(max(1, opts.readers), thread_name_prefix="shardconv-read")
         self.writers = ThreadPoolExecutor(max(1, opts.writers), thread_name_prefix="shardconv-write")
