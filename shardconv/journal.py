@@ -7,8 +7,8 @@ source shard when the run started (identity.py: header and sampled content diges
 and the digest of every finished shard (digest.py: a SHA-256 over the SHA-256s of its 64 MiB
 pieces). A new run with the same fingerprint keeps the finished shards made only from source shards
 whose identity is unchanged and writes the rest; a different fingerprint is refused unless
-``--overwrite``. No mtime is trusted: ``cp -p`` and ``rsync -a`` keep it. Shards appear under their final names only once complete
-(``.partial`` before), and the index is written last, so an unfinished DST never looks like a
+``--overwrite``. No mtime is trusted: ``cp -p`` and ``rsync -a`` keep it. Shards appear under their
+final names only once complete (``.partial`` before), and the index is written last, so an unfinished DST never looks like a
 checkpoint.
 """
 
@@ -34,9 +34,9 @@ def fingerprint(plan, extra: dict | None = None) -> str:
 
     src = plan.source
     # the shards' content is compared file by file (identity.py), so that a changed one costs only
-    # the output shards made from it; the config decides the plan and is small: hashed whole
+    # the output shards made from it; the config, as parsed for the plan (not the file as it is now)
     files = [str(p.relative_to(src.root)) if p.is_relative_to(src.root) else str(p) for p in src.shards]
-    config = hashlib.sha256((src.root / "config.json").read_bytes()).hexdigest()
+    config = hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest()
     shards = [[name, [[t.name, t.dtype, list(t.shape)] for t in ts]] for name, ts in zip(plan.shard_names, plan.shard_tensors)]
     doc = {
         "shardconv": __version__,
