@@ -199,6 +199,7 @@ def _start_cuda(device: str) -> None:
 
 def _convert(args) -> int:
     from .amax import load_amax
+    from . import identity
     from .formats import get_format
     from . import profile
     from .pipeline import Options, convert
@@ -228,7 +229,8 @@ def _convert(args) -> int:
         if dst is None:
             dst = default_dst(source.root)
         fmt = get_format(args.format)
-        amax = load_amax(args.amax) if args.amax else None
+        # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
+        amax, amax_id = identity.read_whole(Path(args.amax), load_amax) if args.amax else (None, None)
         plan = build_plan(source, fmt, excludes=args.exclude, amax=amax, scales=args.scales,
                           max_shard_size=args.max_shard_size)
         if args.dry_run:
@@ -244,9 +246,8 @@ def _convert(args) -> int:
                        gpu_buffer=args.gpu_buffer, progress=not args.no_progress, fsync=args.fsync,
                        prefetch=args.prefetch)
         extra = {}
-        if args.amax:
-            st = Path(args.amax).stat()
-            extra["amax"] = [str(Path(args.amax).resolve()), st.st_size, st.st_mtime_ns]
+        if amax_id:
+            extra["amax"] = amax_id
         summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra)
         profile.say(f"done {profile.process_age():.1f} s after process start")
         say(f"wrote {dst}", *summary.lines())

@@ -1,12 +1,14 @@
 """The run journal in DST: what plan is being written and which shards are finished.
 
 A conversion of hundreds of GB will be interrupted. The journal (``DST/.shardconv-journal.json``,
-replaced atomically) holds a fingerprint of the run (source file sizes and mtimes, the amax file,
-the planned output layout and options, the shardconv version) and the digest of every finished
-shard (digest.py: a SHA-256 over the SHA-256s of its 64 MiB pieces). A new run
-with the same fingerprint keeps the finished shards and writes only the rest; a different fingerprint
-is refused unless ``--overwrite``. Shards appear under their final names only once complete
-(``.partial`` before), and the index is written last, so an unfinished DST never looks like a
+replaced atomically) holds a fingerprint of the run (the source's config and shard names, the amax
+file's content, the planned output layout and options, the shardconv version), the identity of every
+source shard when the run started (identity.py: header and sampled content digests, inode, ctime)
+and the digest of every finished shard (digest.py: a SHA-256 over the SHA-256s of its 64 MiB
+pieces). A new run with the same fingerprint keeps the finished shards made only from source shards
+whose identity is unchanged and writes the rest; a different fingerprint is refused unless
+``--overwrite``. No mtime is trusted: ``cp -p`` and ``rsync -a`` keep it. Shards appear under their
+final names only once complete (``.partial`` before), and the index is written last, so an unfinished DST never looks like a
 checkpoint.
 """
 
@@ -31,14 +33,15 @@ def fingerprint(plan, extra: dict | None = None) -> str:
     from . import numerics
 
     src = plan.source
-    files = []
-    for p in [src.root / "config.json", *src.shards]:
-        st = p.stat()
-        files.append([str(p.relative_to(src.root)) if p.is_relative_to(src.root) else str(p), st.st_size, st.st_mtime_ns])
+    # the shards' content is compared file by file (identity.py), so that a changed one costs only
+    # the output shards made from it; the config, as parsed for the plan (not the file as it is now)
+    files = [str(p.relative_to(src.root)) if p.is_relative_to(src.root) else str(p) for p in src.shards]
+    config = hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest()
     shards = [[name, [[t.name, t.dtype, list(t.shape)] for t in ts]] for name, ts in zip(plan.shard_names, plan.shard_tensors)]
     doc = {
         "shardconv": __version__,
         "files": files,
+        "config": config,
         "shards": shards,
         "scales": plan.scales,
         "format": plan.format_name,
@@ -51,9 +54,12 @@ def fingerprint(plan, extra: dict | None = None) -> str:
 class Journal:
     """Reads and updates DST's journal; safe to call from writer threads."""
 
-    def __init__(self, dst: Path, fingerprint: str, synced: bool = False):
+    def __init__(self, dst: Path, fingerprint: str, synced: bool = False, sources: list[dict] | None = None,
+                 extra: dict | None = None):
         self.path = Path(dst) / NAME
         self.fingerprint = fingerprint
+        self.extra = extra or {}  # the fingerprint's inputs besides the plan (the amax file's digest), to say what differs
+        self.sources = sources or []  # identity.FileIdentity of each source shard, as this run found them
         self.synced = synced  # shards were fsync'ed before being recorded
         self.shards: dict[str, str] = {}
         self.complete = False
@@ -67,8 +73,9 @@ class Journal:
         except (OSError, ValueError):
             return None
 
-    def adopt(self, old: dict, plan, dst: Path) -> set[int]:
-        """Shards of ``old`` (same fingerprint) still present with their planned size: kept.
+    def adopt(self, old: dict, plan, dst: Path, stale: set[int] = frozenset()) -> set[int]:
+        """Shards of ``old`` (same fingerprint) still present with their planned size: kept, except
+        ``stale`` ones (made from a source shard that changed since: identity.py).
 
         Shards that were not fsync'ed when recorded are also re-hashed: a kill never loses written
         data (it is in the page cache), but a power loss can leave a renamed shard incomplete. A
@@ -80,7 +87,7 @@ class Journal:
         trust = bool(old.get("synced"))
         for i, (name, tensors) in enumerate(zip(plan.shard_names, plan.shard_tensors)):
             path = Path(dst) / name
-            if name in recorded and path.is_file() and path.stat().st_size == file_size(tensors) and (
+            if i not in stale and name in recorded and path.is_file() and path.stat().st_size == file_size(tensors) and (
                     trust or shard_digests.shard_digest(path) == recorded[name]):
                 kept.add(i)
                 self.shards[name] = recorded[name]
@@ -105,5 +112,6 @@ class Journal:
 
     def save(self) -> None:
         doc = {"shardconv": __version__, "fingerprint": self.fingerprint, "complete": self.complete,
-               "digest": shard_digests.DESCRIPTION, "synced": self.synced, "shards": dict(sorted(self.shards.items()))}
+               "digest": shard_digests.DESCRIPTION, "synced": self.synced,
+               "extra": self.extra, "sources": self.sources, "shards": dict(sorted(self.shards.items()))}
         write_json(self.path, doc, indent=1)

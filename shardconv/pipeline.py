@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import journal, profile, readahead
+from . import identity, journal, profile, readahead
 from .errors import ShardconvError, working_on
 from .plan import Plan, Unit
 from . import fp8
@@ -74,6 +74,7 @@ class Summary:
     device: str
     gpu_peak: int | None = None  # bytes
     resumed: int = 0  # output shards kept from an interrupted run
+    changed_sources: tuple[str, ...] = ()  # source shards changed since the interrupted run (their output rewritten)
 
     def lines(self) -> list[str]:
         gbps = self.in_bytes / max(self.seconds, 1e-9) / 1e9
@@ -86,7 +87,9 @@ class Summary:
             + (f", {self.resumed} kept from an interrupted run)" if self.resumed else ")"),
             f"compression        {ratio:.2f}x",
             f"time               {self.seconds:.1f} s  ({gbps:.2f} GB/s of input, {self.device})",
-        ] + ([f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
+        ] + ([f"source changed     {', '.join(self.changed_sources)} (since the interrupted run: "
+              "what was made from it was written again)"] if self.changed_sources else []) + (
+            [f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -521,11 +524,14 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     src = plan.source.root
     dst = Path(dst)
     check_destination(src, dst, overwrite)
+    sources = identity.identify_source(plan.source)  # before anything is read for the conversion
     run = journal.fingerprint(plan, fingerprint_extra)
     old = journal.Journal.read(dst) if dst.is_dir() else None
     if old is not None and old.get("fingerprint") != run and not overwrite:
-        raise ShardconvError(f"{dst}: holds a run of a different conversion (other source, options or version); "
-                             "use --overwrite to replace it")
+        amax = (fingerprint_extra or {}).get("amax")
+        what = ("the amax file's content differs" if amax and old.get("extra", {}).get("amax") not in (None, amax)
+                else "other source, options or version")
+        raise ShardconvError(f"{dst}: holds a run of a different conversion ({what}); use --overwrite to replace it")
     resume = old is not None and old.get("fingerprint") == run and not overwrite
     created_dir = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
@@ -534,9 +540,12 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     # DST that is not empty always says what it holds and the same command resumes it.
     if not resume:
         (dst / INDEX_NAME).unlink(missing_ok=True)
-    log = journal.Journal(dst, run, synced=opts.fsync)
+    log = journal.Journal(dst, run, synced=opts.fsync, sources=[f.to_json() for f in sources],
+                          extra=fingerprint_extra)
+    changed: dict[str, str] = {}
     if resume:
-        kept = log.adopt(old, plan, dst)
+        changed = identity.changed_since(old.get("sources"), sources)
+        kept = log.adopt(old, plan, dst, stale=identity.dependent_shards(plan, set(changed)))
     else:
         log.save()
         kept = set()
@@ -562,6 +571,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         for name, content in fmt.config_files(plan, plan.source.config).items():
             write_json(dst / name, content)
             written.append(dst / name)
+        identity.check_unchanged(plan.source, sources)  # a source written meanwhile: no index
         weight_map = {t.name: plan.shard_names[s] for s, ts in enumerate(plan.shard_tensors) for t in ts}
         index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
@@ -587,5 +597,6 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         shards=len(plan.shard_names),
         device=str(opts.device),
         resumed=len(kept),
+        changed_sources=tuple(sorted(changed)),
         gpu_peak=torch.cuda.max_memory_reserved(opts.device) if opts.device.type == "cuda" else None,
     )
