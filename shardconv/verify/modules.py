@@ -54,8 +54,8 @@ def find_modules(tensors: dict[str, TensorInfo], convention: str, report: Report
                 m = name[: -len(".weight_scale_2")]
                 mods[m] = QModule(m, tensors.get(f"{m}.weight"), tensors.get(f"{m}.weight_scale"), info,
                                   tensors.get(f"{m}.input_scale"))
-            elif name.endswith("weight_scale_2"):  # stacked experts: gate_up_proj_weight_scale_2
-                m = name[: -len("weight_scale_2")]
+            elif name.endswith("_weight_scale_2"):  # stacked experts: gate_up_proj_weight_scale_2
+                m = name[: -len("_weight_scale_2")]
                 mods[m] = QModule(m, tensors.get(m), tensors.get(f"{m}_weight_scale"), info,
                                   tensors.get(f"{m}_input_scale"), stacked=True)
         orphans = (".input_scale",)
