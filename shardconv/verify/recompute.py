@@ -33,6 +33,16 @@ CANDIDATES = ("max", "max-static", "mse", "four-over-six")  # tried in this orde
 ROUNDINGS = ("cpu", "cuda")
 
 
+def _rank(name: str) -> int:
+    """Compare the global scale first, then block scales, codes, input scale: the first difference
+    then says which number went wrong, not what followed from it."""
+    for i, suffixes in enumerate((("weight_scale_2", "weight_global_scale"), ("weight_scale",),
+                                  ("input_scale", "input_global_scale"))):
+        if name.endswith(suffixes):
+            return (0, 1, 3)[i]
+    return 2  # the packed codes
+
+
 def _static_max(m: Member, w: torch.Tensor) -> Member:
     """``m`` with the amax ModelOpt's static max calibration saves: per-block max |w| (over the
     transpose for a stacked [E, in, out] tensor) and the weight's max as its global amax."""
@@ -77,17 +87,17 @@ def _first_difference(got: TensorInfo, want: torch.Tensor) -> str | None:
 
 
 def _compare(expected: dict[str, dict[str, torch.Tensor]], checked: list[str],
-             tensors: dict[str, TensorInfo]) -> tuple[str, str, str] | None:
-    """The first (module, tensor, difference) where DST differs from ``expected``, or None."""
+             tensors: dict[str, TensorInfo]) -> list[tuple[str, str, str]]:
+    """Each member of ``checked`` that differs from ``expected``: (module, first differing tensor, how)."""
+    out = []
     for module in checked:
-        for name, t in expected[module].items():
+        for name, t in sorted(expected[module].items(), key=lambda item: _rank(item[0])):
             got = tensors.get(name)
-            if got is None:
-                return module, name, "is missing from DST"
-            diff = _first_difference(got, t)
+            diff = "is missing from DST" if got is None else _first_difference(got, t)
             if diff:
-                return module, name, diff
-    return None
+                out.append((module, name, diff))
+                break
+    return out
 
 
 class Recomputer:
@@ -105,26 +115,43 @@ class Recomputer:
             counts[key[i]] += n
         return sorted(items, key=lambda x: (-counts[x], items.index(x)))
 
-    def group(self, unit: Unit, checked: list[str]) -> tuple[str, str, str, str] | None:
-        """None when one (method, rounding) reproduces every checked member bit for bit; else the
-        first difference under the first candidate tried: (module, tensor, difference, method)."""
+    def group(self, unit: Unit, checked: list[str]) -> tuple[list[tuple[str, str, str]], str]:
+        """([], method) when one (method, rounding) reproduces every checked member bit for bit; else
+        the members that differ under the first candidate tried, and that method."""
         weights = [fp8.source_weight(m, read_into(m.weight)) for m in unit.members]  # FP8 -> bf16 here
         unit = replace(unit, members=[replace(m, scale_inv=None, fp8_block=None) for m in unit.members])
         first = None
         for rounding in self._order(self.roundings, 1):
             numerics.set_export_rounding(rounding)
             for method in self._order(self.methods, 0):
-                diff = _compare(_expected(unit, weights, method, self.fmt), checked, self.tensors)
-                if diff is None:
+                diffs = _compare(_expected(unit, weights, method, self.fmt), checked, self.tensors)
+                if not diffs:
                     self.matched[(method, rounding)] += 1
-                    return None
-                first = first or (*diff, method)
+                    return [], method
+                first = first or (diffs, method)
         return first
+
+
+def _check_kv(fmt, amax: AmaxFile, tensors: dict[str, TensorInfo], roundings: list[str], report: Report) -> None:
+    """FP8 KV-cache scales (``k_amax / 448``, ``v_amax / 448``) recomputed from the amax file."""
+    for attention, kv in sorted(amax.kv.items()):
+        diffs = []
+        for rounding in roundings:
+            numerics.set_export_rounding(rounding)
+            want = fmt.kv_scales(attention, kv["k"], kv["v"])
+            diffs = [(n, "is missing from DST" if n not in tensors else _first_difference(tensors[n], t))
+                     for n, t in want.items()]
+            diffs = [(n, d) for n, d in diffs if d]
+            if not diffs:
+                break
+        for name, what in diffs:
+            where = f"{tensors[name].path}: tensor" if name in tensors else "tensor"
+            report.fail(f"{where} {name!r} {what} (recomputed from the amax file's {attention} k/v amax)")
 
 
 def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], found: dict[str, QModule],
               convention: str, report: Report, *, scales: str | None = None, amax: AmaxFile | None = None,
-              rounding: str | None = None, journal: dict | None = None, skip: set[str] = frozenset()) -> None:
+              rounding: str | None = None, journal: dict | None = None, skip: frozenset[str] | set[str] = frozenset()) -> None:
     """Recompute every quantized group of DST from ``source`` (an opened source.Source); each module
     that differs fails with one line naming it and its first differing tensor. ``skip``: modules
     already failed (their reconstruction error), not reported twice."""
@@ -167,18 +194,14 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
             if checked:
                 n_groups += 1
                 n_modules += len(checked)
-                diff = rec.group(unit, checked)
-                if diff:
-                    module, name, what, method = diff
-                    report.fail(f"{tensors[name].path if name in tensors else ''}: quantized module {module}: "
-                                f"tensor {name!r} {what} (recomputed from the source with "
-                                f"{'--scales ' + method if scales else 'every scale method; shown: ' + method})")
-            for name, want in unit.extra.items():  # FP8 KV-cache scales from the amax file
-                numerics.set_export_rounding(roundings[0])
-                got = tensors.get(name)
-                what = "is missing from DST" if got is None else _first_difference(got, want)
-                if what:
-                    report.fail(f"{got.path if got else ''}: tensor {name!r} {what} (recomputed from the amax file)")
+                diffs, method = rec.group(unit, checked)
+                how = f"scales {method}" if len(methods) == 1 else f"no scale method reproduces it; {method} shown"
+                for module, name, what in diffs:
+                    where = (tensors[name] if name in tensors else good[module].packed).path
+                    report.fail(f"{where}: quantized module {module}: tensor {name!r} {what} "
+                                f"(recomputed from the source: {how})")
+        if plan.kv_cache:
+            _check_kv(fmt, amax, tensors, roundings, report)
     finally:
         numerics.set_export_rounding(before)
     used = ", ".join(f"{m} {n}" for m, n in Counter(k[0] for k in rec.matched.elements()).most_common())
