@@ -348,3 +348,26 @@ def test_modelopt_export_with_a_block_scale_changed(tmp_path):
 def test_recompute_options_need_a_source(converted):
     rc, out, err = verify(converted("mse"), "--scales", "max")
     assert rc == 2 and err.startswith("shardconv: error: --scales, --amax") and err.count("\n") == 1, err
+
+
+def test_fp8_source_recomputed_and_a_dequantized_kept_weight_not_finite(tmp_path):
+    """An FP8 block-quantized source: groups are recomputed from its dequantization; the MTP layer's
+    FP8 weights are written dequantized (bf16), and a NaN there fails."""
+    from test_fp8 import make_fp8
+
+    bf16 = write_checkpoint(tmp_path / "bf16", family="deepseek_v3", weights="structured", num_layers=2,
+                            hidden_size=256, intermediate_size=320, moe_intermediate_size=64, num_experts=4,
+                            vocab_size=256, shard_size=300_000)
+    fp8_src, _ = make_fp8(bf16, tmp_path / "fp8")
+    dst = tmp_path / "out"
+    rc, err = run_cli("convert", fp8_src, dst, "--device", "cpu", "--no-progress", "--scales", "max")
+    assert rc == 0, err
+    out = passes(dst, "--source", fp8_src)
+    assert "bit for bit (scales: max " in out, out
+    name = "model.layers.2.self_attn.o_proj.weight"  # the MTP layer: kept, dequantized from FP8
+    shard = rewrite(dst, name, lambda t: t[name].__setitem__((130, 1), float("nan")))
+    assert load_file(str(shard))[name].dtype == torch.bfloat16
+    fails(dst, f"{shard}: tensor '{name}' has 1 NaN/Inf values (first at [130, 1])")
+    # and the source says the dequantization differs
+    fails(dst, f"{shard}: tensor '{name}' has 1 NaN/Inf", f"kept tensors differ from the source, e.g. {name}",
+          problems=2, args=("--source", fp8_src))
