@@ -83,13 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     v = sub.add_parser("verify", help="check a converted checkpoint (no GPU, never loaded whole)",
                        description="Check DST (ModelOpt or compressed-tensors NVFP4): index and headers, journal "
-                       "hashes, fusion-group scales, block scales, exclusion lists; with --source, kept tensors and "
-                       "per-layer reconstruction error. Exit status 0: pass, 1: problems found, 2: usage error.")
+                       "hashes, fusion-group scales, block scales, declared quantization, finite values, exclusion lists; "
+                       "with --source, kept tensors, per-layer reconstruction error and every group recomputed bit "
+                       "for bit. Exit status 0: pass, 1: problems found, 2: usage error.")
     v.add_argument("dst", help="converted checkpoint folder")
     v.add_argument("--source", metavar="SRC", help="the source checkpoint (folder or hub repo id) to compare against")
     v.add_argument("--max-error", type=float, default=None, metavar="X",
                    help="largest relative reconstruction error accepted with --source (default: 0.5)")
     v.add_argument("--top", type=int, default=20, metavar="N", help="rows of the error table (default: 20)")
+    v.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six"), default=None,
+                   help="with --source: the scale method DST was converted with, for the bit-exact recomputation "
+                   "(default: the journal's, else every method is tried per fusion group)")
+    v.add_argument("--amax", metavar="FILE", help="with --source: the amax file DST was converted with (input_scale "
+                   "and KV-cache scales are recomputed only from it; needed for --scales amax)")
+    v.add_argument("--export-rounding", choices=("cpu", "cuda"), default=None,
+                   help="with --source: the export rounding DST was made with (default: cpu, then cuda)")
+    v.add_argument("--no-recompute", action="store_true",
+                   help="with --source: skip the bit-exact recomputation of every group's scales and codes "
+                   "(costs about a conversion on the CPU; the reconstruction error is still checked)")
     return parser
 
 
@@ -97,7 +108,10 @@ def _verify(args) -> int:
     from .verify import DEFAULT_MAX_ERROR, MAX_REPORTED, error_table, verify
 
     max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
-    report = verify(args.dst, args.source, max_error=max_error)
+    if args.source is None and (args.scales or args.amax or args.export_rounding or args.no_recompute):
+        raise ShardconvError("--scales, --amax, --export-rounding and --no-recompute need --source SRC")
+    report = verify(args.dst, args.source, max_error=max_error, scales=args.scales, amax=args.amax,
+                    export_rounding=args.export_rounding, recompute=not args.no_recompute)
     say(*report.info, *error_table(report, args.top))
     say(*(f"warning: {w}" for w in report.warnings))
     for problem in report.problems[:MAX_REPORTED]:

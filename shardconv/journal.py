@@ -55,9 +55,11 @@ class Journal:
     """Reads and updates DST's journal; safe to call from writer threads."""
 
     def __init__(self, dst: Path, fingerprint: str, synced: bool = False, sources: list[dict] | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, method: dict | None = None):
         self.path = Path(dst) / NAME
         self.fingerprint = fingerprint
+        # how the scales were made ({"scales": ..., "export_rounding": ...}): verify --source recomputes with it
+        self.method = method or {}
         self.extra = extra or {}  # the fingerprint's inputs besides the plan (the amax file's digest), to say what differs
         self.sources = sources or []  # identity.FileIdentity of each source shard, as this run found them
         self.synced = synced  # shards were fsync'ed before being recorded
@@ -111,7 +113,7 @@ class Journal:
             self.save()
 
     def save(self) -> None:
-        doc = {"shardconv": __version__, "fingerprint": self.fingerprint, "complete": self.complete,
+        doc = {"shardconv": __version__, "fingerprint": self.fingerprint, "complete": self.complete, **self.method,
                "digest": shard_digests.DESCRIPTION, "synced": self.synced,
                "extra": self.extra, "sources": self.sources, "shards": dict(sorted(self.shards.items()))}
         write_json(self.path, doc, indent=1)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import identity, journal, profile, readahead
+from . import identity, journal, numerics, profile, readahead
 from .errors import ShardconvError, working_on
 from .plan import Plan, Unit
 from . import fp8
@@ -541,6 +541,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     if not resume:
         (dst / INDEX_NAME).unlink(missing_ok=True)
     log = journal.Journal(dst, run, synced=opts.fsync, sources=[f.to_json() for f in sources],
+                          method={"scales": plan.scales, "export_rounding": numerics.EXPORT_ROUNDING},
                           extra=fingerprint_extra)
     changed: dict[str, str] = {}
     if resume:
