@@ -1,41 +1,17 @@
-"""Verify, files: config.json's neighbours, the index, every shard's header, and that each shard's data
-section is exactly covered by its tensors (the safetensors library refuses a shard with trailing
-bytes or a gap between tensors: "incomplete metadata, file not fully covered")."""
+"""Verify, files: config.json's neighbours, the index and every shard's header; read_header also
+requires each shard's data section to be exactly covered by its tensors (the safetensors library
+refuses a shard with trailing bytes or a gap between tensors: "incomplete metadata, file not fully
+covered")."""
 
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 from ..errors import ShardconvError
 from ..files import INDEX_NAME, indexed_shard_names, stays_inside, unindexed_shards
 from ..safetensors_io import TensorInfo, read_header
 from .report import Report, load_json
-
-
-def check_coverage(shard: Path, infos: dict[str, TensorInfo], report: Report) -> None:
-    """The data section (after the header) holds the tensors back to back from byte 0 to the file's
-    end: no gap, no trailing bytes. (read_header already refuses overlaps and short files.)"""
-    try:
-        with open(shard, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-        size = os.stat(shard).st_size
-    except OSError as e:
-        report.fail(f"{shard}: cannot read: {e.strerror or e}")
-        return
-    data_start = 8 + hlen
-    pos = 0
-    for info in sorted(infos.values(), key=lambda t: (t.offset, t.nbytes)):
-        start = info.offset - data_start
-        if start > pos:
-            report.fail(f"{shard}: bytes {data_start + pos}..{info.offset} before tensor {info.name!r} belong to "
-                        "no tensor (safetensors refuses a shard whose data is not fully covered)")
-            return
-        pos = max(pos, start + info.nbytes)
-    if data_start + pos != size:
-        report.fail(f"{shard}: {size - data_start - pos} trailing bytes after the last tensor (safetensors refuses "
-                    "a shard whose data is not fully covered)")
 
 
 def read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[Path]]:
@@ -75,7 +51,6 @@ def read_files(dst: Path, report: Report) -> tuple[dict[str, TensorInfo], list[P
             report.fail(str(e))  # its index entries are not reported again, one by one
             continue
         readable.add(str(shard.relative_to(dst)))
-        check_coverage(shard, infos, report)
         for name, info in infos.items():
             if name in tensors:
                 report.fail(f"{shard}: tensor {name!r} is also in {tensors[name].path.name}")
