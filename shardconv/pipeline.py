@@ -19,6 +19,7 @@ checkpoint. A failed run keeps its finished shards, recorded with their digests 
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import signal
 import threading
@@ -34,8 +35,11 @@ from .errors import ShardconvError
 from .plan import Plan, Unit
 from . import fp8
 from .quantize import QuantizedWeight, check_finite, quantize_group
-from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
-from .files import INDEX_NAME, other_files, write_json
+from .safetensors_io import (COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, file_size, read_into, read_range,
+                             tensor_view)
+from .files import INDEX_NAME, write_json
+from . import destination
+from .destination import check_destination  # noqa: F401  (its home was here)
 
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
@@ -83,19 +87,6 @@ class Summary:
             f"compression        {ratio:.2f}x",
             f"time               {self.seconds:.1f} s  ({gbps:.2f} GB/s of input, {self.device})",
         ] + ([f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
-
-
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """DST must not be SRC or inside it, and must be empty unless ``overwrite``."""
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
-        raise ShardconvError(f"{dst}: DST is inside SRC {src}; SRC is only ever read")
-    if dst_r in src_r.parents:
-        raise ShardconvError(f"{dst}: DST contains SRC {src}; choose an empty folder")
-    if dst.exists() and not dst.is_dir():
-        raise ShardconvError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite and journal.Journal.read(dst) is None:
-        raise ShardconvError(f"{dst}: not empty (use --overwrite to replace a previous output)")
 
 
 class BufferPool:
@@ -431,31 +422,25 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
-            device: torch.device | None = None, progress: bool | None = None,
-            fingerprint_extra: dict | None = None) -> Summary:
-    """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan."""
-    opts = opts or Options()
-    if device is not None:
-        opts.device = device
-    if progress is not None:
-        opts.progress = progress
+def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
+                    extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool) -> set[int]:
+    """The run, with DST locked; returns the indices of the shards kept from an interrupted run."""
     src = plan.source.root
-    dst = Path(dst)
-    check_destination(src, dst, overwrite)
-    run = journal.fingerprint(plan, fingerprint_extra)
-    old = journal.Journal.read(dst) if dst.is_dir() else None
+    destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
+    old = journal.Journal.read(dst)
     if old is not None and old.get("fingerprint") != run and not overwrite:
         raise ShardconvError(f"{dst}: holds a run of a different conversion (other source, options or version); "
                              "use --overwrite to replace it")
     resume = old is not None and old.get("fingerprint") == run and not overwrite
-    created_dir = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
     # Order matters for a kill at any point: the index (the "finished" mark) goes first, so it never
-    # stands beside missing shards; then this run's journal, before anything else is written, so a
-    # DST that is not empty always says what it holds and the same command resumes it.
-    if not resume:
-        (dst / INDEX_NAME).unlink(missing_ok=True)
+    # stands beside missing shards (clear removes it first); then this run's journal, before anything
+    # else is written, so a DST that is not empty always says what it holds and the same command
+    # resumes it.
+    if overwrite:
+        destination.clear(dst)  # the previous output goes whole: no stale file of another model
+    elif resume:
+        destination.prune(dst, {journal.NAME, INDEX_NAME, *plan.shard_names, *configs,
+                                *(rel.as_posix() for rel, _ in extras)})
     log = journal.Journal(dst, run, synced=opts.fsync)
     if resume:
         kept = log.adopt(old, plan, dst)
@@ -469,26 +454,24 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         if path.name not in keep:
             path.unlink(missing_ok=True)
     written: list[Path] = []
-    start = time.perf_counter()
     converter = Converter(plan, dst, fmt, opts, log, kept)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         converter.run()
-        for rel in other_files(src):
-            target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / rel, target)
-            written.append(target)
-        for name, content in fmt.config_files(plan, plan.source.config).items():
-            write_json(dst / name, content)
+        for rel, _ in extras:
+            destination.make_dirs(dst, rel.parent)
+            written.append(dst / rel)
+            destination.copy_regular(src / rel, dst / rel)
+        for name, content in configs.items():
             written.append(dst / name)
+            write_json(dst / name, content)
         weight_map = {t.name: plan.shard_names[s] for s, ts in enumerate(plan.shard_tensors) for t in ts}
         index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
         log.finish()
-    except BaseException:
+    except BaseException as e:
         converter.shards.abort()
         for path in written:
             path.unlink(missing_ok=True)
@@ -496,10 +479,53 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
             (dst / journal.NAME).unlink(missing_ok=True)
             if created_dir:
                 shutil.rmtree(dst, ignore_errors=True)
+        full = destination.disk_full(e)
+        if full is not None:
+            done = sum(file_size(plan.shard_tensors[i]) for i, name in enumerate(plan.shard_names) if name in log.shards)
+            needed = plan.out_bytes - done + sum(size for _, size in extras)
+            raise ShardconvError(destination.disk_full_message(e, full, dst, needed)) from None
         raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    return kept
+
+
+def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
+            device: torch.device | None = None, progress: bool | None = None,
+            fingerprint_extra: dict | None = None, max_extra_size: int = destination.DEFAULT_MAX_EXTRA) -> Summary:
+    """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan.
+
+    Everything that can be refused (DST's identity and contents, SRC's other files) is checked
+    before DST is touched; then DST is locked (destination.py) for the rest of the run."""
+    opts = opts or Options()
+    if device is not None:
+        opts.device = device
+    if progress is not None:
+        opts.progress = progress
+    src = plan.source.root
+    dst = Path(dst)
+    destination.check_destination(src, dst, overwrite)
+    extras = destination.extra_files(src, max_extra_size)
+    configs = fmt.config_files(plan, plan.source.config)
+    run = journal.fingerprint(plan, fingerprint_extra)
+    created_dir = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    lock = destination.DstLock(dst)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created_dir:
+            try:
+                os.rmdir(dst)
+            except OSError:
+                pass
+        raise
+    try:
+        start = time.perf_counter()
+        kept = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir)
+    finally:
+        lock.release()
     return Summary(
         quantized=len(plan.quantized),
         kept=sum(1 for u in plan.units if u.copy is not None),
