@@ -315,8 +315,10 @@ def copy_regular(source: Path, target: Path) -> None:
             finally:
                 os.close(fd_out)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:  # a failed write names no file by itself
+                e.filename = str(tmp)
             raise
     finally:
         os.close(fd_in)
