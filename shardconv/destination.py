@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -201,44 +202,79 @@ def _identity_lstat(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _remove(path: Path) -> None:
-    """Remove an entry of DST without following it: a link is unlinked, a real folder removed whole."""
-    if stat.S_ISDIR(os.lstat(path).st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+def _mount_points() -> set[str]:
+    """Every mount point of this process (``/proc/self/mountinfo``; empty where there is none)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    unescape = lambda p: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p)  # noqa: E731
+    return {unescape(line.split()[4]) for line in lines if len(line.split()) > 4}
 
 
-def clear(dst: Path) -> None:
+class _Remover:
+    """Removes entries of DST without following links, and never a folder of SRC or a mount point
+    under DST (``shutil.rmtree`` crosses mounts: a bind mount of SRC inside DST would be emptied)."""
+
+    def __init__(self, dst: Path, src: Path | None):
+        self.dev = os.stat(dst).st_dev
+        self.protected = _src_folders(Path(os.path.realpath(src))) if src is not None else {}
+        self.mounts = _mount_points()
+
+    def check(self, folder: str) -> None:
+        st = os.lstat(folder)
+        if (st.st_dev != self.dev or os.path.realpath(folder) in self.mounts
+                or (st.st_dev, st.st_ino) in self.protected):
+            raise ShardconvError(f"{folder}: a mount point or a folder of SRC inside DST; shardconv does not remove "
+                                 "it: unmount it or choose another DST")
+
+    def remove_all(self, paths: list[Path]) -> None:
+        """Check every folder first, so a refusal removes nothing; then remove."""
+        for path in paths:
+            if os.path.isdir(path) and not os.path.islink(path):
+                for dirpath, _, _ in os.walk(path, followlinks=False):
+                    self.check(dirpath)
+        for path in paths:
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def clear(dst: Path, src: Path | None = None) -> None:
     """Empty DST for ``--overwrite`` (with the lock held), but for the lock file. The index goes first
     (a DST never looks finished beside missing shards) and the journal last, so a DST cleared halfway
     by a kill still looks like an output and ``--overwrite`` clears the rest."""
     check_contents(dst, overwrite=True)
     names = [n for n in os.listdir(dst) if n not in (LOCK_NAME, INDEX_NAME, JOURNAL_NAME)]
-    for name in [INDEX_NAME, *sorted(names), JOURNAL_NAME]:
-        try:
-            _remove(dst / name)
-        except FileNotFoundError:
-            pass
+    _Remover(dst, src).remove_all([dst / n for n in [INDEX_NAME, *sorted(names), JOURNAL_NAME]])
 
 
-def prune(dst: Path, keep: set[str]) -> None:
+def prune(dst: Path, keep: set[str], src: Path | None = None) -> None:
     """Remove from a resumed DST everything that is not a regular file under one of this run's names
     (``keep``, relative POSIX paths), and every symbolic link, so no stale file of another run stays
     and nothing is written through a link."""
     keep = set(keep) | {LOCK_NAME}
     keep_dirs = {str(p) for k in keep for p in Path(k).parents if str(p) != "."}
+    doomed = []
+    remover = _Remover(dst, src)
 
     def walk(rel_dir: Path) -> None:
         for name in sorted(os.listdir(dst / rel_dir)):
             rel = rel_dir / name
             mode = os.lstat(dst / rel).st_mode
             if stat.S_ISDIR(mode) and str(rel) in keep_dirs:
+                remover.check(str(dst / rel))  # files under it are removed one by one
                 walk(rel)
             elif not (stat.S_ISREG(mode) and str(rel) in keep):
-                _remove(dst / rel)
+                doomed.append(dst / rel)
 
     walk(Path("."))
+    remover.remove_all(doomed)
 
 
 def make_dirs(dst: Path, rel_dir: Path) -> None:

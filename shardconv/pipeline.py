@@ -437,10 +437,10 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     # else is written, so a DST that is not empty always says what it holds and the same command
     # resumes it.
     if overwrite:
-        destination.clear(dst)  # the previous output goes whole: no stale file of another model
+        destination.clear(dst, src)  # the previous output goes whole: no stale file of another model
     elif resume:
         destination.prune(dst, {journal.NAME, INDEX_NAME, *plan.shard_names, *configs,
-                                *(rel.as_posix() for rel, _ in extras)})
+                                *(rel.as_posix() for rel, _ in extras)}, src)
     log = journal.Journal(dst, run, synced=opts.fsync)
     if resume:
         kept = log.adopt(old, plan, dst)

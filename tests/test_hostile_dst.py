@@ -39,7 +39,7 @@ def outside(tmp_path):
     """Files outside DST that a planted link points to: their bytes and modification times."""
     folder = tmp_path / "outside"
     folder.mkdir()
-    for i in range(8):
+    for i in range(10):
         (folder / f"victim{i}").write_text(f"precious {i}\n")
     return folder
 
@@ -110,6 +110,23 @@ def test_dst_inside_src_through_a_bind_mount_is_refused(src, tmp_path):
     assert tree_digest(src) == before and list((src / "sub").iterdir()) == []
 
 
+def test_overwrite_never_empties_src_bind_mounted_inside_dst(src, tmp_path):
+    """--overwrite removes DST's old entries; a bind mount of SRC among them is refused, not emptied."""
+    if not _unshare_mount_works():
+        pytest.skip("mount --bind is not permitted here (needs root or user namespaces)")
+    dst = tmp_path / "dst"
+    assert run_cli("convert", src, dst, *ARGS)[0] == 0
+    (dst / "mnt").mkdir()
+    before = tree_digest(src)
+    script = f'mount --bind "{src}" "{dst / "mnt"}" && exec "{sys.executable}" -m shardconv convert ' \
+             f'"{src}" "{dst}" --overwrite ' + " ".join(ARGS)
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert p.returncode == 2 and "mount point" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert tree_digest(src) == before
+    assert (dst / "model.safetensors.index.json").exists()  # checked before anything was removed
+
+
 # -- 2. never write through a symbolic link in DST ------------------------------------------------
 
 
@@ -129,6 +146,9 @@ def test_overwrite_replaces_links_never_writes_through_them(src, tmp_path, outsi
     before = stamps(outside)
     plant(dst, outside, ["config.json", "model.safetensors.index.json", shards[0], shards[1] + ".partial",
                          "tokenizer.json", "config.json.partial", JOURNAL + ".partial", "hf_quant_config.json"])
+    (dst / "generation_config.json").unlink()
+    os.link(outside / "victim9", dst / "generation_config.json")  # a hard link: written in place, it changes too
+    before = stamps(outside)
     rc, err = run_cli("convert", src, dst, *ARGS, "--overwrite")
     assert rc == 0, err
     assert stamps(outside) == before
@@ -158,6 +178,9 @@ def test_resume_replaces_links_never_writes_through_them(src, tmp_path, outside,
     plant(dst, outside, ["config.json", "model.safetensors.index.json", todo[0], todo[1] + ".partial",
                          "tokenizer.json", "config.json.partial", JOURNAL + ".partial", "generation_config.json"])
     (dst / "stale-dir").symlink_to(outside, target_is_directory=True)
+    (dst / "tokenizer_config.json").unlink(missing_ok=True)
+    os.link(outside / "victim9", dst / "tokenizer_config.json")
+    before = stamps(outside)
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 0, err
     assert stamps(outside) == before
