@@ -445,7 +445,13 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     if resume:
         kept = log.adopt(old, plan, dst)
     else:
-        log.save()
+        try:
+            log.save()
+        except OSError as e:
+            if destination.disk_full(e) is None:
+                raise
+            needed = plan.out_bytes + sum(size for _, size in extras)
+            raise ShardconvError(destination.disk_full_message(e, e, dst, needed)) from None
         kept = set()
     keep = {plan.shard_names[i] for i in kept}
     if len(kept) < len(plan.shard_names):
@@ -514,18 +520,15 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     lock = destination.DstLock(dst)
     try:
         lock.acquire()
-    except BaseException:
-        if created_dir:
-            try:
-                os.rmdir(dst)
-            except OSError:
-                pass
-        raise
-    try:
         start = time.perf_counter()
         kept = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir)
     finally:
         lock.release()
+        if created_dir:  # a run that failed before writing anything leaves no empty folder behind
+            try:
+                os.rmdir(dst)
+            except OSError:  # not empty (finished, or finished shards kept), or already removed
+                pass
     return Summary(
         quantized=len(plan.quantized),
         kept=sum(1 for u in plan.units if u.copy is not None),

@@ -373,3 +373,15 @@ def test_disk_full_names_the_file_and_the_space_needed(src, tmp_path, monkeypatc
     assert ".safetensors.partial" in err and "No space left on device" in err, err
     assert "the rest of this conversion needs" in err and "free" in err, err
     assert not list(dst.glob("*.partial")) and not (dst / LOCK).exists()
+
+
+def test_disk_full_at_the_journal_says_so_and_leaves_no_folder(src, tmp_path, monkeypatch):
+    from shardconv import journal
+
+    def full(path, obj, indent=2):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".partial")
+
+    monkeypatch.setattr(journal, "write_json", full)
+    dst = tmp_path / "new" / "dst"
+    err = refused(src, dst, JOURNAL + ".partial", "No space left on device", "needs", "free")
+    assert not dst.exists()
