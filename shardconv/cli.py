@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import __version__
+from .destination import DEFAULT_MAX_EXTRA
 from .errors import ShardconvError
 
 SAMPLE_DST = "shardconv-sample-NVFP4"
@@ -79,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    c.add_argument("--overwrite", action="store_true", help="allow a non-empty DST (replaces its checkpoint files)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a previous output in DST whole (refused for a folder that holds no checkpoint)")
+    c.add_argument("--max-extra-size", type=parse_size, default=DEFAULT_MAX_EXTRA, metavar="SIZE",
+                   help="largest total size of SRC's other files copied to DST: tokenizer, templates, code "
+                   "(default: 1GiB)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     v = sub.add_parser("verify", help="check a converted checkpoint (no GPU, never loaded whole)",
                        description="Check DST (ModelOpt or compressed-tensors NVFP4): index and headers, journal "
@@ -262,7 +267,8 @@ def _convert(args) -> int:
         extra = {}
         if amax_id:
             extra["amax"] = amax_id
-        summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra)
+        summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra,
+                          max_extra_size=args.max_extra_size)
         profile.say(f"done {profile.process_age():.1f} s after process start")
         say(f"wrote {dst}", *summary.lines())
         return 0
@@ -280,11 +286,15 @@ def _start_readahead(args) -> None:
     """Read the input's first bytes while torch and CUDA start (readahead.py); not on a resume, whose
     first shards may already be done, nor where DST is refused anyway."""
     from . import readahead
+    from .destination import is_empty
 
     if args.dry_run or not args.src:
         return
     dst = Path(args.dst) if args.dst else Path(default_dst(Path(args.src).expanduser().resolve()))
-    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+    try:
+        if dst.is_dir() and not is_empty(dst) and not args.overwrite:
+            return
+    except OSError:  # DST unreadable: refused later, with its own message
         return
     readahead.start(args.src, args.readahead)
 

@@ -55,8 +55,33 @@ def other_files(src: Path) -> list[Path]:
     return found
 
 
-def write_json(path: Path, obj: dict, indent: int = 2) -> None:
-    """Write ``obj`` to ``path`` through a ``.partial`` file and a rename: readers never see half a file."""
+def create_fresh(path: Path, flags: int = os.O_WRONLY, mode: int = 0o644) -> int:
+    """A descriptor of a new, empty regular file at ``path``, never of what was there: whatever had
+    that name (a stale temporary file, or a symbolic link planted in DST) is unlinked, not followed,
+    and the file is created with ``O_EXCL | O_NOFOLLOW``."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` through a fresh ``.partial`` file and a rename: readers never see half a file,
+    and a symbolic link at either name is replaced, never written through."""
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    os.replace(tmp, path)
+    fd = create_fresh(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file by itself
+            e.filename = str(tmp)
+        raise
+
+
+def write_json(path: Path, obj: dict, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(Path(path), (json.dumps(obj, indent=indent) + "\n").encode())

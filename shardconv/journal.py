@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class Journal:
     @staticmethod
     def read(dst: Path) -> dict | None:
         try:
+            if not stat.S_ISREG(os.lstat(Path(dst) / NAME).st_mode):  # a link or a FIFO is no journal (never opened)
+                return None
             data = json.loads((Path(dst) / NAME).read_text())
             return data if isinstance(data, dict) else None
         except (OSError, ValueError):

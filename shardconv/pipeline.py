@@ -32,13 +32,16 @@ from pathlib import Path
 import torch
 
 from . import identity, journal, numerics, profile, readahead
-from .errors import ShardconvError, working_on
+from .errors import DestinationError, working_on
 from .plan import Plan, Unit
 from . import fp8
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate
-from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
-from .files import INDEX_NAME, other_files, write_json
+from .safetensors_io import (COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, file_size, read_into, read_range,
+                             tensor_view)
+from .files import INDEX_NAME, write_json
+from . import destination
+from .destination import check_destination  # noqa: F401  (its home was here)
 
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
@@ -90,19 +93,6 @@ class Summary:
         ] + ([f"source changed     {', '.join(self.changed_sources)} (since the interrupted run: "
               "what was made from it was written again)"] if self.changed_sources else []) + (
             [f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
-
-
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """DST must not be SRC or inside it, and must be empty unless ``overwrite``."""
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
-        raise ShardconvError(f"{dst}: DST is inside SRC {src}; SRC is only ever read")
-    if dst_r in src_r.parents:
-        raise ShardconvError(f"{dst}: DST contains SRC {src}; choose an empty folder")
-    if dst.exists() and not dst.is_dir():
-        raise ShardconvError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite and journal.Journal.read(dst) is None:
-        raise ShardconvError(f"{dst}: not empty (use --overwrite to replace a previous output)")
 
 
 class BufferPool:
@@ -512,34 +502,29 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
-            device: torch.device | None = None, progress: bool | None = None,
-            fingerprint_extra: dict | None = None) -> Summary:
-    """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan."""
-    opts = opts or Options()
-    if device is not None:
-        opts.device = device
-    if progress is not None:
-        opts.progress = progress
+def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
+                    extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool,
+                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str]]:
+    """The run, with DST locked; returns the indices of the shards kept from an interrupted run and the
+    source shards changed since it (identity.py)."""
     src = plan.source.root
-    dst = Path(dst)
-    check_destination(src, dst, overwrite)
-    sources = identity.identify_source(plan.source)  # before anything is read for the conversion
-    run = journal.fingerprint(plan, fingerprint_extra)
-    old = journal.Journal.read(dst) if dst.is_dir() else None
+    destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
+    old = journal.Journal.read(dst)
     if old is not None and old.get("fingerprint") != run and not overwrite:
         amax = (fingerprint_extra or {}).get("amax")
         what = ("the amax file's content differs" if amax and old.get("extra", {}).get("amax") not in (None, amax)
                 else "other source, options or version")
-        raise ShardconvError(f"{dst}: holds a run of a different conversion ({what}); use --overwrite to replace it")
+        raise DestinationError(f"{dst}: holds a run of a different conversion ({what}); use --overwrite to replace it")
     resume = old is not None and old.get("fingerprint") == run and not overwrite
-    created_dir = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
     # Order matters for a kill at any point: the index (the "finished" mark) goes first, so it never
-    # stands beside missing shards; then this run's journal, before anything else is written, so a
-    # DST that is not empty always says what it holds and the same command resumes it.
-    if not resume:
-        (dst / INDEX_NAME).unlink(missing_ok=True)
+    # stands beside missing shards (clear removes it first); then this run's journal, before anything
+    # else is written, so a DST that is not empty always says what it holds and the same command
+    # resumes it.
+    if overwrite:
+        destination.clear(dst, src)  # the previous output goes whole: no stale file of another model
+    elif resume:
+        destination.prune(dst, {journal.NAME, INDEX_NAME, *plan.shard_names, *configs,
+                                *(rel.as_posix() for rel, _ in extras)}, src)
     log = journal.Journal(dst, run, synced=opts.fsync, sources=[f.to_json() for f in sources],
                           method={"scales": plan.scales, "export_rounding": numerics.EXPORT_ROUNDING},
                           extra=fingerprint_extra)
@@ -548,7 +533,13 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         changed = identity.changed_since(old.get("sources"), sources)
         kept = log.adopt(old, plan, dst, stale=identity.dependent_shards(plan, set(changed)))
     else:
-        log.save()
+        try:
+            log.save()
+        except OSError as e:
+            if destination.disk_full(e) is None:
+                raise
+            needed = plan.out_bytes + sum(size for _, size in extras)
+            raise DestinationError(destination.disk_full_message(e, e, dst, needed)) from None
         kept = set()
     keep = {plan.shard_names[i] for i in kept}
     if len(kept) < len(plan.shard_names):
@@ -557,27 +548,25 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         if path.name not in keep:
             path.unlink(missing_ok=True)
     written: list[Path] = []
-    start = time.perf_counter()
     converter = Converter(plan, dst, fmt, opts, log, kept)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         converter.run()
-        for rel in other_files(src):
-            target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / rel, target)
-            written.append(target)
-        for name, content in fmt.config_files(plan, plan.source.config).items():
-            write_json(dst / name, content)
+        for rel, _ in extras:
+            destination.make_dirs(dst, rel.parent)
+            written.append(dst / rel)
+            destination.copy_regular(src / rel, dst / rel)
+        for name, content in configs.items():
             written.append(dst / name)
+            write_json(dst / name, content)
         identity.check_unchanged(plan.source, sources)  # a source written meanwhile: no index
         weight_map = {t.name: plan.shard_names[s] for s, ts in enumerate(plan.shard_tensors) for t in ts}
         index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
         log.finish()
-    except BaseException:
+    except BaseException as e:
         converter.shards.abort()
         for path in written:
             path.unlink(missing_ok=True)
@@ -585,10 +574,52 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
             (dst / journal.NAME).unlink(missing_ok=True)
             if created_dir:
                 shutil.rmtree(dst, ignore_errors=True)
+        full = destination.disk_full(e)
+        if full is not None:
+            done = sum(file_size(plan.shard_tensors[i]) for i, name in enumerate(plan.shard_names) if name in log.shards)
+            needed = plan.out_bytes - done + sum(size for _, size in extras)
+            raise DestinationError(destination.disk_full_message(e, full, dst, needed)) from None
         raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    return kept, changed
+
+
+def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
+            device: torch.device | None = None, progress: bool | None = None,
+            fingerprint_extra: dict | None = None, max_extra_size: int = destination.DEFAULT_MAX_EXTRA) -> Summary:
+    """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan.
+
+    Everything that can be refused (DST's identity and contents, SRC's other files) is checked
+    before DST is touched; then DST is locked (destination.py) for the rest of the run."""
+    opts = opts or Options()
+    if device is not None:
+        opts.device = device
+    if progress is not None:
+        opts.progress = progress
+    src = plan.source.root
+    dst = Path(dst)
+    destination.check_destination(src, dst, overwrite)
+    extras = destination.extra_files(src, max_extra_size)
+    configs = fmt.config_files(plan, plan.source.config)
+    sources = identity.identify_source(plan.source)  # before anything is read for the conversion
+    run = journal.fingerprint(plan, fingerprint_extra)
+    created_dir = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    lock = destination.DstLock(dst)
+    try:
+        lock.acquire()
+        start = time.perf_counter()
+        kept, changed = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
+                                        sources, fingerprint_extra)
+    finally:
+        lock.release()
+        if created_dir:  # a run that failed before writing anything leaves no empty folder behind
+            try:
+                os.rmdir(dst)
+            except OSError:  # not empty (finished, or finished shards kept), or already removed
+                pass
     return Summary(
         quantized=len(plan.quantized),
         kept=sum(1 for u in plan.units if u.copy is not None),

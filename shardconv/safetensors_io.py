@@ -21,6 +21,7 @@ import torch
 
 from .digest import HASH_PIECE, combine_digests, piece_sha256
 from .errors import DestinationError, SourceError
+from .files import create_fresh
 
 # safetensors dtype string -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -350,7 +351,7 @@ class ShardWriter:
         self._digests: list[bytes | None] = [None] * pieces
         self._lock = threading.Lock()
         self._copying: dict[str, list[int]] = {}  # tensors being copied in pieces
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = create_fresh(self.partial, os.O_RDWR)  # never through a link planted at that name
         try:
             os.pwrite(self.fd, header, 0)
             os.ftruncate(self.fd, self.size)

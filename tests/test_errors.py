@@ -183,8 +183,14 @@ def test_dst_not_empty_and_overwrite(src, tmp_path):
     (dst / "something").write_text("x")
     check_fails(src, dst, "not empty", "--overwrite")
     assert (dst / "something").read_text() == "x"
+    # --overwrite replaces a previous output only: a folder holding no checkpoint is never emptied
+    check_fails(src, dst, "not a checkpoint", args=("--overwrite",))
+    assert (dst / "something").read_text() == "x"
+    (dst / "config.json").write_text("{}")
+    (dst / "model.safetensors").write_bytes(b"old")
     rc, err = run_cli("convert", src, dst, "--overwrite", "--no-progress")
-    assert rc == 0, err and (dst / "model.safetensors.index.json").exists()
+    assert rc == 0, err
+    assert (dst / "model.safetensors.index.json").exists() and not (dst / "something").exists()
 
 
 def test_dst_inside_src(src):
