@@ -256,7 +256,7 @@ def test_special_extra_files_are_refused_before_anything_is_written(src, tmp_pat
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(str(path))
     elif kind == "link-to-device":
-        path.symlink_to("/dev/zero")
+        path.symlink_to("/dev/null")  # not /dev/zero: a regression must fail the test, not fill the disk
     else:
         path.symlink_to(tmp_path / "gone")
     dst = tmp_path / "dst"
