@@ -31,6 +31,10 @@ from .source import Source
 MATCH_SHARE = 0.9
 # Checkpoint tensors that are no model parameter even when the layout matches: FP8 block scales.
 _SCALE_SUFFIXES = ("_scale_inv", ".input_scale")
+# Without a model: transformers' Conv1D stores [in, out] (a Linear's transpose); these families use it
+# for every projection, so their 2-D weights are kept by name too (quantizing them would be garbage).
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt", "clvp"}
+_CONV1D_LEAVES = {"c_attn", "q_attn", "c_fc", "c_proj"}
 
 
 @dataclass
@@ -43,10 +47,13 @@ class Linears:
     tied: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor it is tied to at load
     merged: int = 0  # tensors transformers merges at load (fused experts): left to the name rules
     unnamed: int = 0  # 2-D .weight tensors the model does not name at all: left to the name rules
+    conv1d: bool = False  # name rules for a Conv1D family (GPT-2): its projections are no Linear
 
     def reason(self, name: str) -> str | None:
         """Why the 2-D weight ``name`` is never quantized according to the model, or None (a Linear,
         or a tensor the model does not name: the name rules decide)."""
+        if self.conv1d and name.split(".")[-2:-1] and name.split(".")[-2] in _CONV1D_LEAVES:
+            return "not a Linear (Conv1D, by name)"
         cls = self.classes.get(name)
         if cls is None or cls == "Linear":
             if cls is not None and name in self.tied:
@@ -74,17 +81,18 @@ def find(source: Source, trust_remote_code: bool = False) -> Linears:
 
     Raises ShardconvError only for a tensor the model expects that no shard holds.
     """
+    conv1d = source.config.get("model_type") in _CONV1D_MODEL_TYPES
     try:
         model, name = _meta_model(source, trust_remote_code)
     except _Fallback as e:
-        return Linears("names", str(e))
+        return Linears("names", str(e), conv1d=conv1d)
     except Exception as e:  # transformers raises anything from a model's __init__: never fatal here
-        return Linears("names", f"the model could not be built: {_one_line(e)}")
+        return Linears("names", f"the model could not be built: {_one_line(e)}", conv1d=conv1d)
     try:
         layout = _Layout(model)
         found, covered = _classify(source, layout)
     except Exception as e:
-        return Linears("names", f"the model's modules could not be read: {_one_line(e)}")
+        return Linears("names", f"the model's modules could not be read: {_one_line(e)}", conv1d=conv1d)
     found.why = name
     _check_missing(source, layout, covered, name)
     return found
