@@ -243,6 +243,11 @@ def _convert(args) -> int:
         if args.dry_run:
             print("\n".join(describe(plan)))
             return 0
+        if not plan.quantized:  # e.g. GPT-2, whose projections are Conv1D: verify would fail the output
+            reasons = Counter(plan.excluded.values()).most_common(2)
+            raise ShardconvError(f"{source.root}: nothing to quantize: no 2-D weight is an NVFP4-exportable Linear ("
+                                 + ", ".join(f"{n} {r}" for r, n in reasons) + (", ..." if len(set(plan.excluded.values())) > 2 else "")
+                                 + "); the output would not be an NVFP4 checkpoint")
         for note in plan.notes:
             print(f"note: {note}")
         device = pick_device(args.device)

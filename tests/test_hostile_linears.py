@@ -261,3 +261,41 @@ def test_find_never_raises_on_a_broken_model(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModel, "from_config", classmethod(boom))
     found = linears.find(open_source(str(src)))
     assert found.method == "names" and "kaboom" in found.why
+
+
+def write_gpt2(path):
+    """GPT-2's layout: every projection is a Conv1D whose weight is [in, out], a Linear's transpose."""
+    c = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "bos_token_id": 511,
+         "eos_token_id": 511, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 64, "n_embd": 64,
+         "n_head": 4, "n_layer": 2, "n_positions": 64, "vocab_size": 512}
+    h = c["n_embd"]
+    specs = {"transformer.wte.weight": (512, h), "transformer.wpe.weight": (64, h),
+             "transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)}
+    for n in range(c["n_layer"]):
+        x = f"transformer.h.{n}."
+        for conv, shape in (("attn.c_attn", (h, 3 * h)), ("attn.c_proj", (h, h)), ("mlp.c_fc", (h, 4 * h)),
+                            ("mlp.c_proj", (4 * h, h))):
+            specs[x + conv + ".weight"], specs[x + conv + ".bias"] = shape, shape[1:]
+        for norm in ("ln_1", "ln_2"):
+            specs[x + norm + ".weight"], specs[x + norm + ".bias"] = (h,), (h,)
+    gen = torch.Generator().manual_seed(0)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(c, indent=2))
+    save_file({n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in specs.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_gpt2_conv1d_is_never_quantized(tmp_path, capsys, monkeypatch):
+    """Conv1D weights are [in, out]: quantizing them as [out, in] Linears would serve garbage."""
+    pytest.importorskip("transformers")
+    src = write_gpt2(tmp_path / "gpt2")
+    text = dry_run(src, capsys)
+    assert "(GPT2LMHeadModel on the meta device): 8 Conv1D, 2 Embedding" in text
+    assert "transformer.h.*.attn.c_attn  (not a Linear (Conv1D))" in text
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    text = dry_run(src, capsys)
+    assert "linears     by name rules (transformers not installed)" in text
+    assert "transformer.h.*.mlp.c_fc  (not a Linear (Conv1D, by name))" in text
+    assert "quantize    0 Linear weights" in text
+    check_fails(src, tmp_path / "out", "nothing to quantize", "not a Linear (Conv1D, by name)")
