@@ -16,6 +16,7 @@ trusted).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import warnings
 from collections import Counter
@@ -83,19 +84,47 @@ def find(source: Source, trust_remote_code: bool = False) -> Linears:
     """
     conv1d = source.config.get("model_type") in _CONV1D_MODEL_TYPES
     try:
-        model, name = _meta_model(source, trust_remote_code)
+        layout, name = _layout(source, trust_remote_code)
     except _Fallback as e:
         return Linears("names", str(e), conv1d=conv1d)
     except Exception as e:  # transformers raises anything from a model's __init__: never fatal here
         return Linears("names", f"the model could not be built: {_one_line(e)}", conv1d=conv1d)
     try:
-        layout = _Layout(model)
         found, covered = _classify(source, layout)
     except Exception as e:
         return Linears("names", f"the model's modules could not be read: {_one_line(e)}", conv1d=conv1d)
     found.why = name
     _check_missing(source, layout, covered, name)
     return found
+
+
+# One meta model per config and process (tests and the fuzzer plan the same config thousands of times).
+_LAYOUTS: dict = {}
+_LAYOUTS_KEPT = 8
+
+
+def _layout(source: Source, trust_remote_code: bool):
+    """The cached _Layout of the config's meta model and its class name; _Fallback says why there is none."""
+    _import_transformers()  # every time: a cached model is not used once transformers cannot be imported
+    remote = trust_remote_code and "auto_map" in source.config  # the folder's own code decides the model
+    key = (json.dumps(source.config, sort_keys=True, default=str), str(source.root) if remote else None)
+    if key not in _LAYOUTS:
+        model, name = _meta_model(source, trust_remote_code)
+        while len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = (_Layout(model), name)
+    return _LAYOUTS[key]
+
+
+def _import_transformers():
+    with _quiet():
+        try:
+            import transformers
+        except ImportError:
+            raise _Fallback("transformers not installed") from None
+        except Exception as e:
+            raise _Fallback(f"transformers failed to import: {_one_line(e)}") from None
+    return transformers
 
 
 class _Fallback(Exception):
@@ -139,15 +168,11 @@ def _meta_model(source: Source, trust_remote_code: bool):
     """The config's model on the meta device and its class name; _Fallback says why there is none."""
     config = source.config
     model_type = config.get("model_type")
+    transformers = _import_transformers()
     with _quiet():
-        try:
-            import torch
-            import transformers
-            from transformers import AutoConfig
-        except ImportError:
-            raise _Fallback("transformers not installed") from None
-        except Exception as e:
-            raise _Fallback(f"transformers failed to import: {_one_line(e)}") from None
+        import torch
+        from transformers import AutoConfig
+
         version = getattr(transformers, "__version__", "?")
         remote = "auto_map" in config
         if trust_remote_code and remote:
@@ -259,7 +284,10 @@ def _renamer(model, expected: set):
         meta = dict.fromkeys(expected, True)
 
         def rename(name: str) -> tuple[str, bool]:
-            new, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+            try:
+                new, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+            except Exception:  # a name its regexes trip over: taken as it is
+                return name, False
             return str(new), pattern is not None
 
         rename("model.layers.0.self_attn.q_proj.weight")  # fails here, not halfway through a checkpoint

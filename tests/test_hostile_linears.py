@@ -256,6 +256,7 @@ def test_find_never_raises_on_a_broken_model(monkeypatch, tmp_path):
     def boom(self, *a, **k):
         raise RuntimeError("kaboom")
 
+    monkeypatch.setattr(linears, "_LAYOUTS", {})  # no meta model cached from an earlier test
     monkeypatch.setattr(transformers.LlamaForCausalLM, "__init__", boom)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", classmethod(boom))
     monkeypatch.setattr(transformers.AutoModel, "from_config", classmethod(boom))
