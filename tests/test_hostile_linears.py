@@ -300,3 +300,58 @@ def test_gpt2_conv1d_is_never_quantized(tmp_path, capsys, monkeypatch):
     assert "transformer.h.*.mlp.c_fc  (not a Linear (Conv1D, by name))" in text
     assert "quantize    0 Linear weights" in text
     check_fails(src, tmp_path / "out", "nothing to quantize", "not a Linear (Conv1D, by name)")
+
+
+REMOTE_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class XConfig(PretrainedConfig):
+    model_type = "shardconv_remote_x"
+
+    def __init__(self, hidden_size=64, vocab_size=128, **kwargs):
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        super().__init__(**kwargs)
+'''
+REMOTE_MODEL = '''
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+from .configuration_x import XConfig
+
+
+class XForCausalLM(PreTrainedModel):
+    config_class = XConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.tok = nn.Embedding(config.vocab_size, config.hidden_size)  # no name rule knows "tok"
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.post_init()
+'''
+
+
+def test_remote_code_runs_only_with_trust_remote_code(tmp_path, capsys, monkeypatch):
+    """A model with its own code: name rules (which take its "tok" embedding for a Linear) unless the
+    user passes --trust-remote-code; then its real modules decide."""
+    pytest.importorskip("transformers")
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # transformers copies the code there
+    src = tmp_path / "remote"
+    src.mkdir()
+    (src / "configuration_x.py").write_text(REMOTE_CONFIG)
+    (src / "modeling_x.py").write_text(REMOTE_MODEL)
+    config = {"architectures": ["XForCausalLM"], "model_type": "shardconv_remote_x", "hidden_size": 64,
+              "vocab_size": 128, "auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                              "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    (src / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"tok.weight": torch.randn(128, 64, generator=gen).bfloat16(),
+               "proj.weight": torch.randn(64, 64, generator=gen).bfloat16()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    text = dry_run(src, capsys)
+    assert "by name rules (model_type 'shardconv_remote_x' unknown" in text and "quantize    2 Linear" in text
+    text = dry_run(src, capsys, "--trust-remote-code")
+    assert "linears     from the transformers model (XForCausalLM on the meta device): 1 Embedding, 1 Linear" in text
+    assert "quantize    1 Linear" in text and "tok  (embedding)" in text
