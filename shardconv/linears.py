@@ -36,6 +36,10 @@ _SCALE_SUFFIXES = ("_scale_inv", ".input_scale")
 # for every projection, so their 2-D weights are kept by name too (quantizing them would be garbage).
 _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt", "clvp"}
 _CONV1D_LEAVES = {"c_attn", "q_attn", "c_fc", "c_proj"}
+# Counts beyond any real model (the largest have ~100 layers, ~500 experts): a meta model that size
+# would take minutes to build, so such a config gets the name rules.
+_MAX_COUNTS = {"num_hidden_layers": 1024, "num_layers": 1024, "n_layer": 1024, "num_experts": 8192,
+               "n_routed_experts": 8192, "num_local_experts": 8192}
 
 
 @dataclass
@@ -53,7 +57,8 @@ class Linears:
     def reason(self, name: str) -> str | None:
         """Why the 2-D weight ``name`` is never quantized according to the model, or None (a Linear,
         or a tensor the model does not name: the name rules decide)."""
-        if self.conv1d and name.split(".")[-2:-1] and name.split(".")[-2] in _CONV1D_LEAVES:
+        parts = name.split(".")
+        if self.conv1d and len(parts) > 1 and parts[-2] in _CONV1D_LEAVES:
             return "not a Linear (Conv1D, by name)"
         cls = self.classes.get(name)
         if cls is None or cls == "Linear":
@@ -71,7 +76,7 @@ class Linears:
         counts = Counter(self.classes.values())
         parts = [f"{n} {cls}" for cls, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         if self.merged:
-            parts.append(f"{self.merged} merged by transformers at load (fused experts): by name rules")
+            parts.append(f"{self.merged} converted by transformers at load (e.g. fused experts): by name rules")
         if self.unnamed:
             parts.append(f"{self.unnamed} not in the model: by name rules")
         return f"from the transformers model ({self.why} on the meta device): " + ", ".join(parts or ["no 2-D weights"])
@@ -168,6 +173,10 @@ def _meta_model(source: Source, trust_remote_code: bool):
     """The config's model on the meta device and its class name; _Fallback says why there is none."""
     config = source.config
     model_type = config.get("model_type")
+    for part in [config] + [config[k] for k in ("text_config", "language_config", "llm_config") if isinstance(config.get(k), dict)]:
+        for key, limit in _MAX_COUNTS.items():
+            if isinstance(part.get(key), int) and part[key] > limit:
+                raise _Fallback(f"{key} {part[key]} is too large to build its model")
     transformers = _import_transformers()
     with _quiet():
         import torch

@@ -355,3 +355,13 @@ def test_remote_code_runs_only_with_trust_remote_code(tmp_path, capsys, monkeypa
     text = dry_run(src, capsys, "--trust-remote-code")
     assert "linears     from the transformers model (XForCausalLM on the meta device): 1 Embedding, 1 Linear" in text
     assert "quantize    1 Linear" in text and "tok  (embedding)" in text
+
+
+def test_absurd_layer_count_is_not_built(tmp_path, capsys):
+    """A config claiming a million layers would take minutes to build even on the meta device."""
+    pytest.importorskip("transformers")
+    src = write_checkpoint(tmp_path / "x", family="llama", num_layers=1)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = 10**6
+    (src / "config.json").write_text(json.dumps(config))
+    assert "by name rules (num_hidden_layers 1000000 is too large to build its model)" in dry_run(src, capsys)
