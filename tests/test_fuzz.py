@@ -340,7 +340,8 @@ def benign_mutation(rng: random.Random, work: Path) -> str:
         body += raw
         index["weight_map"][new] = target.name
         what = f"extra tensor {new}"
-    elif kind == 5:  # index entry gone (the header is the truth)
+    elif kind == 5 and len(names) > 1:  # index entry gone (the header is the truth), the shard still indexed
+        # (a shard's only entry gone unlists the shard: its tensor is missing, and linears.py refuses that)
         index["weight_map"].pop(rng.choice(names))
         what = "index entry removed"
     else:  # shards as symlinks (the hub cache's layout)
