@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fsync", action="store_true",
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the checkpoint's own model code (auto_map) to build its model on the "
+                   "meta device and find its Linear layers (default: off; without it such a model's Linear layers "
+                   "are found by name)")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     c.add_argument("--overwrite", action="store_true",
                    help="replace a previous output in DST whole (refused for a folder that holds no checkpoint)")
@@ -168,6 +172,10 @@ def describe(plan) -> list[str]:
     lines = [
         f"source      {src.root}  ({len(src.shards)} shards, {src.total_bytes / 1e9:.3f} GB, {arch})",
         f"family      {_family(plan)}",
+    ]
+    if getattr(plan, "linears", None) is not None:
+        lines.append(f"linears     {plan.linears.describe()}")
+    lines += [
         f"scales      {plan.scales}  -> quant_algo {plan.quant_algo}" + ("  + FP8 KV cache" if plan.kv_cache else ""),
         f"quantize    {len(plan.quantized)} Linear weights in {sum(1 for u in plan.units if u.members)} units "
         f"({len(plan.groups)} fusion groups)",
@@ -251,7 +259,7 @@ def _convert(args) -> int:
         # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
         amax, amax_id = identity.read_whole(Path(args.amax), load_amax) if args.amax else (None, None)
         plan = build_plan(source, fmt, excludes=args.exclude, amax=amax, scales=args.scales,
-                          max_shard_size=args.max_shard_size)
+                          max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
         if args.dry_run:
             say(*describe(plan))
             return 0

@@ -33,7 +33,7 @@ import torch
 
 from . import identity, journal, numerics, profile, readahead
 from .errors import DestinationError, working_on
-from .plan import Plan, Unit
+from .plan import Plan, Unit, check_quantizes
 from . import fp8
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate
@@ -598,6 +598,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         opts.device = device
     if progress is not None:
         opts.progress = progress
+    check_quantizes(plan)
     src = plan.source.root
     dst = Path(dst)
     destination.check_destination(src, dst, overwrite)

@@ -18,6 +18,8 @@ import torch
 from . import fp8 as fp8_input
 from .amax import AmaxFile, ModuleAmax
 from .errors import AmaxError, OptionError, SourceError
+from .linears import Linears
+from .linears import find as find_linears
 from .numerics import BLOCK, FP8_MAX
 from .safetensors_io import PlannedTensor, TensorInfo
 from .source import Source
@@ -29,7 +31,8 @@ FUSION_SETS = (
     ("w1", "w3"),
     ("q_a_proj", "kv_a_proj_with_mqa"),
 )
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|word_embeddings|embed_positions|tok_embeddings|wte|wpe)$")
+# embeddings by name (the fallback when no meta model says so): BERT's position/token_type_embeddings too
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|\w*embeddings?|embed_positions|tok_embeddings|wte|wpe)$")
 _ROUTER_LEAVES = {"gate", "router", "shared_expert_gate"}
 _TOWERS = {"visual", "vision_tower", "vision_model", "vision_encoder", "multi_modal_projector", "mm_projector",
            "audio_tower", "audio_model"}
@@ -182,6 +185,7 @@ class Plan:
     format_name: str
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
     fp8: fp8_input.Fp8Blocks | None = None  # FP8 block-quantized source, dequantized on the fly
+    linears: Linears | None = None  # how Linear weights were told from embeddings and others
 
     @property
     def quantized(self) -> list[Member]:
@@ -225,6 +229,7 @@ def build_plan(
     amax: AmaxFile | None = None,
     scales: str | None = None,
     max_shard_size: int = 5 * 10**9,
+    trust_remote_code: bool = False,
 ) -> Plan:
     """Decide everything about the output from headers (and the amax file), reading no tensor data."""
     excludes = list(excludes or [])
@@ -233,6 +238,7 @@ def build_plan(
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
         raise OptionError("--scales amax needs an --amax file with weight_quantizer amax entries")
     fp8 = fp8_input.input_quantization(source)  # refuses 4-bit and other quantized inputs
+    found = find_linears(source, trust_remote_code)  # refuses a checkpoint missing a tensor of its model
     notes: list[str] = []
     stack_types = _model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
     fmt_stacked = getattr(fmt, "supports_stacked_experts", True)
@@ -251,7 +257,7 @@ def build_plan(
         # A stacked tensor's outputs extend its own name; exclusion lists name its experts module.
         module = info.name if stacked else info.name[: -len(".weight")]
         owner = module.rpartition(".")[0] if stacked else module
-        reason = default_exclusion(owner, source.config)
+        reason = default_exclusion(owner, source.config) or found.reason(info.name)
         if reason is None and (matches(owner, excludes) or matches(module, excludes)):
             reason = "--exclude"
         scale = None
@@ -293,10 +299,7 @@ def build_plan(
                 excluded[m.module] = f"fusion group member {module} is excluded ({reason})"
 
     if not groups:
-        reasons = Counter(excluded.values())
-        why = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "no 2-D Linear weights"
-        raise SourceError(f"{source.root}: nothing to quantize, so no NVFP4 checkpoint would result "
-                             f"(every Linear weight is kept: {why})")
+        notes.append("nothing to quantize: a conversion is refused (its output would be no NVFP4 checkpoint)")
     if amax is not None:
         _check_amax_modules(source, amax)
 
@@ -365,7 +368,7 @@ def build_plan(
         notes.append(f"FP8 source ({fp8.block[0]}x{fp8.block[1]} blocks): weights are dequantized to bf16 first; "
                      "its quantization_config and weight_scale_inv tensors are replaced")
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
-                notes=notes, fp8=fp8)
+                notes=notes, fp8=fp8, linears=found)
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:
@@ -445,3 +448,14 @@ def unmatched_excludes(source: Source, patterns: list[str]) -> list[str]:
         modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
         modules.add(name)  # a stacked expert tensor is a module of its own
     return [p for p in patterns if not any(matches(m, [p]) for m in modules)]
+
+
+def check_quantizes(plan: Plan) -> None:
+    """Refuse a plan that quantizes nothing (``--exclude '*'``, GPT-2's Conv1D projections): its output
+    would carry an NVFP4 quant_algo over no NVFP4 tensor."""
+    if plan.quantized:
+        return
+    reasons = Counter(plan.excluded.values())
+    why = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "no 2-D Linear weights"
+    raise SourceError(f"{plan.source.root}: nothing to quantize, so no NVFP4 checkpoint would result "
+                      f"(every Linear weight is kept: {why})")

@@ -335,13 +335,16 @@ def benign_mutation(rng: random.Random, work: Path) -> str:
         if header[name]["dtype"] == "BF16":
             header[name]["dtype"] = "F16"
         what = f"{name} as F16"
-    elif kind == 4:  # a renamed tensor, index updated
-        name = rng.choice(names)
+    elif kind == 4:  # an extra tensor the model does not know, index updated (renaming one of the model's
+        # tensors is no longer benign: the model would miss it, and linears.py refuses that)
         new = f"model.layers.0.extra{rng.randrange(100)}.weight"
-        header[new] = header.pop(name)
-        index["weight_map"][new] = index["weight_map"].pop(name)
-        what = f"rename {name} to {new}"
-    elif kind == 5:  # index entry gone (the header is the truth)
+        raw = b"".join(struct.pack("<f", rng.gauss(0.0, 0.02))[2:] for _ in range(16 * 16))  # bf16: high halves
+        header[new] = {"dtype": "BF16", "shape": [16, 16], "data_offsets": [len(body), len(body) + len(raw)]}
+        body += raw
+        index["weight_map"][new] = target.name
+        what = f"extra tensor {new}"
+    elif kind == 5 and len(names) > 1:  # index entry gone (the header is the truth), the shard still indexed
+        # (a shard's only entry gone unlists the shard: its tensor is missing, and linears.py refuses that)
         index["weight_map"].pop(rng.choice(names))
         what = "index entry removed"
     else:  # shards as symlinks (the hub cache's layout)
