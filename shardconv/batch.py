@@ -18,7 +18,7 @@ import torch
 
 from . import numerics, scales
 from .amax import ModuleAmax
-from .plan import Member
+from .planning import Member
 from .quantize import ZERO_GROUP_AMAX, QuantizedWeight, _row_chunks, _scalar_ok, quantize_group
 from .safetensors_io import nonfinite
 

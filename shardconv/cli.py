@@ -6,17 +6,18 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import re
 import sys
 import tempfile
 import threading
-from collections import Counter
 from pathlib import Path
 
 from . import __version__
 from .destination import DEFAULT_MAX_EXTRA
-from .errors import ShardconvError
+from .errors import OptionError, ShardconvError
 
 SAMPLE_DST = "shardconv-sample-NVFP4"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -37,13 +38,34 @@ def parse_size_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else parse_size(text)
 
 
+CONVERT_EXAMPLES = """examples:
+  shardconv convert                                   # the built-in sample, into ./shardconv-sample-NVFP4
+  shardconv convert Qwen/Qwen3-8B                     # a hub repo into ./Qwen3-8B-NVFP4 (mse scales)
+  shardconv convert ./Llama-3.1-70B out/llama70b --scales max --device cuda:1
+  shardconv convert ./model out --amax amax.pt        # re-export from a ModelOpt calibration's amax
+  shardconv convert ./model out --exclude 'model.layers.0.*' --format compressed-tensors
+  shardconv convert ./model --dry-run                 # what would be quantized, kept and written
+  shardconv convert ./model out --json -q             # one JSON summary on stdout, nothing else
+
+CPU threads: torch's, for quantizing, with --threads N (default: free cores); reading, with --readers N.
+Environment: SHARDCONV_DEBUG=1 (tracebacks), SHARDCONV_PROFILE=1 (stage times)."""
+
+VERIFY_EXAMPLES = """examples:
+  shardconv verify out/llama70b                       # headers, digests, scales, configs
+  shardconv verify out/llama70b --source ./Llama-3.1-70B   # + kept tensors, errors, scales recomputed
+  shardconv verify out/llama70b --json                # the report as JSON"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardconv", description="Convert Hugging Face checkpoints to NVFP4, one shard at a time.")
+    parser = argparse.ArgumentParser(prog="shardconv", description="Convert Hugging Face checkpoints to NVFP4, one shard "
+                                     "at a time.", epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"shardconv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert a checkpoint to NVFP4",
+    c = sub.add_parser("convert", help="convert a checkpoint to NVFP4", epilog=CONVERT_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Convert SRC (a checkpoint folder or hub repo id) into an NVFP4 checkpoint in DST. "
                        "Without SRC, converts a small built-in sample checkpoint.")
+    c.add_argument("--version", action="version", version=f"shardconv {__version__}")
     c.add_argument("src", nargs="?", help="checkpoint folder or hub repo id (default: a built-in sample)")
     c.add_argument("dst", nargs="?", help="output folder (must be empty; default: <name>-NVFP4 here)")
     c.add_argument("--amax", metavar="FILE", help="saved ModelOpt amax file (.pt or .safetensors)")
@@ -89,12 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-extra-size", type=parse_size, default=DEFAULT_MAX_EXTRA, metavar="SIZE",
                    help="largest total size of SRC's other files copied to DST: tokenizer, templates, code "
                    "(default: 1GiB)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--revision", metavar="REV", help="hub revision of a repo id: branch, tag or commit (default: main)")
+    c.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for quantizing on the CPU (default: the cores not already busy)")
+    c.add_argument("--strict", action="store_true", help="an --exclude pattern that matches nothing is an error")
+    c.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    _output_options(c)
     v = sub.add_parser("verify", help="check a converted checkpoint (no GPU, never loaded whole)",
+                       epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Check DST (ModelOpt or compressed-tensors NVFP4): index and headers, journal "
                        "hashes, fusion-group scales, block scales, declared quantization, finite values, exclusion lists; "
                        "with --source, kept tensors, per-layer reconstruction error and every group recomputed bit "
                        "for bit. Exit status 0: pass, 1: problems found, 2: usage error.")
+    v.add_argument("--version", action="version", version=f"shardconv {__version__}")
     v.add_argument("dst", help="converted checkpoint folder")
     v.add_argument("--source", metavar="SRC", help="the source checkpoint (folder or hub repo id) to compare against")
     v.add_argument("--max-error", type=float, default=None, metavar="X",
@@ -110,108 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-recompute", action="store_true",
                    help="with --source: skip the bit-exact recomputation of every group's scales and codes "
                    "(costs about a conversion on the CPU; the reconstruction error is still checked)")
+    _output_options(v)
     return parser
 
 
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", help="print more: the plan before converting")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the summary or report) "
+                   "and nothing else there")
+
+
 def _verify(args) -> int:
-    from .verify import DEFAULT_MAX_ERROR, MAX_REPORTED, error_table, verify
+    from . import api
+    from .verification import DEFAULT_MAX_ERROR, MAX_REPORTED, error_table
 
     max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
     if args.source is None and (args.scales or args.amax or args.export_rounding or args.no_recompute):
-        raise ShardconvError("--scales, --amax, --export-rounding and --no-recompute need --source SRC")
-    report = verify(args.dst, args.source, max_error=max_error, scales=args.scales, amax=args.amax,
-                    export_rounding=args.export_rounding, recompute=not args.no_recompute)
-    say(*report.info, *error_table(report, args.top))
-    say(*(f"warning: {w}" for w in report.warnings))
+        raise OptionError("--scales, --amax, --export-rounding and --no-recompute need --source SRC")
+    report = api.verify(args.dst, args.source, max_error=max_error, scales=args.scales, amax=args.amax,
+                        export_rounding=args.export_rounding, recompute=not args.no_recompute)
+    if args.json:
+        say(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": report.warnings,
+                        "info": report.info, "errors": [{"module": m, "shape": list(shape), "rel_error": e}
+                                                        for m, shape, e in report.errors]}))
+    elif not args.quiet:
+        say(*report.info, *error_table(report, args.top))
+    for w in report.warnings:
+        _warn(w)
     for problem in report.problems[:MAX_REPORTED]:
-        print(f"shardconv: verify: {problem}", file=sys.stderr)
+        _stderr(f"shardconv: verify: {problem}")
     if len(report.problems) > MAX_REPORTED:
-        print(f"shardconv: verify: ... and {len(report.problems) - MAX_REPORTED} more problems", file=sys.stderr)
-    say(f"verify: {'PASS' if report.ok else f'FAIL ({len(report.problems)} problems)'}")
+        _stderr(f"shardconv: verify: ... and {len(report.problems) - MAX_REPORTED} more problems")
+    if not args.json:
+        say(f"verify: {'PASS' if report.ok else f'FAIL ({len(report.problems)} problems)'}")
     return 0 if report.ok else 1
-
-
-def _pattern(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", name)
-
-
-_TESTED_MODEL_TYPES = {"llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"}
-
-
-def _family(plan) -> str:
-    """What the plan found in this model family: MoE layout, shared experts, MLA, kept subtrees, FP8."""
-    model_type = plan.source.config.get("model_type") or "?"
-    names = [m.module for m in plan.quantized] + list(plan.excluded)
-    found = []
-    per_expert = {m.group(1) for n in names if (m := re.search(r"^(.*\.experts\.\d+)\.", n))}
-    if per_expert:
-        layers = {re.sub(r"\.\d+$", "", e) for e in per_expert}
-        found.append(f"MoE, {len(per_expert)} per-expert MLPs in {len(layers)} layers")
-    stacked = [m for m in plan.quantized if m.stacked]
-    if stacked:
-        found.append(f"{len(stacked)} stacked [E, in, out] expert tensors (ModelOpt's transposed layout)")
-    if any(re.search(r"\.shared_experts?\.", n) for n in names):
-        found.append("shared experts")
-    if any(n.endswith("q_a_proj") or n.endswith("kv_a_proj_with_mqa") for n in names):
-        found.append("MLA (q_a_proj + kv_a_proj_with_mqa grouped)")
-    subtrees = [p for p in plan.exclude_list() if p.endswith(".*")]
-    if subtrees:
-        found.append("kept whole: " + ", ".join(subtrees))
-    if plan.fp8 is not None:
-        found.append(f"FP8 source, {plan.fp8.block[0]}x{plan.fp8.block[1]} blocks, dequantized to bf16")
-    if model_type not in _TESTED_MODEL_TYPES:
-        found.append("not a tested family: fusion groups found by name")
-    return model_type + (": " + "; ".join(found) if found else "")
-
-
-def describe(plan) -> list[str]:
-    """The --dry-run report: counts, bytes, fusion groups and exclusions, grouped by name pattern."""
-    src = plan.source
-    arch = ",".join(src.config.get("architectures") or ["?"])
-    n_dequant = sum(1 for u in plan.units if getattr(u, "dequant", None) is not None)
-    lines = [
-        f"source      {src.root}  ({len(src.shards)} shards, {src.total_bytes / 1e9:.3f} GB, {arch})",
-        f"family      {_family(plan)}",
-    ]
-    if getattr(plan, "linears", None) is not None:
-        lines.append(f"linears     {plan.linears.describe()}")
-    lines += [
-        f"scales      {plan.scales}  -> quant_algo {plan.quant_algo}" + ("  + FP8 KV cache" if plan.kv_cache else ""),
-        f"quantize    {len(plan.quantized)} Linear weights in {sum(1 for u in plan.units if u.members)} units "
-        f"({len(plan.groups)} fusion groups)",
-        f"keep        {sum(1 for u in plan.units if u.copy is not None)} tensors as they are "
-        f"({len(plan.excluded)} excluded Linear modules)"
-        + (f", {n_dequant} excluded FP8 weights dequantized to bf16" if n_dequant else ""),
-        f"output      {len(plan.shard_names)} shards, {plan.out_bytes / 1e9:.3f} GB "
-        f"({src.total_bytes / max(plan.out_bytes, 1):.2f}x smaller), format {plan.format_name}",
-    ]
-    groups = Counter(_pattern("{" + ", ".join(m.module for m in u.members) + "}") for u in plan.groups)
-    if groups:
-        lines.append("fusion groups (one weight_scale_2 each):")
-        for pattern, n in sorted(groups.items()):
-            parts = pattern[1:-1].split(", ")
-            common = parts[0].rsplit(".", 1)[0]
-            leaves = ",".join(p.rsplit(".", 1)[1] for p in parts)
-            lines.append(f"  {n:5d} x {common}.{{{leaves}}}")
-    if plan.excluded:
-        lines.append("excluded (kept in source precision):")
-        from .plan import excluded_subtree
-
-        rows: Counter = Counter()
-        for m, r in plan.excluded.items():
-            root = excluded_subtree(m, src.config)
-            if root:  # an MTP layer or tower is listed whole, as it is in the config
-                r = "MTP layer" if "MTP" in r or root.rsplit(".", 1)[-1].isdigit() else "vision/audio tower"
-                rows[(f"{root}.*", f"{r}, kept whole")] += 1
-            else:
-                rows[(_pattern(m), r)] += 1
-        for (pattern, reason), n in sorted(rows.items()):
-            lines.append(f"  {n:5d} x {pattern}  ({reason})")
-        ignore = plan.exclude_list()
-        lines.append(f"exclusion list ({len(ignore)} entries in the config): " + ", ".join(ignore[:6])
-                     + (", ..." if len(ignore) > 6 else ""))
-    lines += [f"note        {n}" for n in plan.notes]
-    return lines
 
 
 def _start_cuda(device: str) -> None:
@@ -225,16 +188,7 @@ def _start_cuda(device: str) -> None:
 
 
 def _convert(args) -> int:
-    from .amax import load_amax
-    from . import identity
-    from .formats import get_format
-    from . import profile
-    from .pipeline import Options, convert
-    from .plan import build_plan
-    import torch
-
-    from .quantize import pick_device
-    from .source import open_source
+    from . import api
 
     src, dst, overwrite = args.src, args.dst, args.overwrite
     if not args.dry_run and args.device != "cpu":  # CUDA's start-up (a second or more) overlaps planning
@@ -245,48 +199,55 @@ def _convert(args) -> int:
 
         tmp = tempfile.TemporaryDirectory(prefix="shardconv-sample-")
         src = str(sample_checkpoint(Path(tmp.name) / "sample"))
-        say(f"no model given: converting the built-in sample checkpoint ({src})")
+        _note(f"no model given: converting the built-in sample checkpoint ({src})")
         if dst is None:
             dst, overwrite = SAMPLE_DST, True
+    common = dict(scales=args.scales, amax=args.amax, format=args.format, exclude=args.exclude,
+                  max_shard_size=args.max_shard_size, revision=args.revision,
+                  trust_remote_code=args.trust_remote_code, strict=args.strict)
     try:
-        from .numerics import set_export_rounding
-
-        set_export_rounding(args.export_rounding)
-        source = open_source(src)
-        if dst is None:
-            dst = default_dst(source.root)
-        fmt = get_format(args.format)
-        # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
-        amax, amax_id = identity.read_whole(Path(args.amax), load_amax) if args.amax else (None, None)
-        plan = build_plan(source, fmt, excludes=args.exclude, amax=amax, scales=args.scales,
-                          max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
-        if args.dry_run:
-            say(*describe(plan))
-            return 0
-        say(*(f"note: {note}" for note in plan.notes))
-        device = pick_device(args.device)
-        if profile.ENABLED:
-            if device.type == "cuda":
-                torch.zeros(1, device=device)
-            profile.say(f"ready to convert {profile.process_age():.1f} s after process start (imports, CUDA, plan)")
-        opts = Options(device=device, readers=args.readers, host_buffer=args.host_buffer,
-                       gpu_buffer=args.gpu_buffer, progress=not args.no_progress, fsync=args.fsync,
-                       prefetch=args.prefetch)
-        extra = {}
-        if amax_id:
-            extra["amax"] = amax_id
-        summary = convert(plan, Path(dst), fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra,
-                          max_extra_size=args.max_extra_size)
-        profile.say(f"done {profile.process_age():.1f} s after process start")
-        say(f"wrote {dst}", *summary.lines())
+        if args.dry_run or args.verbose:
+            plan = api.plan(src, **common)
+            if args.dry_run:
+                if args.json:
+                    say(json.dumps(_plan_json(plan)))
+                else:
+                    say(*api.describe(plan))
+                return 0
+            say(*api.describe(plan))
+        # a bar only where someone watches it: stderr a terminal, and no machine-read output
+        progress = not (args.no_progress or args.quiet or args.json) and sys.stderr.isatty()
+        result = api.convert(src, dst, device=args.device, export_rounding=args.export_rounding,
+                             overwrite=overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
+                             host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
+                             threads=args.threads, max_extra_size=args.max_extra_size, **common)
+        if args.json:
+            say(json.dumps(result.to_dict()))
+        elif not args.quiet:
+            say(f"wrote {result.dst}", *result.lines())
         return 0
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
+def _plan_json(plan) -> dict:
+    return {"source": str(plan.source.root), "revision": plan.source.revision, "scales": plan.scales,
+            "quant_algo": plan.quant_algo, "format": plan.format_name, "kv_cache": plan.kv_cache,
+            "quantized": [m.module for m in plan.quantized], "excluded": dict(plan.excluded),
+            "exclude_list": plan.exclude_list(), "shards": list(plan.shard_names), "in_bytes": plan.in_bytes,
+            "out_bytes": plan.out_bytes, "notes": list(plan.notes), "describe": _describe_lines(plan)}
+
+
+def _describe_lines(plan) -> list[str]:
+    from .report import describe
+
+    return describe(plan)
+
+
 def default_dst(src_root: Path) -> str:
-    """Where a conversion of SRC goes when no DST is given: ``<SRC name>-NVFP4`` in the working folder."""
+    """Where a conversion of a local SRC goes when no DST is given: ``<SRC name>-NVFP4`` here (a hub
+    id's: ``<repo name>-NVFP4``, api.default_dst)."""
     return f"{src_root.name}-NVFP4"
 
 
@@ -316,6 +277,42 @@ def say(*lines: str) -> None:
         pass
 
 
+def _stderr(line: str) -> None:
+    try:
+        if sys.stderr is not None:
+            print(line, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
+_JSON_MODE = [False]
+
+
+def _note(message: str) -> None:
+    """A note: on stdout, unless stdout carries JSON (then stderr)."""
+    (_stderr if _JSON_MODE[0] else say)(f"note: {message}")
+
+
+def _warn(message: str) -> None:
+    _stderr(f"shardconv: warning: {message}")
+
+
+class _Printer(logging.Handler):
+    """The ``shardconv`` logger's records as the CLI prints them: notes and warnings."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        (_warn if record.levelno >= logging.WARNING else _note)(record.getMessage())
+
+
+def _logging(args) -> None:
+    logger = logging.getLogger("shardconv")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Printer)] + [_Printer()]
+    logger.propagate = False
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    _JSON_MODE[0] = bool(getattr(args, "json", False))
+
+
 def _error(message: str, error: BaseException | None = None) -> None:
     """One line on stderr; with SHARDCONV_DEBUG=1 the traceback that led to it first."""
     try:
@@ -330,6 +327,7 @@ def _error(message: str, error: BaseException | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _logging(args)
     try:
         if args.command == "convert":
             _start_readahead(args)

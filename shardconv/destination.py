@@ -23,7 +23,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from .errors import ShardconvError
+from .errors import DestinationError, ShardconvError, SourceError
 from .files import INDEX_NAME, create_fresh, other_files
 
 LOCK_NAME = ".shardconv.lock"
@@ -71,25 +71,25 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     holds files of something else. Reads only."""
     src, dst = Path(src), Path(dst)
     if os.path.lexists(dst) and not dst.exists():
-        raise ShardconvError(f"{dst}: is a symbolic link to {os.readlink(dst)}, which does not exist")
+        raise DestinationError(f"{dst}: is a symbolic link to {os.readlink(dst)}, which does not exist")
     if dst.exists() and not dst.is_dir():
-        raise ShardconvError(f"{dst}: exists and is not a folder")
+        raise DestinationError(f"{dst}: exists and is not a folder")
     probe = nearest_existing(dst)
     if not probe.is_dir():
-        raise ShardconvError(f"{probe}: exists and is not a folder, so DST {dst} cannot be made in it")
+        raise DestinationError(f"{probe}: exists and is not a folder, so DST {dst} cannot be made in it")
     inside = _src_folders(Path(os.path.realpath(src)))
     real = Path(os.path.realpath(probe))
     for folder in [real, *real.parents]:
         hit = inside.get(_identity(folder))
         if hit is not None:
             where = "" if str(folder) == str(hit) else f" ({folder} is {hit})"
-            raise ShardconvError(f"{dst}: DST is inside SRC {src}{where}; SRC is only ever read")
+            raise DestinationError(f"{dst}: DST is inside SRC {src}{where}; SRC is only ever read")
     if dst.exists():
         mine = _identity(real)
         src_real = Path(os.path.realpath(src))
         for folder in src_real.parents:
             if _identity(folder) == mine:
-                raise ShardconvError(f"{dst}: DST contains SRC {src}; choose an empty folder")
+                raise DestinationError(f"{dst}: DST contains SRC {src}; choose an empty folder")
         check_contents(dst, overwrite)
 
 
@@ -123,9 +123,9 @@ def check_contents(dst: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         if Journal.read(dst) is None:
-            raise ShardconvError(f"{dst}: not empty (use --overwrite to replace a previous output)")
+            raise DestinationError(f"{dst}: not empty (use --overwrite to replace a previous output)")
     elif not looks_like_output(dst):
-        raise ShardconvError(f"{dst}: not empty and not a checkpoint (no {JOURNAL_NAME}, no config.json with "
+        raise DestinationError(f"{dst}: not empty and not a checkpoint (no {JOURNAL_NAME}, no config.json with "
                              "*.safetensors): --overwrite only replaces a previous output; empty it yourself "
                              "or choose another folder")
 
@@ -155,13 +155,13 @@ class DstLock:
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.EEXIST):
                     continue  # replaced between lstat and open: look again
-                raise ShardconvError(f"{self.path}: cannot create the lock file: {e.strerror or e}") from None
+                raise DestinationError(f"{self.path}: cannot create the lock file: {e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
                 os.close(fd)
-                raise ShardconvError(f"{self.dst}: another shardconv run is writing here"
+                raise DestinationError(f"{self.dst}: another shardconv run is writing here"
                                      + (f" (pid {holder})" if holder.isdigit() else "")
                                      + "; wait for it to end, or stop it and run again") from None
             mine = os.fstat(fd)
@@ -173,7 +173,7 @@ class DstLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self.fd = fd
             return self
-        raise ShardconvError(f"{self.path}: could not take the lock (the file keeps changing)")
+        raise DestinationError(f"{self.path}: could not take the lock (the file keeps changing)")
 
     def release(self) -> None:
         if self.fd < 0:
@@ -226,7 +226,7 @@ class _Remover:
         st = os.lstat(folder)
         if (st.st_dev != self.dev or os.path.realpath(folder) in self.mounts
                 or (st.st_dev, st.st_ino) in self.protected):
-            raise ShardconvError(f"{folder}: a mount point or a folder of SRC inside DST; shardconv does not remove "
+            raise DestinationError(f"{folder}: a mount point or a folder of SRC inside DST; shardconv does not remove "
                                  "it: unmount it or choose another DST")
 
     def remove_all(self, paths: list[Path]) -> None:
@@ -313,19 +313,19 @@ def extra_files(src: Path, max_total: int = DEFAULT_MAX_EXTRA) -> list[tuple[Pat
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise ShardconvError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+            raise SourceError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
                                  "it would be copied to DST") from None
         except OSError as e:
-            raise ShardconvError(f"{path}: cannot read it to copy to DST: {e.strerror or e}") from None
+            raise SourceError(f"{path}: cannot read it to copy to DST: {e.strerror or e}") from None
         if not stat.S_ISREG(st.st_mode):
             via = " (through a symbolic link)" if os.path.islink(path) else ""
-            raise ShardconvError(f"{path}: is {_kind(st.st_mode)}{via}, not a regular file; only regular "
+            raise SourceError(f"{path}: is {_kind(st.st_mode)}{via}, not a regular file; only regular "
                                  "files of SRC are copied to DST: remove it from SRC")
         found.append((rel, st.st_size))
     total = sum(size for _, size in found)
     if total > max_total:
         rel, size = max(found, key=lambda f: f[1])
-        raise ShardconvError(f"{src / rel}: SRC's other files (tokenizer, code, ...) hold {human(total)}, more than "
+        raise SourceError(f"{src / rel}: SRC's other files (tokenizer, code, ...) hold {human(total)}, more than "
                              f"--max-extra-size {human(max_total)}; this one, the largest, holds {human(size)} "
                              "(raise --max-extra-size or remove it from SRC)")
     return found
@@ -338,7 +338,7 @@ def copy_regular(source: Path, target: Path) -> None:
     try:
         st = os.fstat(fd_in)
         if not stat.S_ISREG(st.st_mode):
-            raise ShardconvError(f"{source}: is {_kind(st.st_mode)}, not a regular file; only regular files "
+            raise SourceError(f"{source}: is {_kind(st.st_mode)}, not a regular file; only regular files "
                                  "of SRC are copied to DST")
         tmp = target.with_name(target.name + ".partial")
         fd_out = create_fresh(tmp)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import ShardconvError
+from .errors import SourceError
 
 SAMPLES = 32  # evenly spread pieces, besides the first and the last
 SAMPLE_BYTES = 64 * 2**10
@@ -79,26 +79,26 @@ def identify(path: Path, root: Path, planned=None) -> FileIdentity:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         before = os.fstat(fd)
         head = os.pread(fd, 8, 0)
         hlen = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         raw = os.pread(fd, hlen, 8) if 0 <= hlen <= before.st_size - 8 else b""
         if hlen < 0 or len(raw) != hlen:
-            raise ShardconvError(f"{path}: changed during the conversion (its header is gone)")
+            raise SourceError(f"{path}: changed during the conversion (its header is gone)")
         if planned is not None and _parsed_header(raw, 8 + hlen) != _planned_header(planned):
-            raise ShardconvError(f"{path}: changed during the conversion (its header differs from the planned one)")
+            raise SourceError(f"{path}: changed during the conversion (its header differs from the planned one)")
         sample = hashlib.sha256()
         for pos in sample_offsets(8 + hlen, before.st_size):
             sample.update(os.pread(fd, SAMPLE_BYTES, pos))
         after = os.fstat(fd)
     except OSError as e:
-        raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     finally:
         os.close(fd)
     if _stat_key(before) != _stat_key(after):
-        raise ShardconvError(f"{path}: changed during the conversion (written while its samples were read)")
+        raise SourceError(f"{path}: changed during the conversion (written while its samples were read)")
     name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     return FileIdentity(name, after.st_size, hashlib.sha256(head + raw).hexdigest(), sample.hexdigest(),
                         after.st_ino, after.st_ctime_ns, after.st_mtime_ns, after.st_dev)
@@ -129,7 +129,7 @@ def check_unchanged(source, start: list[FileIdentity]) -> None:
     for old, new in zip(start, identify_source(source)):
         what = new.differs(old.to_json(), keys=("size", "header", "sample", "ino", "dev", "ctime_ns", "mtime_ns"))
         if what is not None:
-            raise ShardconvError(f"{source.root / old.name}: changed during the conversion ({what} differs); "
+            raise SourceError(f"{source.root / old.name}: changed during the conversion ({what} differs); "
                                  "the index was not written: run the same command again to convert it anew")
 
 
@@ -157,7 +157,7 @@ def read_whole(path: Path, loader):
         before = _stat_key(os.stat(path))
     except OSError as e:
         loader(path)  # it says what is wrong with the file, in its words
-        raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     value = loader(path)
     h = hashlib.sha256()
     try:
@@ -166,7 +166,7 @@ def read_whole(path: Path, loader):
                 h.update(chunk)
         after = _stat_key(os.stat(path))
     except OSError as e:
-        raise ShardconvError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     if before != after:
-        raise ShardconvError(f"{path}: changed while it was read; run again once it is complete")
+        raise SourceError(f"{path}: changed while it was read; run again once it is complete")
     return value, {"size": after[0], "sha256": h.hexdigest()}

@@ -33,7 +33,7 @@ import torch
 
 from . import identity, journal, numerics, profile, readahead
 from .errors import DestinationError, working_on
-from .plan import Plan, Unit, check_quantizes
+from .planning import Plan, Unit, check_quantizes
 from . import fp8
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate
@@ -68,6 +68,8 @@ class Options:
 
 @dataclass
 class Summary:
+    """What a run did (api.ConvertResult adds the source, notes and warnings and says it in lines)."""
+
     quantized: int
     kept: int
     in_bytes: int
@@ -78,21 +80,8 @@ class Summary:
     gpu_peak: int | None = None  # bytes
     resumed: int = 0  # output shards kept from an interrupted run
     changed_sources: tuple[str, ...] = ()  # source shards changed since the interrupted run (their output rewritten)
-
-    def lines(self) -> list[str]:
-        gbps = self.in_bytes / max(self.seconds, 1e-9) / 1e9
-        ratio = self.in_bytes / max(self.out_bytes, 1)
-        return [
-            f"tensors quantized  {self.quantized}",
-            f"tensors kept       {self.kept}",
-            f"bytes in           {self.in_bytes / 1e9:.3f} GB",
-            f"bytes out          {self.out_bytes / 1e9:.3f} GB  ({self.shards} shards"
-            + (f", {self.resumed} kept from an interrupted run)" if self.resumed else ")"),
-            f"compression        {ratio:.2f}x",
-            f"time               {self.seconds:.1f} s  ({gbps:.2f} GB/s of input, {self.device})",
-        ] + ([f"source changed     {', '.join(self.changed_sources)} (since the interrupted run: "
-              "what was made from it was written again)"] if self.changed_sources else []) + (
-            [f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB"] if self.gpu_peak is not None else [])
+    converted_bytes: int = 0  # input bytes this run converted (less than in_bytes on a resume)
+    already_complete: bool = False  # DST held this finished conversion: no shard was written
 
 
 class BufferPool:
@@ -395,7 +384,7 @@ class Converter:
         units = [u for u in self.plan.units if u.shard not in self.skip_shards]
         pending: collections.deque[tuple[Unit, list[Future] | None, list | None]] = collections.deque()
         jobs: list[Future] = []
-        self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1024,
+        self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1000,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
         prefetcher = readahead.Prefetcher([u.inputs for u in units], self.opts.prefetch)
@@ -504,9 +493,9 @@ def _raise_interrupt(signum, frame):
 
 def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
                     extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool,
-                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str]]:
-    """The run, with DST locked; returns the indices of the shards kept from an interrupted run and the
-    source shards changed since it (identity.py)."""
+                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str], bool]:
+    """The run, with DST locked; returns the indices of the shards kept from an interrupted run, the
+    source shards changed since it (identity.py), and whether DST already held this finished run."""
     src = plan.source.root
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
     old = journal.Journal.read(dst)
@@ -548,12 +537,15 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
         if path.name not in keep:
             path.unlink(missing_ok=True)
     written: list[Path] = []
-    converter = Converter(plan, dst, fmt, opts, log, kept)
+    # a finished run of the same conversion, every shard still verified: nothing to convert again
+    done = bool(resume and old.get("complete")) and len(kept) == len(plan.shard_names)
+    converter = None if done else Converter(plan, dst, fmt, opts, log, kept)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        converter.run()
+        if converter is not None:
+            converter.run()
         for rel, _ in extras:
             destination.make_dirs(dst, rel.parent)
             written.append(dst / rel)
@@ -567,7 +559,8 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
         write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
         log.finish()
     except BaseException as e:
-        converter.shards.abort()
+        if converter is not None:
+            converter.shards.abort()
         for path in written:
             path.unlink(missing_ok=True)
         if not log.shards:  # nothing worth resuming: leave DST as we found it
@@ -583,7 +576,7 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return kept, changed
+    return kept, changed, done
 
 
 def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
@@ -599,6 +592,10 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     if progress is not None:
         opts.progress = progress
     check_quantizes(plan)
+    if profile.ENABLED:
+        if opts.device.type == "cuda":
+            torch.zeros(1, device=opts.device)
+        profile.say(f"ready to convert {profile.process_age():.1f} s after process start (imports, CUDA, plan)")
     src = plan.source.root
     dst = Path(dst)
     destination.check_destination(src, dst, overwrite)
@@ -612,7 +609,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     try:
         lock.acquire()
         start = time.perf_counter()
-        kept, changed = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
+        kept, changed, done = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
                                         sources, fingerprint_extra)
     finally:
         lock.release()
@@ -621,6 +618,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
                 os.rmdir(dst)
             except OSError:  # not empty (finished, or finished shards kept), or already removed
                 pass
+    profile.say(f"done {profile.process_age():.1f} s after process start")
     return Summary(
         quantized=len(plan.quantized),
         kept=sum(1 for u in plan.units if u.copy is not None),
@@ -631,5 +629,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         device=str(opts.device),
         resumed=len(kept),
         changed_sources=tuple(sorted(changed)),
+        converted_bytes=sum(u.in_bytes for u in plan.units if u.shard not in kept),
+        already_complete=done,
         gpu_peak=torch.cuda.max_memory_reserved(opts.device) if opts.device.type == "cuda" else None,
     )

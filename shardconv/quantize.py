@@ -14,7 +14,7 @@ import torch
 from . import fp8, numerics, scales
 from .amax import ModuleAmax
 from .errors import AmaxError, OptionError, QuantizationError, SourceError
-from .plan import Member
+from .planning import Member
 
 CHUNK_ELEMENTS = 1 << 24  # rows per step are chosen so fp32 temporaries stay around 64 MB
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from . import numerics, sweep
-from .plan import Member
+from .planning import Member
 
 METHODS = ("max", "amax", *sweep.METHODS)
 

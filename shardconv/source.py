@@ -145,7 +145,7 @@ def open_source(src: str, revision: str | None = None) -> Source:
     root = resolve(src, revision)
     hub = not _check(Path.is_dir, Path(src).expanduser())
     # a hub snapshot lives in .../models--org--name/snapshots/<commit>: name the model, not the hash
-    name = src.rstrip("/").rsplit("/", 1)[-1] if hub else root.name
+    model_name = src.rstrip("/").rsplit("/", 1)[-1] if hub else root.name
     commit = root.name if hub else None
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
@@ -214,4 +214,4 @@ def open_source(src: str, revision: str | None = None) -> Source:
             raise SourceError(
                 f"{index_path}: tensor {_short(missing[0])} is listed but not in {_short(weight_map[missing[0]])}"
             )
-    return Source(root=root, config=config, shards=shards, tensors=tensors, name=name, revision=commit)
+    return Source(root=root, config=config, shards=shards, tensors=tensors, name=model_name, revision=commit)

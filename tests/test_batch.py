@@ -7,7 +7,7 @@ from conftest import GPU
 from shardconv.amax import load_amax
 from shardconv.batch import quantize_batch, structure
 from shardconv.formats import get_format
-from shardconv.plan import build_plan
+from shardconv.planning import build_plan
 from shardconv.quantize import quantize_group
 from shardconv.safetensors_io import read_into
 from shardconv.source import open_source

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from shardconv.cli import describe
+from shardconv.report import describe
 from shardconv.errors import ShardconvError
 from shardconv.formats import get_format
-from shardconv.plan import build_plan
+from shardconv.planning import build_plan
 from shardconv.safetensors_io import DTYPES, read_header
 from shardconv.source import open_source
 from shardconv.synth import write_checkpoint

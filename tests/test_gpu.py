@@ -53,7 +53,7 @@ def test_max_quantization_of_a_group_never_waits_for_the_gpu(tmp_path):
     the stream (a scalar copied from the host, a boolean-mask assignment, ``.item()``). Written after
     the last GPU run of its session: not yet run on a GPU."""
     from shardconv.formats import get_format
-    from shardconv.plan import build_plan
+    from shardconv.planning import build_plan
     from shardconv.quantize import quantize_group
     from shardconv.safetensors_io import read_into
     from shardconv.source import open_source
@@ -93,7 +93,7 @@ def test_moe_conversion_batched_on_cuda_equals_cpu(scales, tmp_path, monkeypatch
 def test_max_quantization_of_a_batch_never_waits_for_the_gpu(tmp_path):
     from shardconv.batch import quantize_batch, structure
     from shardconv.formats import get_format
-    from shardconv.plan import build_plan
+    from shardconv.planning import build_plan
     from shardconv.quantize import quantize_group
     from shardconv.safetensors_io import read_into
     from shardconv.source import open_source

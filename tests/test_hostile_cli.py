@@ -83,11 +83,11 @@ def test_debug_prints_the_traceback(src, tmp_path, monkeypatch):
 
 
 def test_a_bug_outside_the_pipeline_is_one_line(src, tmp_path, monkeypatch):
-    import shardconv.plan
+    import shardconv.planning
 
     def boom(*args, **kwargs):
         raise KeyError("simulated")
-    monkeypatch.setattr(shardconv.plan, "build_plan", boom)
+    monkeypatch.setattr(shardconv.planning, "build_plan", boom)
     rc, err = run_cli("convert", src, tmp_path / "out", "--device", "cpu", "--no-progress")
     one_line(rc, err)
     assert "KeyError" in err and "SHARDCONV_DEBUG=1" in err

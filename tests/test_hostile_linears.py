@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import load_checkpoint, run_cli, same_bytes
 from shardconv import linears
 from shardconv.formats import get_format
-from shardconv.plan import build_plan
+from shardconv.planning import build_plan
 from shardconv.source import open_source
 from shardconv.synth import FAMILIES, write_checkpoint
 from test_errors import check_fails

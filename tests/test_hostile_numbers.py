@@ -150,7 +150,7 @@ def test_fp8_scale_that_overflows_bf16_in_a_quantized_weight_is_refused(fp8_src,
 
 def members_of(src, names):
     from shardconv.formats import get_format
-    from shardconv.plan import build_plan
+    from shardconv.planning import build_plan
     from shardconv.source import open_source
 
     plan = build_plan(open_source(str(src)), get_format("modelopt"), scales="max")

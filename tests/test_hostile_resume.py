@@ -89,7 +89,7 @@ def fresh(src, tmp_path, *extra):
 def made_from(src, dst, source_name) -> set[str]:
     """Output shards holding a tensor read from the source shard ``source_name``."""
     from shardconv.formats import get_format
-    from shardconv.plan import build_plan
+    from shardconv.planning import build_plan
     from shardconv.source import open_source
 
     plan = build_plan(open_source(str(src)), get_format("modelopt"), max_shard_size=120_000)
@@ -176,7 +176,7 @@ def test_a_source_written_during_the_run_fails_it_before_the_index(src, tmp_path
 
 
 def test_a_header_changed_between_planning_and_converting_is_refused(src, tmp_path, monkeypatch):
-    from shardconv import plan as plan_module
+    from shardconv import planning as plan_module
 
     victim = source_shards(src)[0]
     real = plan_module.build_plan
@@ -189,7 +189,7 @@ def test_a_header_changed_between_planning_and_converting_is_refused(src, tmp_pa
         cp_p(victim, text.replace(name.encode(), name[:-1].encode() + b"X", 1))
         return p
 
-    monkeypatch.setattr("shardconv.plan.build_plan", plan_then_change)
+    monkeypatch.setattr("shardconv.planning.build_plan", plan_then_change)
     rc, err = run_cli("convert", src, tmp_path / "out", *ARGS)
     assert rc == 2 and "changed during the conversion" in err and victim.name in err, err
     assert not (tmp_path / "out" / INDEX).exists()

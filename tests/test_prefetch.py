@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli, tree_digest
 from shardconv import readahead, safetensors_io
 from shardconv.formats import get_format
-from shardconv.plan import build_plan
+from shardconv.planning import build_plan
 from shardconv.source import open_source
 from shardconv.synth import write_checkpoint
 

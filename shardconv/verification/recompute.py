@@ -21,9 +21,9 @@ import torch
 
 from .. import fp8, numerics
 from ..amax import AmaxFile, ModuleAmax
-from ..errors import ShardconvError
+from ..errors import OptionError
 from ..formats import get_format
-from ..plan import Member, Unit, build_plan, default_exclusion
+from ..planning import Member, Unit, build_plan, default_exclusion
 from ..quantize import CHUNK_ELEMENTS, quantize_group
 from ..safetensors_io import DTYPE_NAMES, TensorInfo, read_into
 from .report import QModule, Report
@@ -160,7 +160,7 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
     recorded = journal.get("scales") if journal.get("scales") in METHODS else None
     scales = scales or recorded
     if scales == "amax" and amax is None:
-        raise ShardconvError("--scales amax needs --amax FILE (the amax file the checkpoint was converted with)")
+        raise OptionError("--scales amax needs --amax FILE (the amax file the checkpoint was converted with)")
     if scales:
         methods = [scales]
     else:

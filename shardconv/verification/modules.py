@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..plan import FUSION_SETS, fusion_key
+from ..planning import FUSION_SETS, fusion_key
 from ..safetensors_io import TensorInfo, read_into
 from .report import QModule, Report
 

@@ -8,7 +8,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from ..plan import _EMBEDDING, _STACKED
+from ..planning import _EMBEDDING, _STACKED
 from ..safetensors_io import TensorInfo
 from .report import QModule, Report
 

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..errors import ShardconvError
+from ..errors import SourceError
 from ..safetensors_io import DTYPES, TensorInfo
 from .report import QModule, Report
 
@@ -43,7 +43,7 @@ def first_not_finite(info: TensorInfo) -> tuple[int, list[int]] | None:
             n = min(step, info.nbytes - start)
             raw = os.pread(f.fileno(), n, info.offset + start)
             if len(raw) != n:
-                raise ShardconvError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
+                raise SourceError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
             mask = _not_finite(torch.frombuffer(bytearray(raw), dtype=torch.uint8), info.dtype)
             k = int(mask.sum())
             if k and first is None:

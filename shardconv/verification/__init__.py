@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import ShardconvError
+from ..errors import OptionError
 from .config import check_algo, check_kv
 from .exclusions import check_exclusions, exclusion_lists
 from .files import read_files
@@ -54,7 +54,7 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
     ``amax`` is the amax file it was converted with (input and KV-cache scales come only from it)."""
     dst = Path(dst)
     if not dst.is_dir():
-        raise ShardconvError(f"{dst}: not a folder (verify needs a converted checkpoint folder)")
+        raise OptionError(f"{dst}: not a folder (verify needs a converted checkpoint folder)")
     amax_file = None
     if amax is not None:
         from ..amax import load_amax
@@ -97,7 +97,7 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
         from .recompute import recompute as recompute_groups
         from .source import compare_source
 
-        src = open_source(source)  # a ShardconvError here is the user's (usage, exit 2)
+        src = open_source(source)  # an error here is the user's (usage, exit 2)
         failed = compare_source(src, good, convention, tensors, report, max_error, mods)
         if recompute:
             recompute_groups(src, tensors, good, mods, convention, report, scales=scales, amax=amax_file,
