@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import drop_cache  # noqa: E402
 
 from shardconv.formats import get_format
-from shardconv.plan import build_plan
+from shardconv.planning import build_plan
 from shardconv.quantize import quantize_group
 from shardconv.safetensors_io import PlannedTensor, ShardWriter, read_into
 from shardconv.source import open_source
