@@ -214,3 +214,16 @@ def test_cpu_threads_follow_the_request_and_the_load(monkeypatch):
     assert quantize.cpu_threads() == 1  # three cores busy already: torch gets the fourth
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0, 0))
     assert quantize.cpu_threads() == 4
+
+
+def test_the_readme_api_example_runs(tmp_path):
+    """README.md's Python API example, as it is written there."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=_env(),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "no-such-folder: no such folder" in out.stdout and (tmp_path / "sample-NVFP4" / "config.json").exists()
