@@ -411,16 +411,20 @@ class Converter:
                     pending.append((u, self._submit_reads(u, bufs), bufs))
                 nxt += 1
 
-        batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]] = []  # uploaded, of one structure
-        batch_bytes, batch_key = 0, None
+        # uploaded groups waiting to be quantized together, by batch.structure: a MoE layer's experts
+        # alternate (gate/up group, down_proj), so each structure keeps its own batch
+        batches: dict[object, list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]] = {}
+        open_bytes = 0
 
-        def flush() -> None:
-            nonlocal batch_bytes
-            if batch:
-                for u, host, state in self._quantize_cuda(batch[0][0], list(batch)):
-                    jobs.append(self.writers.submit(self._write_cuda, u, host, state))
-                batch.clear()
-                batch_bytes = 0
+        def flush(key=None) -> None:
+            """Quantize the batch of ``key`` (None: every batch)."""
+            nonlocal open_bytes
+            for k in ([key] if key is not None else list(batches)):
+                batch = batches.pop(k, [])
+                if batch:
+                    open_bytes -= sum(u.in_bytes for u, _, _ in batch)
+                    for u, host, state in self._quantize_cuda(batch[0][0], batch):
+                        jobs.append(self.writers.submit(self._write_cuda, u, host, state))
 
         try:
             while pending or nxt < len(units):
@@ -439,14 +443,17 @@ class Converter:
                 t0 = time.perf_counter()
                 if self.cuda:  # same-structure groups (a MoE layer's experts) wait to be quantized as one batch
                     key = structure(unit.members) if self.batch_bytes else None
-                    if batch and (key is None or key != batch_key or len(batch) >= MAX_BATCH
-                                  or batch_bytes + unit.in_bytes > self.batch_bytes):
-                        flush()
                     on_dev, uploaded = self._upload(unit, weights, bufs)
-                    batch.append((unit, on_dev, uploaded))
-                    batch_key, batch_bytes = key, batch_bytes + unit.in_bytes
                     if key is None:
-                        flush()
+                        for u, host, state in self._quantize_cuda(unit, [(unit, on_dev, uploaded)]):
+                            jobs.append(self.writers.submit(self._write_cuda, u, host, state))
+                    else:
+                        batches.setdefault(key, []).append((unit, on_dev, uploaded))
+                        open_bytes += unit.in_bytes
+                        if len(batches[key]) >= MAX_BATCH:
+                            flush(key)
+                        elif open_bytes > self.batch_bytes:
+                            flush()
                     self._release_uploads()
                 else:
                     try:
