@@ -166,8 +166,7 @@ def _verify(args) -> int:
                                                         for m, shape, e in report.errors]}))
     elif not args.quiet:
         say(*report.info, *error_table(report, args.top))
-    for w in report.warnings:
-        _warn(w)
+        say(*(f"warning: {w}" for w in report.warnings))
     for problem in report.problems[:MAX_REPORTED]:
         _stderr(f"shardconv: verify: {problem}")
     if len(report.problems) > MAX_REPORTED:

@@ -100,6 +100,7 @@ def test_llama_max_matches_reference_and_copies_the_rest(llama, tmp_path):
             assert (dst / f.name).read_bytes() == f.read_bytes()
 
 
+@pytest.mark.heavy
 def test_small_chunks_give_the_same_bytes(llama, tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("convert", llama, a, "--device", "cpu", "--no-progress")[0] == 0

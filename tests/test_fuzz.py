@@ -422,6 +422,7 @@ def _make_case(rng: random.Random, base: Path, work: Path) -> tuple[str, Path]:
     return " | ".join(descs), target
 
 
+@pytest.mark.heavy
 def test_fuzz_headers_and_plans(bases, tmp_path):
     """Thousands of mutated checkpoints: read_header, open_source, build_plan and the dry-run report."""
     rng = random.Random(SEED)
@@ -457,6 +458,7 @@ def test_fuzz_headers_and_plans(bases, tmp_path):
     assert outcomes["ok"] > HEADER_CASES // 50 and outcomes["error"] > HEADER_CASES // 2, outcomes
 
 
+@pytest.mark.heavy
 def test_fuzz_conversions(bases, tmp_path):
     """Whole conversions of mutated checkpoints: exit 0 with an output that verifies against the
     (mutated) source, or exit 2 with one line and no finished-looking DST. Half the cases use

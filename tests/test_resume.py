@@ -107,6 +107,7 @@ def journal_written_since(dst, start_ns: int, p, timeout: float = 60) -> bool:
     return False
 
 
+@pytest.mark.heavy
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
     """Kills land at random points of the conversion itself: after the journal is written (start-up
     would test nothing), within the time an uninterrupted run takes from there."""
