@@ -217,8 +217,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     """
     from . import numerics
     from .formats import get_format
+    from .conversion import convert as run_conversion
     from .pipeline import Options
-    from .pipeline import convert as run_pipeline
     from .quantize import pick_device, set_cpu_threads
 
     _check_choice(export_rounding, ("cpu", "cuda"), "export_rounding")
@@ -243,7 +243,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         opts = Options(device=dev, readers=readers, host_buffer=parse_size(host_buffer, "host_buffer"),
                        gpu_buffer=parse_size(gpu_buffer, "gpu_buffer"), progress=progress, fsync=fsync,
                        prefetch=parse_size(prefetch, "prefetch", zero=True))
-        summary = run_pipeline(p, out, fmt=get_format(format), opts=opts, overwrite=overwrite,
+        summary = run_conversion(p, out, fmt=get_format(format), opts=opts, overwrite=overwrite,
                                fingerprint_extra={"amax": amax_id} if amax_id else {},
                                max_extra_size=parse_size(max_extra_size, "max_extra_size"))
     finally:

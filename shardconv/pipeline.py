@@ -1,19 +1,18 @@
-"""The streaming conversion, overlapped: reading, host-to-device copies, quantizing, device-to-host
-copies and writing all proceed at once, with bounded memory.
+"""The streaming pipeline, overlapped: reading, host-to-device copies, quantizing, device-to-host
+copies and writing all proceed at once, with bounded memory (conversion.py runs it for one DST).
 
 Stages:
 - reader threads fill reusable host buffers (pinned when a GPU is used) with ``pread``; tensors that
   are kept are copied on the same threads through a small buffer per thread and never touch the GPU;
-- the main thread issues, per fusion group, the upload on a copy stream, the quantize kernels on a
-  compute stream and the download into pinned output buffers on a third stream, without waiting;
+- the main thread issues the uploads on a copy stream; groups of one structure (a MoE layer's experts,
+  batch.py) wait to be quantized as one batch on a compute stream, others go alone; results download
+  into pinned output buffers on a third stream, without waiting;
 - writer threads wait for a group's download, write its tensors at their planned offsets, and hand
   the buffers back.
 Host memory is the two buffer pools (``--host-buffer``), a copy buffer per reader thread, the
-read-ahead's scratch buffers and a few small tensors, whatever the model size; the GPU holds one group plus row-chunked temporaries (``--gpu-buffer``). Output shards are
-written under ``.partial`` names and renamed when complete; the config files and, last, the index
-come after every shard, so a DST without ``model.safetensors.index.json`` is never a finished
-checkpoint. A failed run keeps its finished shards, recorded with their digests in the journal
-(journal.py), so that the same command resumes it; it removes everything else it wrote.
+read-ahead's scratch buffers and a few small tensors, whatever the model size; the GPU holds the open
+batches plus row-chunked temporaries (``--gpu-buffer``). Output shards are written under ``.partial``
+names and renamed when complete, each recorded in the journal with its digest.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from __future__ import annotations
 import collections
 import functools
 import os
-import shutil
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,17 +28,13 @@ from pathlib import Path
 
 import torch
 
-from . import identity, journal, numerics, profile, readahead
-from .errors import DestinationError, working_on
-from .planning import Plan, Unit, check_quantizes
+from . import journal, profile, readahead
+from .errors import working_on
+from .planning import Plan, Unit
 from . import fp8
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate
-from .safetensors_io import (COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, file_size, read_into, read_range,
-                             tensor_view)
-from .files import INDEX_NAME, write_json
-from . import destination
-from .destination import check_destination  # noqa: F401  (its home was here)
+from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
 
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
@@ -64,24 +57,6 @@ class Options:
     progress: bool = True
     prefetch: int = DEFAULT_PREFETCH  # bytes of input read ahead of the readers (readahead.Prefetcher; 0: none)
     fsync: bool = False  # flush each shard to disk before recording it (power-loss safe resume)
-
-
-@dataclass
-class Summary:
-    """What a run did (api.ConvertResult adds the source, notes and warnings and says it in lines)."""
-
-    quantized: int
-    kept: int
-    in_bytes: int
-    out_bytes: int
-    seconds: float
-    shards: int
-    device: str
-    gpu_peak: int | None = None  # bytes
-    resumed: int = 0  # output shards kept from an interrupted run
-    changed_sources: tuple[str, ...] = ()  # source shards changed since the interrupted run (their output rewritten)
-    converted_bytes: int = 0  # input bytes this run converted (less than in_bytes on a resume)
-    already_complete: bool = False  # DST held this finished conversion: no shard was written
 
 
 class BufferPool:
@@ -492,151 +467,3 @@ class Converter:
                 profile.say(f"{self.clock.report()}  peak RSS {profile.peak_rss_mb():.0f} MB  "
                             f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB")
                 profile.say(timeline.report())
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
-                    extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool,
-                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str], bool]:
-    """The run, with DST locked; returns the indices of the shards kept from an interrupted run, the
-    source shards changed since it (identity.py), and whether DST already held this finished run."""
-    src = plan.source.root
-    destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
-    old = journal.Journal.read(dst)
-    if old is not None and old.get("fingerprint") != run and not overwrite:
-        amax = (fingerprint_extra or {}).get("amax")
-        what = ("the amax file's content differs" if amax and old.get("extra", {}).get("amax") not in (None, amax)
-                else "other source, options or version")
-        raise DestinationError(f"{dst}: holds a run of a different conversion ({what}); use --overwrite to replace it")
-    resume = old is not None and old.get("fingerprint") == run and not overwrite
-    # Order matters for a kill at any point: the index (the "finished" mark) goes first, so it never
-    # stands beside missing shards (clear removes it first); then this run's journal, before anything
-    # else is written, so a DST that is not empty always says what it holds and the same command
-    # resumes it.
-    if overwrite:
-        destination.clear(dst, src)  # the previous output goes whole: no stale file of another model
-    elif resume:
-        destination.prune(dst, {journal.NAME, INDEX_NAME, *plan.shard_names, *configs,
-                                *(rel.as_posix() for rel, _ in extras)}, src)
-    log = journal.Journal(dst, run, synced=opts.fsync, sources=[f.to_json() for f in sources],
-                          method={"scales": plan.scales, "export_rounding": numerics.EXPORT_ROUNDING},
-                          extra=fingerprint_extra)
-    changed: dict[str, str] = {}
-    if resume:
-        changed = identity.changed_since(old.get("sources"), sources)
-        kept = log.adopt(old, plan, dst, stale=identity.dependent_shards(plan, set(changed)))
-    else:
-        try:
-            log.save()
-        except OSError as e:
-            if destination.disk_full(e) is None:
-                raise
-            needed = plan.out_bytes + sum(size for _, size in extras)
-            raise DestinationError(destination.disk_full_message(e, e, dst, needed)) from None
-        kept = set()
-    keep = {plan.shard_names[i] for i in kept}
-    if len(kept) < len(plan.shard_names):
-        (dst / INDEX_NAME).unlink(missing_ok=True)
-    for path in [*dst.glob("*.safetensors"), *dst.glob("*.partial")]:
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-    written: list[Path] = []
-    # a finished run of the same conversion, every shard still verified: nothing to convert again
-    done = bool(resume and old.get("complete")) and len(kept) == len(plan.shard_names)
-    converter = None if done else Converter(plan, dst, fmt, opts, log, kept)
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        if converter is not None:
-            converter.run()
-        for rel, _ in extras:
-            destination.make_dirs(dst, rel.parent)
-            written.append(dst / rel)
-            destination.copy_regular(src / rel, dst / rel)
-        for name, content in configs.items():
-            written.append(dst / name)
-            write_json(dst / name, content)
-        identity.check_unchanged(plan.source, sources)  # a source written meanwhile: no index
-        weight_map = {t.name: plan.shard_names[s] for s, ts in enumerate(plan.shard_tensors) for t in ts}
-        index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        write_json(dst / INDEX_NAME, index)  # last: its presence marks a finished checkpoint
-        log.finish()
-    except BaseException as e:
-        if converter is not None:
-            converter.shards.abort()
-        for path in written:
-            path.unlink(missing_ok=True)
-        if not log.shards:  # nothing worth resuming: leave DST as we found it
-            (dst / journal.NAME).unlink(missing_ok=True)
-            if created_dir:
-                shutil.rmtree(dst, ignore_errors=True)
-        full = destination.disk_full(e)
-        if full is not None:
-            done = sum(file_size(plan.shard_tensors[i]) for i, name in enumerate(plan.shard_names) if name in log.shards)
-            needed = plan.out_bytes - done + sum(size for _, size in extras)
-            raise DestinationError(destination.disk_full_message(e, full, dst, needed)) from None
-        raise
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return kept, changed, done
-
-
-def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
-            device: torch.device | None = None, progress: bool | None = None,
-            fingerprint_extra: dict | None = None, max_extra_size: int = destination.DEFAULT_MAX_EXTRA) -> Summary:
-    """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan.
-
-    Everything that can be refused (DST's identity and contents, SRC's other files) is checked
-    before DST is touched; then DST is locked (destination.py) for the rest of the run."""
-    opts = opts or Options()
-    if device is not None:
-        opts.device = device
-    if progress is not None:
-        opts.progress = progress
-    check_quantizes(plan)
-    if profile.ENABLED:
-        if opts.device.type == "cuda":
-            torch.zeros(1, device=opts.device)
-        profile.say(f"ready to convert {profile.process_age():.1f} s after process start (imports, CUDA, plan)")
-    src = plan.source.root
-    dst = Path(dst)
-    destination.check_destination(src, dst, overwrite)
-    extras = destination.extra_files(src, max_extra_size)
-    configs = fmt.config_files(plan, plan.source.config)
-    sources = identity.identify_source(plan.source)  # before anything is read for the conversion
-    run = journal.fingerprint(plan, fingerprint_extra)
-    created_dir = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    lock = destination.DstLock(dst)
-    try:
-        lock.acquire()
-        start = time.perf_counter()
-        kept, changed, done = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
-                                        sources, fingerprint_extra)
-    finally:
-        lock.release()
-        if created_dir:  # a run that failed before writing anything leaves no empty folder behind
-            try:
-                os.rmdir(dst)
-            except OSError:  # not empty (finished, or finished shards kept), or already removed
-                pass
-    profile.say(f"done {profile.process_age():.1f} s after process start")
-    return Summary(
-        quantized=len(plan.quantized),
-        kept=sum(1 for u in plan.units if u.copy is not None),
-        in_bytes=plan.in_bytes,
-        out_bytes=plan.out_bytes,
-        seconds=time.perf_counter() - start,
-        shards=len(plan.shard_names),
-        device=str(opts.device),
-        resumed=len(kept),
-        changed_sources=tuple(sorted(changed)),
-        converted_bytes=sum(u.in_bytes for u in plan.units if u.shard not in kept),
-        already_complete=done,
-        gpu_peak=torch.cuda.max_memory_reserved(opts.device) if opts.device.type == "cuda" else None,
-    )
