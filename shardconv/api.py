@@ -173,10 +173,11 @@ def describe(p: "Plan") -> list[str]:
     return lines(p)
 
 
-def default_dst(p: "Plan") -> Path:
+def default_dst(p: "Plan | str") -> Path:
     """Where a conversion goes when no DST is given: ``<name>-NVFP4`` in the working folder, ``name``
-    being the folder's name, or the repo's for a hub id (not the snapshot's hash)."""
-    return Path(f"{p.source.name}-NVFP4")
+    being the folder's name, or the repo's for a hub id (not the snapshot's hash). Takes a plan, or
+    the model's name (the CLI asks before planning, for the start-up read-ahead)."""
+    return Path(f"{p if isinstance(p, str) else p.source.name}-NVFP4")
 
 
 def cpu_estimate(p: "Plan", threads: int) -> float:
@@ -222,8 +223,11 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     from .quantize import pick_device, set_cpu_threads
 
     _check_choice(export_rounding, ("cpu", "cuda"), "export_rounding")
+    import torch
+
     warnings: list[str] = []
     previous = numerics.EXPORT_ROUNDING
+    threads_before = torch.get_num_threads()  # a notebook's torch keeps its own setting after the call
     numerics.set_export_rounding(export_rounding)
     try:
         p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
@@ -248,6 +252,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
                                max_extra_size=parse_size(max_extra_size, "max_extra_size"))
     finally:
         numerics.set_export_rounding(previous)
+        torch.set_num_threads(threads_before)
     return ConvertResult(
         dst=out, source=p.source.root, revision=p.source.revision, shards=list(p.shard_names),
         quantized=summary.quantized, kept=summary.kept, in_bytes=summary.in_bytes, out_bytes=summary.out_bytes,

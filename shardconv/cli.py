@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -20,18 +19,16 @@ from .destination import DEFAULT_MAX_EXTRA
 from .errors import OptionError, ShardconvError
 
 SAMPLE_DST = "shardconv-sample-NVFP4"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return size
+    """``--max-shard-size`` and friends: api.parse_size, reported the way argparse reports a bad value."""
+    from .api import parse_size as parse
+
+    try:
+        return parse(text, "size")
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
 
 
 def parse_size_or_zero(text: str) -> int:
@@ -244,12 +241,6 @@ def _describe_lines(plan) -> list[str]:
     return describe(plan)
 
 
-def default_dst(src_root: Path) -> str:
-    """Where a conversion of a local SRC goes when no DST is given: ``<SRC name>-NVFP4`` here (a hub
-    id's: ``<repo name>-NVFP4``, api.default_dst)."""
-    return f"{src_root.name}-NVFP4"
-
-
 def _start_readahead(args) -> None:
     """Read the input's first bytes while torch and CUDA start (readahead.py); not on a resume, whose
     first shards may already be done, nor where DST is refused anyway."""
@@ -258,7 +249,9 @@ def _start_readahead(args) -> None:
 
     if args.dry_run or not args.src:
         return
-    dst = Path(args.dst) if args.dst else Path(default_dst(Path(args.src).expanduser().resolve()))
+    from .api import default_dst
+
+    dst = Path(args.dst) if args.dst else default_dst(Path(args.src).expanduser().resolve().name)
     try:
         if dst.is_dir() and not is_empty(dst) and not args.overwrite:
             return

@@ -203,6 +203,18 @@ def test_a_long_cpu_run_says_what_it_will_cost_first(src, tmp_path, monkeypatch)
     assert shardconv.cpu_estimate(p, 1) > shardconv.cpu_estimate(p, 2) > 0
 
 
+def test_convert_leaves_the_callers_torch_threads_as_they_were(src, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shardconv.convert(src, tmp_path / "out", scales="max", device="cpu", threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_threads_follow_the_request_and_the_load(monkeypatch):
     from shardconv import quantize
 

@@ -41,13 +41,14 @@ def same(a, b):
 
 
 def check(plan, method, device="cpu", mutate=None):
-    seen = 0
+    seen, flags = 0, []
     for units in batches(plan):
         groups = [u.members for u in units]
         ws = [[read_into(m.weight).clone() for m in ms] for ms in groups]
         if mutate:
             mutate(ws)
         got = quantize_batch(groups, [[w.to(device) for w in g] for g in ws], method, device, chunk=4096)
+        flags.append([all(bool(q.ok) for q in res) for res in got])
         for ms, w, res in zip(groups, ws, got):
             want = quantize_group(ms, w, method, "cpu", check=False)
             for q, r in zip(res, want):
@@ -59,7 +60,7 @@ def check(plan, method, device="cpu", mutate=None):
                 assert bool(q.ok) == bool(r.ok), ms[0].module
             seen += 1
     assert seen >= 12  # experts of both layers, in batches
-    return seen
+    return flags
 
 
 @pytest.mark.parametrize("method", ["max", "mse", "four-over-six"])
@@ -88,7 +89,10 @@ def test_batch_flags_a_bad_group_alone(moe):
         ws[1][0][3, 5] = float("nan")
         for w in ws[2]:
             w.zero_()
-    check(plan, "max", mutate=poison)
+    flags = check(plan, "max", mutate=poison)
+    poisoned = [f for f in flags if len(f) >= 3]
+    assert poisoned and all(f[1] is False and f[2] is True and f[0] is True for f in poisoned)
+    assert all(all(f) for f in flags if len(f) < 3)
 
 
 @GPU
