@@ -40,9 +40,10 @@ def human(n: int) -> str:
     return f"{n} bytes"
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path, follow: bool = True) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` (of the link itself with ``follow=False``), None if it cannot be read."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if follow else os.lstat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
@@ -165,7 +166,7 @@ class DstLock:
                                      + (f" (pid {holder})" if holder.isdigit() else "")
                                      + "; wait for it to end, or stop it and run again") from None
             mine = os.fstat(fd)
-            now = _identity_lstat(self.path)
+            now = _identity(self.path, follow=False)
             if now != (mine.st_dev, mine.st_ino) or not stat.S_ISREG(mine.st_mode):
                 os.close(fd)  # removed (or replaced) by the run that held it: take the new one
                 continue
@@ -180,7 +181,7 @@ class DstLock:
             return
         try:
             mine = os.fstat(self.fd)
-            if _identity_lstat(self.path) == (mine.st_dev, mine.st_ino):
+            if _identity(self.path, follow=False) == (mine.st_dev, mine.st_ino):
                 os.unlink(self.path)
         except OSError:
             pass
@@ -192,14 +193,6 @@ class DstLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _identity_lstat(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _mount_points() -> set[str]:

@@ -80,3 +80,25 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
     )
+
+
+def lazy_outputs(root: Path, how):
+    """Named conversions made once, on first use, under ``root``: ``how(name) -> (src, args)``."""
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            src, args = how(name)
+            rc, err = run_cli("convert", src, root / name, *args)
+            assert rc == 0, err
+            done[name] = root / name
+        return done[name]
+
+    return get
+
+
+def private_copy(get, tmp_path: Path):
+    """A private copy of a ``lazy_outputs`` output, to damage."""
+    import shutil
+
+    return lambda name: Path(shutil.copytree(get(name), tmp_path / name))

@@ -94,6 +94,14 @@ def _unshare_mount_works():
     return probe.returncode == 0
 
 
+def _convert_with_bind_mount(what, where, src, dst, *extra):
+    """``shardconv convert SRC DST`` in a private mount namespace where ``what`` is bind-mounted at ``where``."""
+    script = (f'mount --bind "{what}" "{where}" && exec "{sys.executable}" -m shardconv convert "{src}" "{dst}" '
+              + " ".join([*extra, *ARGS]))
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
 def test_dst_inside_src_through_a_bind_mount_is_refused(src, tmp_path):
     """A bind mount of a folder of SRC elsewhere, in a private mount namespace (gone with the process)."""
     if not _unshare_mount_works():
@@ -102,10 +110,7 @@ def test_dst_inside_src_through_a_bind_mount_is_refused(src, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     before = tree_digest(src)
-    script = f'mount --bind "{src / "sub"}" "{mnt}" && exec "{sys.executable}" -m shardconv convert ' \
-             f'"{src}" "{mnt / "out"}" ' + " ".join(ARGS)
-    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    p = _convert_with_bind_mount(src / "sub", mnt, src, mnt / "out")
     assert p.returncode == 2 and "inside SRC" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert tree_digest(src) == before and list((src / "sub").iterdir()) == []
 
@@ -118,10 +123,7 @@ def test_overwrite_never_empties_src_bind_mounted_inside_dst(src, tmp_path):
     assert run_cli("convert", src, dst, *ARGS)[0] == 0
     (dst / "mnt").mkdir()
     before = tree_digest(src)
-    script = f'mount --bind "{src}" "{dst / "mnt"}" && exec "{sys.executable}" -m shardconv convert ' \
-             f'"{src}" "{dst}" --overwrite ' + " ".join(ARGS)
-    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    p = _convert_with_bind_mount(src, dst / "mnt", src, dst, "--overwrite")
     assert p.returncode == 2 and "mount point" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert tree_digest(src) == before
     assert (dst / "model.safetensors.index.json").exists()  # checked before anything was removed
@@ -383,5 +385,5 @@ def test_disk_full_at_the_journal_says_so_and_leaves_no_folder(src, tmp_path, mo
 
     monkeypatch.setattr(journal, "write_json", full)
     dst = tmp_path / "new" / "dst"
-    err = refused(src, dst, JOURNAL + ".partial", "No space left on device", "needs", "free")
+    refused(src, dst, JOURNAL + ".partial", "No space left on device", "needs", "free")
     assert not dst.exists()

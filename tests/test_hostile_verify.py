@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, tree_digest
+from conftest import lazy_outputs, private_copy, run_cli, tree_digest
 from shardconv.digest import shard_digest
 from shardconv.synth import write_checkpoint
 from test_verify import INDEX, JOURNAL, edit_json, fails, passes, rewrite, set_codes, shard_of, verify
@@ -48,23 +48,13 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(src, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile-dst")
-    done = {}
-
-    def get(name):
-        if name not in done:
-            extra = [src["amax"] if a == "amax" else a for a in OUTPUTS[name][0]]
-            rc, err = run_cli("convert", src["path"], root / name, *ARGS, *extra)
-            assert rc == 0, err
-            done[name] = root / name
-        return done[name]
-
-    return get
+    return lazy_outputs(tmp_path_factory.mktemp("hostile-dst"), lambda name: (
+        src["path"], [*ARGS, *(src["amax"] if a == "amax" else a for a in OUTPUTS[name][0])]))
 
 
 @pytest.fixture()
 def good(converted, tmp_path):
-    return lambda name: Path(shutil.copytree(converted(name), tmp_path / name))
+    return private_copy(converted, tmp_path)
 
 
 @pytest.fixture()

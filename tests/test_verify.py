@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, tree_digest
+from conftest import lazy_outputs, private_copy, tree_digest
 from shardconv.cli import main
 from shardconv.digest import shard_digest
 from shardconv.safetensors_io import read_header
@@ -55,25 +55,14 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(sources, tmp_path_factory):
     """Each output of OUTPUTS converted once (on first use) into a module-wide folder."""
-    root = tmp_path_factory.mktemp("verify-dst")
-    done = {}
-
-    def get(name):
-        if name not in done:
-            src, extra = OUTPUTS[name]
-            extra = [sources["amax"] if a == "amax" else a for a in extra]
-            rc, err = run_cli("convert", sources[src], root / name, *ARGS, *extra)
-            assert rc == 0, err
-            done[name] = root / name
-        return done[name]
-
-    return get
+    return lazy_outputs(tmp_path_factory.mktemp("verify-dst"), lambda name: (
+        sources[OUTPUTS[name][0]], [*ARGS, *(sources["amax"] if a == "amax" else a for a in OUTPUTS[name][1])]))
 
 
 @pytest.fixture()
 def good(converted, tmp_path):
     """A private copy of a converted output, to damage."""
-    return lambda name: Path(shutil.copytree(converted(name), tmp_path / name))
+    return private_copy(converted, tmp_path)
 
 
 def verify(*args) -> tuple[int, str, str]:
