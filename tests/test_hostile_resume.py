@@ -17,7 +17,7 @@ from conftest import run_cli
 from shardconv import identity, pipeline
 from shardconv.safetensors_io import read_header
 from shardconv.synth import write_checkpoint
-from test_resume import ARGS, disk_full_after, interrupted, stamp, without_journal
+from test_resume import ARGS, interrupted, stamp, without_journal
 
 INDEX = "model.safetensors.index.json"
 
