@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .errors import SourceError
 from .files import INDEX_NAME
-from .safetensors_io import _short
+from .safetensors_io import TensorInfo, _short
 from .source import Source
 
 # The missing-tensor check runs only when at least this share of the checkpoint's tensors are the
@@ -82,11 +82,14 @@ class Linears:
         return f"from the transformers model ({self.why} on the meta device): " + ", ".join(parts or ["no 2-D weights"])
 
 
-def find(source: Source, trust_remote_code: bool = False) -> Linears:
+def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, TensorInfo] | None = None) -> Linears:
     """Classify the source's 2-D weights from its config's model; name rules when that cannot be done.
 
+    ``tensors``: the checkpoint as a plain one would hold it (encodings/: an encoded weight under its
+    plain name and shape, its scales left out); the source's own tensors by default.
     Raises SourceError only for a tensor the model expects that no shard holds.
     """
+    tensors = source.tensors if tensors is None else tensors
     conv1d = source.config.get("model_type") in _CONV1D_MODEL_TYPES
     try:
         layout, name = _layout(source, trust_remote_code)
@@ -95,11 +98,11 @@ def find(source: Source, trust_remote_code: bool = False) -> Linears:
     except Exception as e:  # transformers raises anything from a model's __init__: never fatal here
         return Linears("names", f"the model could not be built: {_one_line(e)}", conv1d=conv1d)
     try:
-        found, covered = _classify(source, layout)
+        found, covered = _classify(tensors, layout)
     except Exception as e:
         return Linears("names", f"the model's modules could not be read: {_one_line(e)}", conv1d=conv1d)
     found.why = name
-    _check_missing(source, layout, covered, name)
+    _check_missing(source, tensors, layout, covered, name)
     return found
 
 
@@ -305,11 +308,12 @@ def _renamer(model, expected: set):
         return None
 
 
-def _classify(source: Source, layout: _Layout) -> tuple[Linears, set[str]]:
+def _classify(tensors: dict[str, TensorInfo], layout: _Layout) -> tuple[Linears, set[str]]:
     """Each 2-D weight's module class; and the model tensors the checkpoint supplies (``covered``)."""
     found = Linears("model", "")
     covered: set[str] = set()
-    for name, info in source.tensors.items():
+    for info in tensors.values():
+        name = info.name  # the plain name (an encoded weight's codes tensor has another)
         target, merged = name, False
         if name not in layout.classes and layout.renamer is not None:
             target, merged = layout.renamer(name)
@@ -337,7 +341,8 @@ def _extra_layer(name: str, config: dict) -> bool:
     return bool(m and config.get("num_nextn_predict_layers") and isinstance(layers, int) and int(m.group(1)) >= layers)
 
 
-def _check_missing(source: Source, layout: _Layout, covered: set[str], model_name: str) -> None:
+def _check_missing(source: Source, tensors: dict[str, TensorInfo], layout: _Layout, covered: set[str],
+                   model_name: str) -> None:
     """Refuse a checkpoint that lacks a tensor its model expects, when the model surely describes it.
 
     Trusted only when transformers' load-time mapping could be applied and at least MATCH_SHARE of
@@ -347,8 +352,8 @@ def _check_missing(source: Source, layout: _Layout, covered: set[str], model_nam
     """
     if layout.renamer is None:
         return
-    relevant = [n for n in source.tensors
-                if not n.endswith(_SCALE_SUFFIXES) and not _extra_layer(n, source.config)]
+    relevant = [t.name for t in tensors.values()
+                if not t.name.endswith(_SCALE_SUFFIXES) and not _extra_layer(t.name, source.config)]
     if not relevant:
         return
     own = 0

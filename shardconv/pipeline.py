@@ -30,8 +30,8 @@ import torch
 
 from . import journal, profile, readahead
 from .errors import working_on
+from .encodings import dequantize_excluded
 from .planning import Plan, Unit
-from . import fp8
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate
 from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
@@ -243,9 +243,9 @@ class Converter:
 
     @_in_context
     def _write_small(self, unit: Unit) -> None:
-        if unit.dequant is not None:  # an excluded FP8 weight, written dequantized as bf16 (fp8.py)
-            self.shards.write(unit.shard, {unit.dequant[0].name: fp8.dequantize_tensor(*unit.dequant)})
-            self._advance(unit.dequant[0].nbytes + unit.dequant[1].nbytes)
+        if unit.dequant is not None:  # an excluded encoded weight, written dequantized as bf16 (encodings/)
+            self.shards.write(unit.shard, {unit.dequant.name: dequantize_excluded(unit.dequant)})
+            self._advance(sum(t.nbytes for t in unit.inputs))
         if unit.extra:
             self.shards.write(unit.shard, dict(unit.extra))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fp8 as fp8_input
+from . import encodings
 from .amax import AmaxFile, ModuleAmax
 from .errors import AmaxError, OptionError, SourceError
 from .linears import Linears
@@ -119,21 +119,25 @@ class Member:
     module: str  # stacked experts: the tensor name (``...experts.gate_up_proj``), which outputs extend
     weight: TensorInfo
     amax: ModuleAmax | None = None
-    scale_inv: TensorInfo | None = None  # FP8 block-quantized source: its weight_scale_inv
-    fp8_block: tuple[int, int] | None = None
+    encoded: encodings.EncodedWeight | None = None  # a quantized source encoding: ``weight`` holds its codes
     stacked: bool = False  # [E, in, out] expert stack, quantized per expert along `in`
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape as a plain checkpoint stores it (encoded weights: once dequantized)."""
+        return tuple(self.encoded.shape) if self.encoded is not None else tuple(self.weight.shape)
+
+    @property
     def out_features(self) -> int:
-        return self.weight.shape[-1] if self.stacked else self.weight.shape[0]
+        return self.shape[-1] if self.stacked else self.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[-2] if self.stacked else self.weight.shape[1]
+        return self.shape[-2] if self.stacked else self.shape[1]
 
     @property
     def experts(self) -> int | None:
-        return self.weight.shape[0] if self.stacked else None
+        return self.shape[0] if self.stacked else None
 
 
 @dataclass
@@ -145,17 +149,16 @@ class Unit:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # small tensors known at plan time
     outputs: list[PlannedTensor] = field(default_factory=list)
     shard: int = 0
-    # an excluded FP8 weight, written dequantized (bf16): (weight, weight_scale_inv, block)
-    dequant: tuple[TensorInfo, TensorInfo, tuple[int, int]] | None = None
+    dequant: encodings.EncodedWeight | None = None  # an excluded encoded weight, written dequantized (bf16)
 
     @property
     def inputs(self) -> list[TensorInfo]:
-        """Every input tensor the unit reads (FP8 sources' block scales included)."""
-        out = [m.weight for m in self.members] + [m.scale_inv for m in self.members if m.scale_inv is not None]
+        """Every input tensor the unit reads (encoded weights' scales included)."""
+        out = [m.weight for m in self.members] + [p for m in self.members if m.encoded for p in m.encoded.parts]
         if self.copy is not None:
             out.append(self.copy)
         if self.dequant is not None:
-            out += list(self.dequant[:2])
+            out += [self.dequant.data, *self.dequant.parts]
         return out
 
     @property
@@ -169,7 +172,7 @@ class Unit:
     @property
     def first(self) -> TensorInfo:
         """The unit's first input tensor (units are processed in input order)."""
-        return self.copy or (self.dequant[0] if self.dequant else self.members[0].weight)
+        return self.copy or (self.dequant.data if self.dequant else self.members[0].weight)
 
 
 @dataclass
@@ -184,7 +187,7 @@ class Plan:
     kv_cache: bool
     format_name: str
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
-    fp8: fp8_input.Fp8Blocks | None = None  # FP8 block-quantized source, dequantized on the fly
+    encoding: encodings.Encoding = field(default_factory=encodings.Plain)  # how the source stores weights
     linears: Linears | None = None  # how Linear weights were told from embeddings and others
 
     @property
@@ -237,17 +240,20 @@ def build_plan(
         scales = "amax" if amax is not None and amax.has_weight_amax else "mse"  # README: Scale methods
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
         raise OptionError("--scales amax needs an --amax file with weight_quantizer amax entries")
-    fp8 = fp8_input.input_quantization(source)  # refuses 4-bit and other quantized inputs
-    found = find_linears(source, trust_remote_code)  # refuses a checkpoint missing a tensor of its model
+    encoding = encodings.detect(source)  # refuses formats shardconv cannot read
+    encoded = encoding.weights(source)  # codes tensor name -> encoded weight (its parts checked)
+    dropped = encoding.dropped(source, encoded)  # scales of the replaced quantization: not in the output
+    # what a plain checkpoint would hold: Linear detection and the rules below see names and shapes there
+    plain = {name: (encoded[name].plain_view() if name in encoded else info)
+             for name, info in source.tensors.items() if name not in dropped}
+    found = find_linears(source, trust_remote_code, plain)  # refuses a checkpoint missing a tensor of its model
     notes: list[str] = []
     stack_types = _model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
     fmt_stacked = getattr(fmt, "supports_stacked_experts", True)
 
     excluded: dict[str, str] = {}
     candidates: list[Member] = []
-    dropped: set[str] = set()  # FP8 weight_scale_inv / input_scale tensors: not part of the output
-    fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight name -> its weight_scale_inv
-    for info in source.tensors.values():
+    for name, info in plain.items():
         stacked = len(info.shape) == 3 and bool(_STACKED.search(info.name))
         if not (_is_linear_weight(info) or stacked):
             if info.name.endswith(".weight") and fusion_key(info.name[: -len(".weight")]):
@@ -260,17 +266,12 @@ def build_plan(
         reason = default_exclusion(owner, source.config) or found.reason(info.name)
         if reason is None and (matches(owner, excludes) or matches(module, excludes)):
             reason = "--exclude"
-        scale = None
-        if fp8 is not None and info.dtype == "F8_E4M3" and not stacked:
-            scale = source.tensors.get(module + fp8_input.SCALE_SUFFIX)
-            fp8_input.check_scale(info, scale, fp8)
-            fp8_scales[info.name] = scale
-            dropped.update((scale.name, f"{module}.input_scale"))
+        coded = encoded.get(name)
         if reason is None and stacked and not stack_types:
             reason = "3-D expert stack of unknown layout (only GPT-OSS / Llama-4 [E, in, out] stacks are quantized)"
         if reason is None and stacked and not fmt_stacked:
             reason = f"stacked experts have no {fmt.name} layout"
-        if reason is None and info.dtype not in QUANTIZABLE_DTYPES and scale is None:
+        if reason is None and info.dtype not in QUANTIZABLE_DTYPES:
             raise SourceError(
                 f"{info.path}: tensor {info.name!r} has dtype {info.dtype}; only BF16, F16 and F32 weights "
                 "(or FP8 with weight_scale_inv blocks) can be quantized (use --exclude to keep it)"
@@ -283,8 +284,7 @@ def build_plan(
         if reason:
             excluded[owner] = reason
         else:
-            candidates.append(Member(module, info, scale_inv=scale, fp8_block=fp8.block if scale else None,
-                                     stacked=stacked))
+            candidates.append(Member(module, source.tensors[name], encoded=coded, stacked=stacked))
     # A stack's gate_up_proj and down_proj are listed under one experts module: both or neither.
     candidates = [m for m in candidates if not (m.stacked and m.module.rpartition(".")[0] in excluded)]
 
@@ -311,14 +311,15 @@ def build_plan(
             _check_amax(m, amax, scales, w4a4)
 
     quantized_names = {m.weight.name for ms in groups.values() for m in ms}
+    by_codes = {w.data.name: w for w in encoded.values()}
     units: list[Unit] = []
     for members in groups.values():
         units.append(Unit(members=sorted(members, key=lambda m: fusion_rank(m.module))))
     for info in source.tensors.values():
         if info.name in quantized_names or info.name in dropped:
             continue
-        if info.name in fp8_scales:  # an excluded FP8 weight: written dequantized, as bf16
-            units.append(Unit(dequant=(info, fp8_scales[info.name], fp8.block)))
+        if info.name in by_codes:  # an excluded encoded weight: written dequantized, as bf16
+            units.append(Unit(dequant=by_codes[info.name]))
         else:
             units.append(Unit(copy=info))
     order = {p: i for i, p in enumerate(source.shards)}
@@ -343,7 +344,7 @@ def build_plan(
         if u.copy is not None:
             u.outputs = [PlannedTensor(u.copy.name, u.copy.dtype, u.copy.shape)]
         if u.dequant is not None:
-            u.outputs = [PlannedTensor(u.dequant[0].name, fp8_input.DEQUANT_DTYPE_NAME, u.dequant[0].shape)]
+            u.outputs = [PlannedTensor(u.dequant.name, encodings.DEQUANT_DTYPE_NAME, u.dequant.shape)]
         for m in u.members:
             u.outputs += fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
         for name, t in u.extra.items():
@@ -364,11 +365,10 @@ def build_plan(
         shard_names = ["model.safetensors"]  # as save_pretrained (and ModelOpt) name a single shard
     else:
         shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    if fp8 is not None:
-        notes.append(f"FP8 source ({fp8.block[0]}x{fp8.block[1]} blocks): weights are dequantized to bf16 first; "
-                     "its quantization_config and weight_scale_inv tensors are replaced")
+    if encoding.note():
+        notes.append(encoding.note())
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
-                notes=notes, fp8=fp8, linears=found)
+                notes=notes, encoding=encoding, linears=found)
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import fp8, numerics, scales
+from . import encodings, numerics, scales
 from .amax import ModuleAmax
 from .errors import AmaxError, OptionError, QuantizationError, SourceError
 from .planning import Member
@@ -48,13 +48,15 @@ MIN_GLOBAL_SCALE = 2.0**-126
 
 def check_finite(member: Member, weight: torch.Tensor) -> None:
     for rows in _row_chunks(weight.shape[0], weight[0].numel() if len(weight) else 1):
-        if not fp8.isfinite(weight[rows]).all():
-            bad = (~fp8.isfinite(weight[rows])).nonzero()[0].tolist()
+        if not encodings.isfinite(weight[rows]).all():
+            bad = (~encodings.isfinite(weight[rows])).nonzero()[0].tolist()
             bad[0] += rows.start
             where = f"row {bad[0]}, column {bad[1]}" if len(bad) == 2 else f"index {bad}"
             raise SourceError(
                 f"{member.weight.path}: tensor {member.weight.name!r} has NaN/Inf values "
-                + ("after FP8 dequantization with its weight_scale_inv " if member.scale_inv is not None else "")
+                + (f"after {member.encoded.encoding.label} dequantization with its "
+                   f"{', '.join(p.name.rpartition('.')[2] for p in member.encoded.parts)} "
+                   if member.encoded is not None else "")
                 + f"(first at {where}); cannot quantize it"
             )
 
@@ -77,7 +79,7 @@ def quantize_group(
     """
     device = torch.device(device)
     on_device = [w.to(device, non_blocking=True) for w in weights]
-    on_device = [fp8.source_weight(m, w) for m, w in zip(members, on_device)]  # FP8 blocks -> bf16
+    on_device = [encodings.source_weight(m, w) for m, w in zip(members, on_device)]  # encoded -> bf16
     for m, w in zip(members, on_device):
         if check:
             check_finite(m, w)
@@ -112,7 +114,7 @@ def quantize_group(
         if method == "amax":
             group_ok = group_ok & ~_zero_amax_lies(members, on_device, chunks, torch.stack(per_member).amax())
         for m, w, c, q in zip(members, on_device, chunks, results):
-            finite = torch.stack([fp8.isfinite(w[rows]).all() for rows in c]).all() if len(w) else True
+            finite = torch.stack([encodings.isfinite(w[rows]).all() for rows in c]).all() if len(w) else True
             scales_ok = (((q.scale.view(torch.uint8) & 0x7F) != 0x7F).all())
             q.ok = group_ok & finite & scales_ok
     if to_cpu:
@@ -185,7 +187,7 @@ def _quantize_stacked(m: Member, w: torch.Tensor, group_amax, scale_2, in_scale,
     a = m.amax
     for e in range(experts):
         # this expert as a plain [out, in] Linear (static block amax are in transposed order, [E, out, in/16])
-        sub = replace(m, stacked=False, weight=replace(m.weight, shape=(out, cols)))
+        sub = replace(m, stacked=False, encoded=None, weight=replace(m.weight, shape=(out, cols)))
         if a is not None and a.static:
             sub.amax = ModuleAmax(weight=a.weight.reshape(experts, -1)[e], global_amax=a.global_amax, input=a.input)
         we = w[e].T

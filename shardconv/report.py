@@ -68,8 +68,8 @@ def _family(plan) -> str:
     subtrees = [p for p in plan.exclude_list() if p.endswith(".*")]
     if subtrees:
         found.append("kept whole: " + ", ".join(subtrees))
-    if plan.fp8 is not None:
-        found.append(f"FP8 source, {plan.fp8.block[0]}x{plan.fp8.block[1]} blocks, dequantized to bf16")
+    if plan.encoding.describe():
+        found.append(plan.encoding.describe())
     if model_type not in _TESTED_MODEL_TYPES:
         found.append("not a tested family: fusion groups found by name")
     return model_type + (": " + "; ".join(found) if found else "")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import load_checkpoint, run_cli, same_bytes
-from shardconv import fp8
+from shardconv.encodings import fp8_blocks as fp8
 from shardconv.synth import write_checkpoint
 
 BLOCK = (128, 128)

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from .. import fp8, numerics
+from .. import encodings, numerics
 from ..amax import AmaxFile, ModuleAmax
 from ..errors import OptionError
 from ..formats import get_format
@@ -118,8 +118,9 @@ class Recomputer:
     def group(self, unit: Unit, checked: list[str]) -> tuple[list[tuple[str, str, str]], str]:
         """([], method) when one (method, rounding) reproduces every checked member bit for bit; else
         the members that differ under the first candidate tried, and that method."""
-        weights = [fp8.source_weight(m, read_into(m.weight)) for m in unit.members]  # FP8 -> bf16 here
-        unit = replace(unit, members=[replace(m, scale_inv=None, fp8_block=None) for m in unit.members])
+        weights = [encodings.source_weight(m, read_into(m.weight)) for m in unit.members]  # encoded -> bf16 here
+        unit = replace(unit, members=[replace(m, encoded=None, weight=m.encoded.plain_view() if m.encoded else m.weight)
+                                      for m in unit.members])
         first = None
         for rounding in self._order(self.roundings, 1):
             numerics.set_export_rounding(rounding)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .. import fp8, numerics
+from .. import encodings, numerics
 from ..safetensors_io import TensorInfo, read_into
 from .modules import weight_scale_2
 from .report import QModule, Report
@@ -54,28 +54,28 @@ def compare_source(source, mods: dict[str, QModule], convention: str, tensors: d
                    report: Report, max_error: float, found: dict[str, QModule] | None = None) -> set[str]:
     """``source``: an opened source.Source. Returns the modules whose reconstruction error is above
     ``max_error`` (reported here already)."""
-    fp8_blocks = fp8.input_quantization(source)
+    encoding = encodings.detect(source)
+    encoded = encoding.weights(source)  # codes tensor name -> encoded weight
+    dropped = encoding.dropped(source, encoded)
     # every quantized module, malformed ones too: their packed ``.weight`` is no kept tensor
     by_weight = {(q.module if q.stacked else f"{q.module}.weight"): q for q in (found or mods).values()}
-    dropped = set()
-    if fp8_blocks is not None:
-        for name in source.tensors:
-            if name.endswith(fp8.SCALE_SUFFIX):
-                dropped.update((name, name[: -len(fp8.SCALE_SUFFIX)] + ".input_scale"))
     missing, differ = [], []
     for name, info in source.tensors.items():
         if name in dropped:
             continue
-        q = by_weight.get(name)
+        coded = encoded.get(name)
+        plain = coded.name if coded is not None else name  # the name (and shape) a plain checkpoint has
+        plain_shape = tuple(coded.shape) if coded is not None else tuple(info.shape)
+        q = by_weight.get(plain)
         if q is None:
-            out = tensors.get(name)
+            out = tensors.get(plain)
             if out is None:
-                missing.append(name)
-            elif fp8_blocks is not None and info.dtype == "F8_E4M3" and out.dtype == fp8.DEQUANT_DTYPE_NAME:
-                scale = source.tensors.get(name[: -len(".weight")] + fp8.SCALE_SUFFIX)
-                want = fp8.dequantize_tensor(info, scale, fp8_blocks.block) if scale is not None else None
-                if want is None or not torch.equal(want.view(torch.int16), read_into(out).view(torch.int16)):
-                    differ.append(name)
+                missing.append(plain)
+            elif coded is not None:  # an excluded encoded weight: written dequantized
+                same = out.dtype == encodings.DEQUANT_DTYPE_NAME and tuple(out.shape) == plain_shape
+                if not same or not torch.equal(encodings.dequantize_excluded(coded).view(torch.int16),
+                                               read_into(out).view(torch.int16)):
+                    differ.append(plain)
             elif (out.dtype, out.shape) != (info.dtype, info.shape) or not _same_bytes(info, out):
                 differ.append(name)
             continue
@@ -84,20 +84,17 @@ def compare_source(source, mods: dict[str, QModule], convention: str, tensors: d
         in_features = q.packed.shape[-2 if q.stacked else -1] * 2
         want_shape = ((q.packed.shape[0], in_features, q.packed.shape[2]) if q.stacked
                       else (q.packed.shape[0], in_features))
-        if tuple(info.shape) != want_shape:
+        if plain_shape != want_shape:
             report.fail(f"{q.packed.path}: quantized module {q.module} holds {list(want_shape)} but the source "
-                        f"weight {name} is {list(info.shape)}")
+                        f"weight {plain} is {list(plain_shape)}")
             continue
         w = read_into(info)
-        if info.dtype == "F8_E4M3" and fp8_blocks is not None:
-            scale = source.tensors.get(name[: -len(".weight")] + fp8.SCALE_SUFFIX)
-            if scale is None:
-                continue
-            w = fp8.dequantize(w, read_into(scale), fp8_blocks.block)
+        if coded is not None:
+            w = coded.dequantize(w)
         if not w.dtype.is_floating_point:
             report.fail(f"{info.path}: source weight {name} is {info.dtype}, not a float")
             continue
-        report.errors.append((q.module, tuple(info.shape), _rel_error(w, q, weight_scale_2(q, convention))))
+        report.errors.append((q.module, plain_shape, _rel_error(w, q, weight_scale_2(q, convention))))
         del w
     if missing:
         report.fail(f"{len(missing)} source tensors are missing from DST, e.g. {', '.join(missing[:3])}")
