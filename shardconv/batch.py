@@ -8,21 +8,23 @@ element-wise fp32 operations, the group's global amax broadcast as ``[G, 1, 1]``
 :func:`quantize.quantize_group` on each group alone (the operations are element-wise and the max is
 exact in any order; tests/test_batch.py checks it).
 
-Batched here: ``max`` and ``amax`` (static per-block, or per-tensor). ``mse`` and ``four-over-six``
-search per group (their Triton kernels take one global amax), inside the same call.
+Batched: every method. ``mse`` and ``four-over-six`` search all groups' blocks in one launch of
+their Triton kernels (each block finds its group's candidate scales by index, sweep.block_amax_groups);
+a group whose mse search cannot be exact there (an absurd global amax) is flagged not ``ok`` and
+redone alone on the CPU by the pipeline.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import numerics, scales
+from . import numerics, scales, sweep
 from .amax import ModuleAmax
 from .planning import Member
 from .quantize import ZERO_GROUP_AMAX, QuantizedWeight, _row_chunks, _scalar_ok, quantize_group
 from .safetensors_io import nonfinite
 
-BATCHED_METHODS = ("max", "amax")
+BATCHED_METHODS = ("max", "amax", *sweep.METHODS)
 
 
 def structure(members: list[Member]) -> tuple | None:
@@ -83,6 +85,10 @@ def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]]
                 blocks = torch.stack([m.amax.weight.reshape(out, cols // numerics.BLOCK)[rows]
                                       for m in (ms[i] for ms in groups)]).to(device, non_blocking=True)
                 s = numerics.block_scales_static(blocks, group_amax.view(n, 1, 1))
+            elif method in sweep.METHODS:
+                blocks, exact = sweep.block_amax_groups(part, group_amax, method)
+                group_ok = group_ok & exact
+                s = numerics.block_scales_static(blocks, group_amax.view(n, 1, 1), sweep.fp8_norm(method))
             else:
                 s = numerics.block_scales_dynamic(part, s2)
             bscale[:, rows] = s

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import os
 import threading
 import time
@@ -33,9 +34,10 @@ from .errors import working_on
 from .encodings import dequantize_excluded
 from .planning import Plan, Unit
 from .batch import quantize_batch, structure
-from .quantize import QuantizedWeight, quantize_group, validate
+from .quantize import QuantizedWeight, quantize_group, redo_on_cpu
 from .safetensors_io import COPY_PIECE, SHARD_METADATA, ShardWriter, TensorInfo, read_into, read_range, tensor_view
 
+log = logging.getLogger("shardconv")
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
 DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
@@ -327,8 +329,10 @@ class Converter:
             downloaded.synchronize()
             self.clock.add("gpu-wait", t0)
             t0 = time.perf_counter()
-            if not bool(ok_host):  # the input buffers are reused by now: read the weights again to say why
-                validate(unit.members, [read_into(m.weight) for m in unit.members], self.plan.scales)
+            if not bool(ok_host):  # the input buffers are reused by now: read the weights again
+                redone = redo_on_cpu(unit.members, [read_into(m.weight) for m in unit.members], self.plan.scales)
+                log.info("%s: redone on the CPU (the device flagged it)", unit.first.name)
+                host = [self.fmt.quantized_tensors(m.module, q) for m, q in zip(unit.members, redone)]
             for tensors in host:
                 self.shards.write(unit.shard, tensors)
             if unit.extra:

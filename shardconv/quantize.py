@@ -27,7 +27,7 @@ class QuantizedWeight:
     scale: torch.Tensor  # float8_e4m3fn [out, in/16] (stacked experts: [E, in/16, out])
     scale_2: torch.Tensor  # float32 0-d
     input_scale: torch.Tensor | None  # float32 0-d, W4A4 only
-    ok: torch.Tensor | None = None  # with check=False: a device bool, False when validate() would raise
+    ok: torch.Tensor | None = None  # with check=False: a device bool; False: redo_on_cpu() decides
 
 
 def _row_chunks(rows: int, cols: int, chunk: int | None = None):
@@ -169,12 +169,12 @@ def _check_block_scales(member: Member, scale: torch.Tensor) -> None:
                              "(a bad scale source); nothing was written for it")
 
 
-def validate(members: list[Member], weights: list[torch.Tensor], method: str) -> None:
-    """Raise the ShardconvError that a group flagged ``ok == False`` on a device deserves, by quantizing
-    it again on the CPU with every check on (only ever run for a group that failed)."""
-    quantize_group(members, [w.cpu() for w in weights], method, "cpu", check=True)
-    raise QuantizationError(f"{members[0].weight.path}: tensor {_names(members)}: quantized to non-finite or "
-                         "unusable scales on the device, though the CPU reference gives valid ones (a device bug?)")
+def redo_on_cpu(members: list[Member], weights: list[torch.Tensor], method: str) -> list[QuantizedWeight]:
+    """A group the device flagged (``ok == False``), quantized again by the CPU reference with every
+    check on: it raises the ShardconvError the input deserves (NaN weights, unusable scales), or
+    returns the reference's result (a batched mse search that could not be exact on the device for
+    an absurd global amax; the bytes are the reference's by definition)."""
+    return quantize_group(members, [w.cpu() for w in weights], method, "cpu", check=True)
 
 
 def _quantize_stacked(m: Member, w: torch.Tensor, group_amax, scale_2, in_scale, method, device, chunk):

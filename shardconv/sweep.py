@@ -140,6 +140,20 @@ def mse_choice_reference(absw: torch.Tensor, global_amax: torch.Tensor) -> torch
     return best_k
 
 
+def candidate_scales_groups(global_amax: torch.Tensor) -> torch.Tensor:
+    """:func:`candidate_scales` of each of ``G`` global amax, ``[G, 126]`` (the same fp32 operations)."""
+    g = global_amax.float().reshape(-1, 1)
+    s = nx.true_div(candidate_values(g.device), nx.FP8_MAX) * g
+    s = nx.true_div(s, nx.FP4_MAX)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def doubling_holds_groups(scales: torch.Tensor) -> torch.Tensor:
+    """:func:`doubling_holds` per row of ``[G, 126]`` scales, as a device bool ``[G]`` (no host read)."""
+    return (torch.isfinite(scales).all(dim=1) & (scales[:, 0] > 2.0**-126)
+            & (scales[:, 15:] == scales[:, 15 - BINADE:-BINADE] * 2).all(dim=1))
+
+
 def doubling_holds(scales: torch.Tensor) -> bool:
     """Whether ``s_{k+8} == 2 s_k`` exactly over the normal candidates (false only for absurd g)."""
     return bool(torch.isfinite(scales).all() and (scales[0] > 2.0**-126)
@@ -251,8 +265,9 @@ def mse_block_amax(weight: torch.Tensor, global_amax: torch.Tensor) -> torch.Ten
 def four_over_six_factors(global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ModelOpt's e4m3 fake quant of block scales at the 256 normalisation, as it computes it:
     ``A = g * (448/256) / 6`` (1 when A <= 2**-24), ``up = 448 / A`` (torch evaluates a number
-    over a tensor as ``reciprocal(A) * 448``), ``down = 1 / up``."""
-    g = global_amax.float().reshape(())
+    over a tensor as ``reciprocal(A) * 448``), ``down = 1 / up``. Element-wise: ``global_amax`` may
+    hold one value per group."""
+    g = global_amax.float()
     a = nx.true_div(g * (nx.FP8_MAX / FOUR_OVER_SIX_NORM), nx.FP4_MAX)
     a = torch.where(a <= 2.0**-24, torch.ones_like(a), a)
     up = nx.FP8_MAX / a
@@ -304,6 +319,30 @@ def block_amax(weight: torch.Tensor, global_amax: torch.Tensor, method: str) -> 
     if method == "four-over-six":
         return four_over_six_block_amax(weight, global_amax)
     raise ValueError(f"not a sweep method: {method!r}")
+
+
+def block_amax_groups(weight: torch.Tensor, global_amax: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_amax` for ``G`` same-shape groups at once (batch.py): ``weight [G, ..., in]``,
+    ``global_amax [G]``; returns the block amax ``[G, ..., in/16]`` and a device bool ``[G]`` that is
+    False for a group the kernels could not search exactly (absurd g, mse only: redo it alone). One
+    launch per kernel with the Triton kernels, no host synchronisation; elsewhere group by group."""
+    n = weight.shape[0]
+    kernel = _kernel(weight)
+    if kernel is None:
+        out = torch.stack([block_amax(weight[i], global_amax[i], method) for i in range(n)])
+        return out, torch.ones(n, dtype=torch.bool, device=weight.device)
+    g = global_amax.float().reshape(-1).to(weight.device)
+    blocks = _blocks(weight)
+    if method == "mse":
+        k, exact = kernel.mse_choice_groups(blocks, g)
+        table = nx.true_div(candidate_values(g.device), nx.FP8_MAX) * g.reshape(-1, 1)  # candidate_amax per group
+        group = torch.arange(n, device=weight.device).repeat_interleave(blocks.shape[0] // n)
+        out = table[group, k]
+    elif method == "four-over-six":
+        out, exact = kernel.four_over_six_amax(blocks, g), torch.ones(n, dtype=torch.bool, device=weight.device)
+    else:
+        raise ValueError(f"not a sweep method: {method!r}")
+    return out.reshape(_per_block_shape(weight)), exact
 
 
 def fp8_norm(method: str) -> float:

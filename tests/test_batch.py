@@ -97,11 +97,55 @@ def test_batch_flags_a_bad_group_alone(moe):
 
 @GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["max", "mse"])
+@pytest.mark.parametrize("method", ["max", "mse", "four-over-six"])
 def test_batch_on_cuda_equals_the_cpu(moe, method):
     src, _ = moe
     plan = build_plan(open_source(str(src)), get_format("modelopt"), scales=method)
     check(plan, method, device="cuda")
+
+
+@GPU
+@pytest.mark.gpu
+def test_batched_mse_flags_a_group_it_cannot_search_exactly(moe):
+    """A group whose global amax makes some candidate scales subnormal (the window's doubling
+    argument fails) is flagged in the batch, and the CPU reference, which the pipeline then runs
+    (redo_on_cpu), quantizes it; the other groups of the batch are exact and equal the CPU's."""
+    from shardconv.quantize import redo_on_cpu
+
+    src, _ = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales="mse")
+    units = batches(plan)[0]
+    groups = [u.members for u in units]
+    ws = [[read_into(m.weight).clone() for m in ms] for ms in groups]
+    top = max(float(w.float().abs().max()) for w in ws[1])
+    for w in ws[1]:  # g = 1e-33: scale_2 is still a normal fp32, the smallest candidate scales are not
+        w.copy_((w.float() * (1e-33 / top)).to(w.dtype))
+    got = quantize_batch(groups, [[w.cuda() for w in g] for g in ws], "mse", "cuda", chunk=4096)
+    flags = [all(bool(q.ok) for q in res) for res in got]
+    assert flags[1] is False and all(f for i, f in enumerate(flags) if i != 1)
+    redone = redo_on_cpu(groups[1], ws[1], "mse")
+    for q, r in zip(redone, quantize_group(groups[1], ws[1], "mse", "cpu")):
+        assert same(q.packed, r.packed) and same(q.scale, r.scale)
+    for ms, w, res in list(zip(groups, ws, got))[2:]:
+        for q, r in zip(res, quantize_group(ms, w, "mse", "cpu")):
+            assert same(q.packed.cpu(), r.packed) and same(q.scale.cpu(), r.scale)
+
+
+def test_group_tables_equal_the_per_group_ones():
+    from shardconv import sweep
+
+    g = torch.tensor([0.5, 3.0, 1e-33, 0.0, 7.25e4])
+    table = sweep.candidate_scales_groups(g)
+    exact = sweep.doubling_holds_groups(table)
+    for i in range(len(g)):
+        one = sweep.candidate_scales(g[i])
+        assert same(table[i], one)
+        assert bool(exact[i]) == sweep.doubling_holds(one)
+    assert not bool(exact[2]) and bool(exact[0])
+    up, down = sweep.four_over_six_factors(g)
+    for i in range(len(g)):
+        u, d = sweep.four_over_six_factors(g[i])
+        assert same(up[i], u) and same(down[i], d)
 
 
 def test_structure_keeps_apart_what_cannot_share_a_launch(moe):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import load_checkpoint, run_cli, tree_digest
 from shardconv import numerics as nx
-from shardconv.quantize import ZERO_GROUP_AMAX, quantize_group, validate
+from shardconv.quantize import ZERO_GROUP_AMAX, quantize_group, redo_on_cpu
 from shardconv.errors import ShardconvError
 from shardconv.synth import write_checkpoint
 from test_fp8 import make_fp8
@@ -162,7 +162,7 @@ def members_of(src, names):
                                      (float("inf"), False)])
 def test_device_flag_matches_the_cpu_checks(llama, fill, ok):
     """The device path's one bool per member (check=False, no sync) says False exactly when the CPU
-    path (check=True) raises, and validate() then gives the CPU's message."""
+    path (check=True) raises, and redo_on_cpu() then gives the CPU's message."""
     (m,) = members_of(llama, ["model.layers.0.mlp.down_proj"])
     w = torch.full(m.weight.shape, fill, dtype=torch.bfloat16)
     (q,) = quantize_group([m], [w], "max", "cpu", check=False)
@@ -171,7 +171,7 @@ def test_device_flag_matches_the_cpu_checks(llama, fill, ok):
         quantize_group([m], [w], "max", "cpu", check=True)
     else:
         with pytest.raises(ShardconvError, match="down_proj"):
-            validate([m], [w], "max")
+            redo_on_cpu([m], [w], "max")
 
 
 @pytest.mark.gpu

@@ -92,10 +92,14 @@ def _load16(x_ptr, blk, mask):
 
 
 @triton.jit
-def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_blocks, BPP: tl.constexpr):
-    """Windowed search (sweep.mse_choice_windowed); flagged blocks are appended to todo."""
+def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, exact_ptr, k_ptr, count_ptr, todo_ptr, n_blocks, bpg,
+                       BPP: tl.constexpr):
+    """Windowed search (sweep.mse_choice_windowed); flagged blocks are appended to todo. Block ``b``
+    belongs to group ``b // bpg``, whose 126 candidate scales start at ``scale_ptr + group * 126``;
+    every block of a group whose ``exact`` flag is 0 (the doubling argument fails) is flagged."""
     blk = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
     mask = blk < n_blocks
+    table = (blk // bpg) * _N
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _load16(x_ptr, blk, mask)
     m = _max16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     sumsq = _sumsq16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
@@ -105,11 +109,11 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
     for _ in tl.static_range(7):
         active = lo < hi
         mid = (lo + hi) // 2
-        v = tl.load(six_ptr + mid, mask=active, other=0.0)
+        v = tl.load(six_ptr + table + mid, mask=active, other=0.0)
         lo = tl.where(active & (v < m), mid + 1, lo)
         hi = tl.where(active & (v >= m), mid, hi)
     k0 = lo
-    s0 = tl.load(scale_ptr + tl.minimum(k0, _N - 1))
+    s0 = tl.load(scale_ptr + table + tl.minimum(k0, _N - 1), mask=mask, other=1.0)
     upper = _loss16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, s0)
     # k_lo: first candidate below k0 whose clipped max element alone does not exceed upper
     lo = tl.zeros([BPP], dtype=tl.int32)
@@ -117,7 +121,7 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
     for _ in tl.static_range(7):
         active = lo < hi
         mid = (lo + hi) // 2
-        d = m - tl.load(six_ptr + mid, mask=active, other=0.0)
+        d = m - tl.load(six_ptr + table + mid, mask=active, other=0.0)
         lo = tl.where(active & (d * d > upper), mid + 1, lo)
         hi = tl.where(active & (d * d <= upper), mid, hi)
     k_lo = lo
@@ -129,7 +133,7 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
     for i in range(0, n_iter):
         k = k_lo + i
         valid = k < k_end
-        s = tl.load(scale_ptr + k, mask=valid, other=1.0)
+        s = tl.load(scale_ptr + table + k, mask=valid & mask, other=1.0)
         loss = _loss16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, s)
         loss = tl.where(valid, loss, float("inf"))
         better = loss < best
@@ -138,13 +142,14 @@ def _mse_window_kernel(x_ptr, scale_ptr, six_ptr, k_ptr, count_ptr, todo_ptr, n_
         top = valid & (k >= k_end - _BINADE) & (k + _BINADE < _N)
         bound = tl.where(top, tl.minimum(bound, loss * (1.0 - _MARGIN) - _MARGIN * sumsq), bound)
     tl.store(k_ptr + blk, best_k, mask=mask)
-    flagged = mask & (bound < best)
+    exact = tl.load(exact_ptr + blk // bpg, mask=mask, other=1)
+    flagged = mask & ((bound < best) | (exact == 0))
     slot = tl.atomic_add(count_ptr + tl.zeros([BPP], dtype=tl.int32), 1, mask=flagged)
     tl.store(todo_ptr + slot, blk, mask=flagged)
 
 
 @triton.jit
-def _mse_full_kernel(x_ptr, scale_ptr, k_ptr, count_ptr, todo_ptr, BPP: tl.constexpr):
+def _mse_full_kernel(x_ptr, scale_ptr, k_ptr, count_ptr, todo_ptr, bpg, BPP: tl.constexpr):
     """All 126 candidates for the blocks listed in todo (a grid-stride loop over the list)."""
     count = tl.load(count_ptr)
     for start in range(tl.program_id(0) * BPP, count, tl.num_programs(0) * BPP):
@@ -154,8 +159,9 @@ def _mse_full_kernel(x_ptr, scale_ptr, k_ptr, count_ptr, todo_ptr, BPP: tl.const
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _load16(x_ptr, blk, valid)
         best = tl.full([BPP], float("inf"), tl.float32)
         best_k = tl.zeros([BPP], dtype=tl.int32)
+        table = (blk // bpg) * _N
         for k in range(0, _N):
-            s = tl.load(scale_ptr + k)
+            s = tl.load(scale_ptr + table + k, mask=valid, other=1.0)
             loss = _loss16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, s)
             better = loss < best
             best = tl.where(better, loss, best)
@@ -182,11 +188,13 @@ def _fos_loss(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w
 
 
 @triton.jit
-def _four_over_six_kernel(x_ptr, par_ptr, out_ptr, n_blocks, BPP: tl.constexpr):
+def _four_over_six_kernel(x_ptr, par_ptr, out_ptr, n_blocks, bpg, BPP: tl.constexpr):
+    """Block ``b`` belongs to group ``b // bpg``, whose (up, down) factors are at ``par_ptr + 2 * group``."""
     blk = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
     mask = blk < n_blocks
-    up = tl.load(par_ptr)
-    down = tl.load(par_ptr + 1)
+    par = (blk // bpg) * 2
+    up = tl.load(par_ptr + par, mask=mask, other=1.0)
+    down = tl.load(par_ptr + par + 1, mask=mask, other=1.0)
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _load16(x_ptr, blk, mask)
     m = _max16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
     zero_loss = _sumsq16(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
@@ -202,16 +210,27 @@ def _grid(n: int, bpp: int):
     return (triton.cdiv(n, bpp),)
 
 
-def _mse_launch(blocks: torch.Tensor, scales: torch.Tensor, bpp: int, num_warps: int):
+def _mse_launch(blocks: torch.Tensor, scales: torch.Tensor, exact: torch.Tensor, bpp: int, num_warps: int):
+    """``scales``: [G, 126] candidate scales; ``exact``: [G] bools; ``blocks`` [G * bpg, 16]."""
     x = blocks.contiguous()
     n = x.shape[0]
+    bpg = max(1, n // scales.shape[0])
     k = torch.empty(n, dtype=torch.int32, device=x.device)
     count = torch.zeros(1, dtype=torch.int32, device=x.device)
     todo = torch.empty(n, dtype=torch.int64, device=x.device)
     if n:
-        _mse_window_kernel[_grid(n, bpp)](x, scales, scales * 6.0, k, count, todo, n, BPP=bpp,
-                                          num_warps=num_warps, enable_fp_fusion=False)
-    return x, k, count, todo
+        _mse_window_kernel[_grid(n, bpp)](x, scales, scales * 6.0, exact.to(torch.int8), k, count, todo, n, bpg,
+                                          BPP=bpp, num_warps=num_warps, enable_fp_fusion=False)
+    return x, k, count, todo, bpg
+
+
+def _mse_search(blocks: torch.Tensor, scales: torch.Tensor, exact: torch.Tensor, bpp: int, num_warps: int):
+    x, k, count, todo, bpg = _mse_launch(blocks, scales, exact, bpp, num_warps)
+    if x.shape[0]:
+        grid = (min(triton.cdiv(x.shape[0], FULL_BPP), FULL_PROGRAMS),)
+        _mse_full_kernel[grid](x, scales, k, count, todo, bpg, BPP=FULL_BPP, num_warps=2,
+                               enable_fp_fusion=False)
+    return k.long()
 
 
 def mse_choice(blocks: torch.Tensor, global_amax: torch.Tensor, *, bpp: int = BLOCKS_PER_PROGRAM,
@@ -220,28 +239,38 @@ def mse_choice(blocks: torch.Tensor, global_amax: torch.Tensor, *, bpp: int = BL
     scales = sweep.window_scales(global_amax, blocks.device)
     if scales is None:  # only for absurd g (subnormal or overflowing scales)
         return sweep.mse_choice_reference(blocks.float().abs(), global_amax)
-    x, k, count, todo = _mse_launch(blocks, scales, bpp, num_warps)
-    if x.shape[0]:
-        grid = (min(triton.cdiv(x.shape[0], FULL_BPP), FULL_PROGRAMS),)
-        _mse_full_kernel[grid](x, scales, k, count, todo, BPP=FULL_BPP, num_warps=2,
-                               enable_fp_fusion=False)
-    return k.long()
+    return _mse_search(blocks, scales.reshape(1, -1), torch.ones(1, dtype=torch.bool, device=blocks.device),
+                       bpp, num_warps)
+
+
+def mse_choice_groups(blocks: torch.Tensor, global_amax: torch.Tensor, *, bpp: int = BLOCKS_PER_PROGRAM,
+                      num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mse_choice` for ``G`` groups at once, without a host synchronisation: ``blocks`` are
+    ``[G * n, 16]`` (group g's blocks contiguous), ``global_amax`` ``[G]``. Returns the indices and,
+    per group, whether they are exact (False only for absurd g, where the caller must redo the group
+    with :func:`sweep.mse_choice`: every block of such a group went through the full search)."""
+    scales = sweep.candidate_scales_groups(global_amax.to(blocks.device))
+    exact = sweep.doubling_holds_groups(scales)
+    return _mse_search(blocks, scales, exact, bpp, num_warps), exact
 
 
 def mse_flagged(blocks: torch.Tensor, global_amax: torch.Tensor, *, bpp: int = BLOCKS_PER_PROGRAM) -> int:
     """How many blocks the windowed pass hands to the full search (tests and the benchmark)."""
     scales = sweep.candidate_scales(global_amax.float().reshape(()).to(blocks.device))
-    return int(_mse_launch(blocks, scales, bpp, NUM_WARPS)[2])
+    exact = torch.ones(1, dtype=torch.bool, device=blocks.device)
+    return int(_mse_launch(blocks, scales.reshape(1, -1), exact, bpp, NUM_WARPS)[2])
 
 
 def four_over_six_amax(blocks: torch.Tensor, global_amax: torch.Tensor, *, bpp: int = BLOCKS_PER_PROGRAM,
                        num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """Per-block static amax (fp32 ``[N]``): the block max, or 1.5 times it where that wins."""
-    params = torch.stack(sweep.four_over_six_factors(global_amax.float().reshape(()).to(blocks.device)))
+    """Per-block static amax (fp32 ``[N]``): the block max, or 1.5 times it where that wins.
+    ``global_amax``: one value, or ``[G]`` for ``G`` groups of ``N / G`` contiguous blocks each."""
+    g = global_amax.float().reshape(-1).to(blocks.device)
+    params = torch.stack(sweep.four_over_six_factors(g), dim=-1).contiguous()  # [G, 2]
     x = blocks.contiguous()
     n = x.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
-        _four_over_six_kernel[_grid(n, bpp)](x, params, out, n, BPP=bpp, num_warps=num_warps,
-                                             enable_fp_fusion=False)
+        _four_over_six_kernel[_grid(n, bpp)](x, params, out, n, max(1, n // g.numel()), BPP=bpp,
+                                             num_warps=num_warps, enable_fp_fusion=False)
     return out
