@@ -407,6 +407,8 @@ def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> No
         raise AmaxError(f"{where}: no input_quantizer._amax (the file has activation amax for other modules)")
     if scales != "amax":
         return
+    if a is not None and a.from_weights:  # an uncalibrated expert's, made from its weights (uncalibrated.py)
+        return
     if a is None or a.weight is None:
         raise AmaxError(f"{where}: no weight_quantizer._amax")
     n_blocks = m.out_features * (m.in_features // BLOCK) * (m.experts or 1)

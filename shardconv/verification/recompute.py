@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from .. import fp8, numerics
+from .. import fp8, numerics, uncalibrated
 from ..amax import AmaxFile, ModuleAmax
 from ..errors import OptionError
 from ..formats import get_format
@@ -186,6 +186,8 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
             kept.append(module)
     plan = build_plan(source, fmt, excludes=kept, amax=amax, scales="amax" if scales == "amax" else "max",
                       max_shard_size=2**62)
+    if amax is not None and amax.has_weight_amax and plan.scales != "amax":  # for the "amax" candidate
+        uncalibrated.synthesize(plan.quantized, amax, "amax", plan.w4a4)
     planned = {m.module for m in plan.quantized}
     not_planned = sorted(m for m in good if m not in planned)
     if not_planned:
