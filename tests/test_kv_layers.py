@@ -115,3 +115,13 @@ def test_full_kv_output_has_no_per_layer_keys(llama, tmp_path):
     assert KEY not in hf["quantization"] and KEY not in cfg["quantization_config"]
     assert "kv_cache_schema_version" not in hf["quantization"]
     assert verify(tmp_path / "out").ok
+
+
+def test_verify_with_the_amax_file_fails_scales_it_does_not_give(llama, partial, tmp_path):
+    """A full-KV output checked against the partial amax file: layers 1 and 2 carry scales the file
+    cannot make (recompute.py), though their declaration is consistent."""
+    torch.save(make_amax(weights(llama)), tmp_path / "amax.pt")
+    rc, err = run_cli("convert", llama, tmp_path / "out", "--amax", tmp_path / "amax.pt", "--no-progress")
+    assert rc == 0, err
+    r = verify(tmp_path / "out", llama, amax=partial[1])
+    assert not r.ok and any(f"{ATTN[1]}.k_proj.k_scale" in p and "no usable" in p for p in r.problems), r.problems

@@ -196,3 +196,31 @@ def test_synthesized_members_are_never_batched():
     assert structure([m]) is None
     m.amax = ModuleAmax(weight=torch.tensor(1.0), input=torch.tensor(1.0))
     assert structure([m]) is not None
+
+
+def test_report_survives_a_rerun_and_goes_with_overwrite(moe, tmp_path):
+    """The report is written with the configs: a finished run found again keeps it, and --overwrite
+    with a fully calibrated file leaves none behind."""
+    torch.save(uncalibrated_amax(weights(moe), True), tmp_path / "amax.pt")
+    dst = tmp_path / "out"
+    rc, _, err = run("convert", moe, dst, "--amax", tmp_path / "amax.pt", "--no-progress")
+    assert rc == 0, err
+    first = (dst / "shardconv-report.json").read_bytes()
+    rc, said, err = run("convert", moe, dst, "--amax", tmp_path / "amax.pt", "--no-progress")
+    assert rc == 0 and "already complete" in said, said + err
+    assert (dst / "shardconv-report.json").read_bytes() == first and verify(dst).ok
+    torch.save(make_amax(weights(moe), kv=False), tmp_path / "full.pt")
+    rc, _, err = run("convert", moe, dst, "--amax", tmp_path / "full.pt", "--overwrite", "--no-progress")
+    assert rc == 0, err
+    assert not (dst / "shardconv-report.json").exists()
+
+
+def test_compressed_tensors_output_synthesizes_the_same_way(moe, tmp_path):
+    torch.save(uncalibrated_amax(weights(moe), True), tmp_path / "amax.pt")
+    dst = tmp_path / "out"
+    rc, _, err = run("convert", moe, dst, "--amax", tmp_path / "amax.pt", "--format", "compressed-tensors",
+                     "--no-progress")
+    assert rc == 0, err
+    assert [e["module"] for e in json.loads((dst / "shardconv-report.json").read_text())["synthesized_amax"]] == SYNTH
+    r = verify(dst, moe, amax=tmp_path / "amax.pt")
+    assert r.ok, r.problems
