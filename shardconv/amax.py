@@ -29,6 +29,9 @@ class ModuleAmax:
     weight: torch.Tensor | None = None  # dynamic: per-tensor amax (0-d); static: per-block amax, flat
     global_amax: torch.Tensor | None = None  # static only: the per-tensor amax the block scales are relative to
     input: torch.Tensor | None = None  # activation amax (W4A4)
+    # an uncalibrated expert's weight amax, made from its weights when it is quantized (uncalibrated.py):
+    # "static" (per-block max, as the file's other experts) or "dynamic" (per-tensor max); weight is None
+    from_weights: str | None = None
 
     @property
     def static(self) -> bool:

@@ -77,6 +77,7 @@ class ConvertResult:
     already_complete: bool = False  # DST already held this finished conversion: no shard was written
     changed_sources: list[str] = field(default_factory=list)  # since the interrupted run (rewritten)
     gpu_peak: int | None = None  # bytes
+    synthesized_amax: list[str] = field(default_factory=list)  # uncalibrated experts given made-up amax
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -102,6 +103,9 @@ class ConvertResult:
                          "what was made from it was written again)")
         if self.gpu_peak is not None:
             lines.append(f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB")
+        if self.synthesized_amax:
+            lines.append(f"synthesized amax for {len(self.synthesized_amax)} expert modules "
+                         f"(see {self.dst / 'shardconv-report.json'})")
         return lines
 
     def to_dict(self) -> dict:
@@ -117,7 +121,7 @@ def _check_choice(value: str | None, choices: Sequence[str], what: str) -> None:
 
 
 def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict,
-          warnings: list[str]):
+          warnings: list[str], strict_amax: bool = False):
     """(plan, amax identity for the fingerprint)."""
     from . import identity
     from .amax import load_amax
@@ -132,7 +136,8 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
     # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
     amax_file, amax_id = identity.read_whole(Path(amax), load_amax) if amax is not None else (None, None)
     p = build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
-                   max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code)
+                   max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code,
+                   strict_amax=strict_amax)
     for pattern in unmatched_excludes(source, exclude):
         message = f"--exclude {pattern!r} matches no module of {source.root}"
         if strict:
@@ -144,7 +149,7 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
 
 def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None = None, format: str = "modelopt",
          exclude: Sequence[str] = (), max_shard_size: int | str = "5GB", revision: str | None = None,
-         trust_remote_code: bool = False, strict: bool = False) -> "Plan":
+         trust_remote_code: bool = False, strict: bool = False, strict_amax: bool = False) -> "Plan":
     """Decide everything about a conversion from headers alone and write nothing (the dry run).
 
     Args:
@@ -158,12 +163,15 @@ def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None 
         revision: the hub revision (branch, tag or commit) of a repo id.
         trust_remote_code: let transformers run the checkpoint's own model code to find its Linears.
         strict: an ``exclude`` pattern that matches nothing raises OptionError.
+        strict_amax: an expert the amax file has no (or a zero) amax for raises AmaxError instead of
+            being given synthesized amax (uncalibrated.py; listed in ``DST/shardconv-report.json``).
 
     Returns:
         the :class:`~shardconv.planning.Plan` (``quantized``, ``excluded``, ``groups``, ``shard_names``,
         ``out_bytes``, ``quant_algo``, ``notes``); :func:`describe` turns it into the dry-run report.
     """
-    return _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict, [])[0]
+    return _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict, [],
+                 strict_amax)[0]
 
 
 def describe(p: "Plan") -> list[str]:
@@ -192,7 +200,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
             overwrite: bool = False, fsync: bool = False, progress: bool = False, readers: int = 4,
             host_buffer: int | str = "1GiB", gpu_buffer: int | str = "4GiB", prefetch: int | str = 0,
             threads: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
-            max_extra_size: int | str = "1GiB", strict: bool = False) -> ConvertResult:
+            max_extra_size: int | str = "1GiB", strict: bool = False, strict_amax: bool = False) -> ConvertResult:
     """Convert ``src`` into an NVFP4 checkpoint in ``dst``, resuming an interrupted run of the same
     conversion; return what was written.
 
@@ -200,8 +208,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         src: a checkpoint folder or a Hugging Face hub repo id (never written to).
         dst: the output folder (empty or absent, or holding a run of the same conversion); default
             ``<name>-NVFP4`` in the working folder.
-        scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict: as for
-            :func:`plan`.
+        scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict, strict_amax:
+            as for :func:`plan`.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         export_rounding: ``"cpu"`` or ``"cuda"``: the bytes of a ModelOpt export run on that device kind.
         overwrite: replace a previous output in ``dst`` whole.
@@ -231,7 +239,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     numerics.set_export_rounding(export_rounding)
     try:
         p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
-                           strict, warnings)
+                           strict, warnings, strict_amax)
         for note in p.notes:
             log.info(note)
         out = Path(dst) if dst is not None else default_dst(p)
@@ -258,7 +266,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         quantized=summary.quantized, kept=summary.kept, in_bytes=summary.in_bytes, out_bytes=summary.out_bytes,
         seconds=summary.seconds, device=summary.device, resumed=summary.resumed,
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
-        changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak, notes=list(p.notes),
+        changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak,
+        synthesized_amax=[s.module for s in p.synthesized], notes=list(p.notes),
         warnings=warnings)
 
 

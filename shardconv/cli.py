@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for quantizing on the CPU (default: the cores not already busy)")
     c.add_argument("--strict", action="store_true", help="an --exclude pattern that matches nothing is an error")
+    c.add_argument("--strict-amax", action="store_true", help="refuse an amax file with no (or zero) amax for some "
+                   "MoE experts (default: synthesize them and list them in DST/shardconv-report.json)")
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
     _output_options(c)
@@ -200,7 +202,7 @@ def _convert(args) -> int:
             dst, overwrite = SAMPLE_DST, True
     common = dict(scales=args.scales, amax=args.amax, format=args.format, exclude=args.exclude,
                   max_shard_size=args.max_shard_size, revision=args.revision,
-                  trust_remote_code=args.trust_remote_code, strict=args.strict)
+                  trust_remote_code=args.trust_remote_code, strict=args.strict, strict_amax=args.strict_amax)
     try:
         if args.dry_run or args.verbose:
             plan = api.plan(src, **common)
@@ -232,7 +234,8 @@ def _plan_json(plan) -> dict:
             "quant_algo": plan.quant_algo, "format": plan.format_name, "kv_cache": plan.kv_cache,
             "quantized": [m.module for m in plan.quantized], "excluded": dict(plan.excluded),
             "exclude_list": plan.exclude_list(), "shards": list(plan.shard_names), "in_bytes": plan.in_bytes,
-            "out_bytes": plan.out_bytes, "notes": list(plan.notes), "describe": _describe_lines(plan)}
+            "out_bytes": plan.out_bytes, "notes": list(plan.notes), "describe": _describe_lines(plan),
+            "synthesized_amax": [s.to_json() for s in plan.synthesized]}
 
 
 def _describe_lines(plan) -> list[str]:

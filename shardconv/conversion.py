@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import destination, identity, journal, numerics, profile
+from . import destination, identity, journal, numerics, profile, uncalibrated
 from .errors import DestinationError
-from .files import INDEX_NAME, write_json
+from .files import INDEX_NAME, REPORT_NAME, write_json
 from .pipeline import Converter, Options
 from .planning import Plan, check_quantizes
 from .safetensors_io import file_size
@@ -156,6 +156,9 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     destination.check_destination(src, dst, overwrite)
     extras = destination.extra_files(src, max_extra_size)
     configs = fmt.config_files(plan, plan.source.config)
+    made_up = uncalibrated.report(plan)
+    if made_up is not None:  # written with the configs: resume keeps it, --overwrite replaces it
+        configs[REPORT_NAME] = made_up
     sources = identity.identify_source(plan.source)  # before anything is read for the conversion
     run = journal.fingerprint(plan, fingerprint_extra)
     created_dir = not dst.exists()

@@ -15,7 +15,8 @@ from pathlib import Path
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
-REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME}  # written anew by a conversion
+REPORT_NAME = "shardconv-report.json"  # what a conversion made up (uncalibrated experts' amax), for people
+REWRITTEN = {"config.json", "hf_quant_config.json", INDEX_NAME, REPORT_NAME}  # written anew by a conversion
 SKIP_DIRS = {"original"}  # Meta's consolidated weights in Llama repos
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import encodings
+from . import encodings, uncalibrated
 from .amax import AmaxFile, ModuleAmax
 from .errors import AmaxError, OptionError, SourceError
 from .linears import Linears
@@ -189,6 +189,14 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
     encoding: encodings.Encoding = field(default_factory=encodings.Plain)  # how the source stores weights
     linears: Linears | None = None  # how Linear weights were told from embeddings and others
+    synthesized: list[uncalibrated.Synthesized] = field(default_factory=list)  # uncalibrated experts' amax
+    kv_attentions: list[str] = field(default_factory=list)  # attention modules given FP8 KV-cache scales
+    kv_missing: list[str] = field(default_factory=list)  # attention modules without (no usable k/v amax)
+
+    @property
+    def kv_partial(self) -> bool:
+        """Only some attention modules carry FP8 KV-cache scales: the config declares them per layer."""
+        return self.kv_cache and bool(self.kv_missing)
 
     @property
     def quantized(self) -> list[Member]:
@@ -233,6 +241,7 @@ def build_plan(
     scales: str | None = None,
     max_shard_size: int = 5 * 10**9,
     trust_remote_code: bool = False,
+    strict_amax: bool = False,
 ) -> Plan:
     """Decide everything about the output from headers (and the amax file), reading no tensor data."""
     excludes = list(excludes or [])
@@ -308,6 +317,15 @@ def build_plan(
     for members in groups.values():
         for m in members:
             m.amax = amax.get(m.module) if amax else None
+    synthesized = []
+    if amax is not None:
+        synthesized = uncalibrated.synthesize([m for ms in groups.values() for m in ms], amax, scales, w4a4,
+                                              strict=strict_amax)
+        if synthesized:
+            notes.append(f"synthesized amax for {len(synthesized)} uncalibrated expert modules (no or zero amax "
+                         f"in the file), e.g. {synthesized[0].module}; --strict-amax refuses instead")
+    for members in groups.values():
+        for m in members:
             _check_amax(m, amax, scales, w4a4)
 
     quantized_names = {m.weight.name for ms in groups.values() for m in ms}
@@ -327,13 +345,22 @@ def build_plan(
 
     # KV-cache scales ride with the unit holding the attention's k_proj.
     kv_cache = False
+    kv_attentions: list[str] = []
+    kv_missing: list[str] = []
     if amax is not None and amax.kv and not getattr(fmt, "supports_kv_cache", True):
         notes.append(f"the amax file's k/v cache amax are not used: the {fmt.name} output has no FP8 KV-cache scales")
     elif amax is not None and amax.kv:
-        kv_cache = True
         by_module = {m.module: u for u in units for m in u.members}
-        _check_kv_amax(source, amax)
-        for attention, kv in sorted(amax.kv.items()):
+        kv_attentions, attentions = _check_kv_amax(source, amax)
+        kv_cache = bool(kv_attentions)
+        kv_missing = sorted(attentions - set(kv_attentions))
+        if kv_missing:
+            notes.append(f"FP8 KV-cache scales for {len(kv_attentions)} of {len(attentions)} attention modules "
+                         f"(no usable k/v amax for {len(kv_missing)}, e.g. {kv_missing[0]})"
+                         + ("; declared per layer (kv_cache_quantized_layers)" if kv_cache else
+                            "; no FP8 KV cache declared"))
+        for attention in kv_attentions:
+            kv = amax.kv[attention]
             unit = by_module.get(f"{attention}.k_proj")
             if unit is None:
                 unit = Unit(copy=None)
@@ -368,7 +395,8 @@ def build_plan(
     if encoding.note():
         notes.append(encoding.note())
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
-                notes=notes, encoding=encoding, linears=found)
+                notes=notes, encoding=encoding, linears=found, synthesized=synthesized, kv_attentions=kv_attentions,
+                kv_missing=kv_missing)
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:
@@ -377,6 +405,8 @@ def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> No
     if w4a4 and (a is None or a.input is None):
         raise AmaxError(f"{where}: no input_quantizer._amax (the file has activation amax for other modules)")
     if scales != "amax":
+        return
+    if a is not None and a.from_weights:  # an uncalibrated expert's, made from its weights (uncalibrated.py)
         return
     if a is None or a.weight is None:
         raise AmaxError(f"{where}: no weight_quantizer._amax")
@@ -418,9 +448,12 @@ def _attention_modules(source: Source) -> set[str]:
             if n.endswith(".k_proj.weight") and excluded_subtree(n, source.config) is None}
 
 
-def _check_kv_amax(source: Source, amax: AmaxFile) -> None:
-    """KV-cache scales only for attention modules that exist, for every one of them, and usable."""
+def _check_kv_amax(source: Source, amax: AmaxFile) -> tuple[list[str], set[str]]:
+    """KV-cache scales only for attention modules that exist, and usable: returns the attention
+    modules whose k and v amax give FP8 scales, sorted, and every attention module of the model. A
+    zero k or v amax (an attention the calibration never ran) gives none: that module is left out."""
     attentions = _attention_modules(source)
+    usable = []
     for attention, kv in sorted(amax.kv.items()):
         key = amax.key(attention)
         if set(kv) != {"k", "v"}:
@@ -428,16 +461,10 @@ def _check_kv_amax(source: Source, amax: AmaxFile) -> None:
         if attention not in attentions:
             raise AmaxError(f"{amax.path}: entry {key!r}: {attention} is not an attention module of "
                                  f"{source.root} (no {attention}.k_proj.weight)")
-        for which, value in sorted(kv.items()):
-            scale = float(value) / FP8_MAX
-            if not scale >= 2.0**-126:  # a zero amax (an attention that saw no tokens) would divide by zero
-                raise AmaxError(f"{amax.path}: {attention}.{which}_bmm_quantizer._amax is {float(value):.4g}: "
-                                     "no usable FP8 KV-cache scale")
-    missing = sorted(attentions - set(amax.kv))
-    if missing:
-        raise AmaxError(
-            f"{amax.path}: k/v bmm amax for {len(attentions) - len(missing)} of {len(attentions)} attention modules "
-            f"(none for {missing[0]}); FP8 KV-cache scales are written for all of them or none")
+        # a zero amax (an attention that saw no tokens) would divide by zero: no scale for it
+        if all(float(value) / FP8_MAX >= 2.0**-126 for value in kv.values()):
+            usable.append(attention)
+    return usable, attentions
 
 
 def unmatched_excludes(source: Source, patterns: list[str]) -> list[str]:

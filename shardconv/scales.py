@@ -2,7 +2,8 @@
 
 - ``max``: from the weights (ModelOpt's dynamic export path): ``g`` is the group's max |W|.
 - ``amax``: from a saved amax file: static per-block amax with a global amax, or a per-tensor
-  (dynamic) amax, in which case block scales come from the weights as for ``max``.
+  (dynamic) amax, in which case block scales come from the weights as for ``max``. An uncalibrated
+  expert's weight amax (``ModuleAmax.from_weights``) is the max of its weights, per block when static.
 - ``mse``, ``four-over-six``: data-free searches (``sweep.py``) that pick a static per-block amax
   from the weights under ``g`` = the group's max |W|; four-over-six also normalises by 256.
 
@@ -26,7 +27,7 @@ def weight_global_amax(member: Member, weight: torch.Tensor, method: str, chunks
 
     From the weights, the max is taken over the row slices ``chunks`` one at a time, so that no
     full-size temporary is made."""
-    if method == "amax":
+    if method == "amax" and not member.amax.from_weights:
         a = member.amax
         value = a.global_amax if a.static else a.weight
         return value.reshape(()).to(weight.device)
@@ -53,6 +54,8 @@ def block_scales(
     member: Member, weight: torch.Tensor, group_amax: torch.Tensor, method: str, rows: slice
 ) -> torch.Tensor:
     """e4m3 block scales for ``weight`` (the rows ``rows`` of the member) under the group's amax."""
+    if method == "amax" and member.amax.from_weights == "static":  # an uncalibrated expert: max calibration
+        return numerics.block_scales_static(numerics.block_amax(weight), group_amax)
     if method == "amax" and member.amax.static:
         n_blocks = member.in_features // numerics.BLOCK
         block = member.amax.weight.reshape(member.out_features, n_blocks)[rows].to(weight.device)

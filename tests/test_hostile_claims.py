@@ -1,7 +1,7 @@
 """Hostile inputs, class 2: a config never claims what the tensors do not hold.
 
 No quant_algo when nothing is quantized; no KV-cache declaration or k/v scales for attention modules
-that do not exist (or for only some of them); no scales taken from an amax file whose keys, shapes or
+that do not exist, and a per-layer declaration when only some have k/v amax; no scales taken from an amax file whose keys, shapes or
 values do not fit the model. Each is refused with one line naming the key, SRC untouched, no index.
 """
 
@@ -77,19 +77,48 @@ def test_kv_amax_on_a_module_that_is_no_attention(llama, tmp_path):
             args=with_amax(llama, tmp_path, add))
 
 
-def test_kv_amax_for_only_some_layers_is_refused(llama, tmp_path):
+def _kv_of(dst):
+    out = load_checkpoint(dst)
+    hq = json.loads((dst / "hf_quant_config.json").read_text())["quantization"]
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    return {n for n in out if n.endswith(("k_scale", "v_scale"))}, hq, qc
+
+
+def test_kv_amax_for_only_some_layers_is_declared_per_layer(llama, tmp_path):
+    """Issue 12.5 (was refused): scales for the layers that have k/v amax, listed per layer; no bare claim."""
     def drop(a):
         for k in [k for k in a if k.startswith("model.layers.1.") and "bmm" in k]:
             del a[k]
-    refused(llama, tmp_path / "out", "1 of 2 attention modules", "model.layers.1.self_attn",
-            args=with_amax(llama, tmp_path, drop))
+    rc, err = run_cli("convert", llama, tmp_path / "out", "--no-progress", *with_amax(llama, tmp_path, drop))
+    assert rc == 0, err
+    names, hq, qc = _kv_of(tmp_path / "out")
+    assert names == {"model.layers.0.self_attn.k_proj.k_scale", "model.layers.0.self_attn.v_proj.v_scale"}
+    layers = {"model.layers.0.self_attn": {"quant_algo": "FP8"}}
+    assert hq["kv_cache_quant_algo"] == "FP8" and hq["kv_cache_quantized_layers"] == layers
+    assert qc["kv_cache_quantized_layers"] == layers and qc["kv_cache_schema_version"] == 1
+    assert hq["kv_cache_schema_version"] == 1
 
 
-def test_zero_kv_amax_is_refused(llama, tmp_path):
+def test_zero_kv_amax_leaves_that_layer_out(llama, tmp_path):
+    """Issue 12.5 (was refused): a zero k or v amax (an attention that never ran) gets no scale."""
     def zero(a):
         a["model.layers.0.self_attn.v_bmm_quantizer._amax"] = torch.tensor(0.0)
-    refused(llama, tmp_path / "out", "model.layers.0.self_attn.v_bmm_quantizer._amax",
-            args=with_amax(llama, tmp_path, zero))
+    rc, err = run_cli("convert", llama, tmp_path / "out", "--no-progress", *with_amax(llama, tmp_path, zero))
+    assert rc == 0, err
+    names, hq, qc = _kv_of(tmp_path / "out")
+    assert names == {"model.layers.1.self_attn.k_proj.k_scale", "model.layers.1.self_attn.v_proj.v_scale"}
+    assert set(hq["kv_cache_quantized_layers"]) == set(qc["kv_cache_quantized_layers"]) == {"model.layers.1.self_attn"}
+
+
+def test_zero_kv_amax_everywhere_declares_no_kv_cache(llama, tmp_path):
+    def zero(a):
+        for k in [k for k in a if "bmm" in k]:
+            a[k] = torch.tensor(0.0)
+    rc, err = run_cli("convert", llama, tmp_path / "out", "--no-progress", *with_amax(llama, tmp_path, zero))
+    assert rc == 0, err
+    names, hq, qc = _kv_of(tmp_path / "out")
+    assert not names and hq["kv_cache_quant_algo"] is None and "kv_cache_quantized_layers" not in hq
+    assert "kv_cache_scheme" not in qc and "kv_cache_quantized_layers" not in qc
 
 
 def test_full_kv_amax_is_declared_and_shipped(llama, tmp_path):
@@ -99,6 +128,8 @@ def test_full_kv_amax_is_declared_and_shipped(llama, tmp_path):
     out = load_checkpoint(tmp_path / "out")
     hf = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())
     assert hf["quantization"]["kv_cache_quant_algo"] == "FP8"
+    assert "kv_cache_quantized_layers" not in hf["quantization"]  # all layers: ModelOpt 0.47's global claim
+    assert not (tmp_path / "out" / "shardconv-report.json").exists()
     assert {n for n in out if n.endswith(("k_scale", "v_scale"))} == {
         f"model.layers.{i}.self_attn.{p}_proj.{p}_scale" for i in range(2) for p in "kv"}
 

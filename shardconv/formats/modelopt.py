@@ -10,6 +10,17 @@ from ..numerics import BLOCK, FP8_MAX, div_scalar
 from ..safetensors_io import DTYPE_NAMES, PlannedTensor
 
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}
+KV_SCHEMA_VERSION = 1
+
+
+def kv_layers(plan) -> dict | None:
+    """The per-layer KV-cache declaration newer ModelOpt writes when only some attention modules carry
+    FP8 KV-cache scales (``kv_cache_quantized_layers``, schema 1), or None when all (or none) do: the
+    output then stays as ModelOpt 0.47 writes it."""
+    if not (plan.kv_cache and plan.kv_partial):
+        return None
+    return {"kv_cache_quantized_layers": {a: {"quant_algo": "FP8"} for a in sorted(plan.kv_attentions)},
+            "kv_cache_schema_version": KV_SCHEMA_VERSION}
 
 
 class ModelOptFormat:
@@ -73,6 +84,9 @@ class ModelOptFormat:
                 "exclude_modules": exclude,
             },
         }
+        layers = kv_layers(plan)
+        if layers is not None:
+            hf_quant["quantization"].update(layers)
         fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK}
         group: dict[str, object] = {}
         if plan.w4a4:
@@ -86,6 +100,8 @@ class ModelOptFormat:
         }
         if plan.kv_cache:
             qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+            if layers is not None:
+                qc.update(layers)
         qc["producer"] = dict(PRODUCER)
         qc["quant_method"] = "modelopt"
         new_config = dict(config)

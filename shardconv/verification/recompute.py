@@ -19,13 +19,14 @@ from dataclasses import replace
 
 import torch
 
-from .. import encodings, numerics
+from .. import encodings, numerics, uncalibrated
 from ..amax import AmaxFile, ModuleAmax
 from ..errors import OptionError
 from ..formats import get_format
 from ..planning import Member, Unit, build_plan, default_exclusion
 from ..quantize import CHUNK_ELEMENTS, quantize_group
 from ..safetensors_io import DTYPE_NAMES, TensorInfo, read_into
+from .config import kv_attention
 from .report import QModule, Report
 
 METHODS = ("max", "amax", "mse", "four-over-six")  # --scales choices (scales.METHODS)
@@ -133,9 +134,12 @@ class Recomputer:
         return first
 
 
-def _check_kv(fmt, amax: AmaxFile, tensors: dict[str, TensorInfo], roundings: list[str], report: Report) -> None:
-    """FP8 KV-cache scales (``k_amax / 448``, ``v_amax / 448``) recomputed from the amax file."""
-    for attention, kv in sorted(amax.kv.items()):
+def _check_kv(fmt, amax: AmaxFile, attentions: list[str], tensors: dict[str, TensorInfo], roundings: list[str],
+              report: Report) -> None:
+    """FP8 KV-cache scales (``k_amax / 448``, ``v_amax / 448``) recomputed from the amax file, for the
+    attention modules convert gives them (those with usable k/v amax)."""
+    for attention in attentions:
+        kv = amax.kv[attention]
         diffs = []
         for rounding in roundings:
             numerics.set_export_rounding(rounding)
@@ -148,6 +152,10 @@ def _check_kv(fmt, amax: AmaxFile, tensors: dict[str, TensorInfo], roundings: li
         for name, what in diffs:
             where = f"{tensors[name].path}: tensor" if name in tensors else "tensor"
             report.fail(f"{where} {name!r} {what} (recomputed from the amax file's {attention} k/v amax)")
+    for name in sorted(n for n in tensors if n.endswith((".k_scale", ".v_scale"))):
+        if kv_attention(name) not in attentions:
+            report.fail(f"{tensors[name].path}: tensor {name!r}: the amax file gives {kv_attention(name)} no usable "
+                        "k/v amax, so convert writes no KV-cache scale for it")
 
 
 def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], found: dict[str, QModule],
@@ -179,6 +187,8 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
             kept.append(module)
     plan = build_plan(source, fmt, excludes=kept, amax=amax, scales="amax" if scales == "amax" else "max",
                       max_shard_size=2**62)
+    if amax is not None and amax.has_weight_amax and plan.scales != "amax":  # for the "amax" candidate
+        uncalibrated.synthesize(plan.quantized, amax, "amax", plan.w4a4)
     planned = {m.module for m in plan.quantized}
     not_planned = sorted(m for m in good if m not in planned)
     if not_planned:
@@ -201,8 +211,8 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
                     where = (tensors[name] if name in tensors else good[module].packed).path
                     report.fail(f"{where}: quantized module {module}: tensor {name!r} {what} "
                                 f"(recomputed from the source: {how})")
-        if plan.kv_cache:
-            _check_kv(fmt, amax, tensors, roundings, report)
+        if amax is not None:
+            _check_kv(fmt, amax, plan.kv_attentions, tensors, roundings, report)
     finally:
         numerics.set_export_rounding(before)
     used = ", ".join(f"{m} {n}" for m, n in Counter(k[0] for k in rec.matched.elements()).most_common())
