@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .synth import write_checkpoint
 
 KIMI_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
+LLM_COMPRESSOR_IGNORE = ["lm_head", r"re:.*\.gate$", "re:.*shared_expert_gate$", r"re:.*\.router$"]
 ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 INDEX = "model.safetensors.index.json"
 
@@ -69,18 +70,30 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.float().view(out, -1, group) * scale.float().unsqueeze(-1)).view(out, cols).to(torch.bfloat16)
 
 
-def write_int4_checkpoint(path, *, group_size: int | None = 32, dequantized=None, model_type: str = "kimi_k2",
-                          encode=ROUTED_EXPERT.search, **kwargs) -> pathlib.Path:
-    """Write an INT4 pack-quantized checkpoint to ``path`` from ``synth.write_checkpoint(family=
-    "deepseek_v3", **kwargs)`` (same shards), encoding every 2-D ``.weight`` whose name ``encode`` accepts
-    (default: the routed experts). ``dequantized``: a folder that gets the bf16 checkpoint those INT4
-    weights dequantize to (same names, shards and config without ``quantization_config``). Returns ``path``."""
+def every_linear(name: str) -> bool:
+    """What llm-compressor's W4A16 recipes quantize: every Linear but ``lm_head`` and the MoE routers."""
+    return not re.search(r"(^lm_head|embed_tokens|\.gate|shared_expert_gate|\.router)\.weight$", name)
+
+
+def write_int4_checkpoint(path, *, group_size: int | None = 32, dequantized=None, family: str = "deepseek_v3",
+                          model_type: str | None = None, encode=None, ignore: list[str] | None = None,
+                          **kwargs) -> pathlib.Path:
+    """Write an INT4 pack-quantized checkpoint to ``path`` from ``synth.write_checkpoint(family=family,
+    **kwargs)`` (same shards), encoding every 2-D ``.weight`` whose name ``encode`` accepts. Defaults:
+    Kimi-K2-Thinking (DeepSeek-V3 with ``model_type: kimi_k2``, the routed experts encoded, Kimi's ignore
+    list); for another family, its own model_type, :func:`every_linear` and llm-compressor's usual ignore list.
+    ``dequantized``: a folder that gets the bf16 checkpoint those INT4 weights dequantize to (same names,
+    shards and config without ``quantization_config``). Returns ``path``."""
+    kimi = family == "deepseek_v3"
+    model_type = model_type or ("kimi_k2" if kimi else family)
+    encode = encode or (ROUTED_EXPERT.search if kimi else every_linear)
+    ignore = ignore if ignore is not None else (KIMI_IGNORE if kimi else LLM_COMPRESSOR_IGNORE)
     path = pathlib.Path(path)
     outs = [path] + ([pathlib.Path(dequantized)] if dequantized is not None else [])
     for d in outs:
         d.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="synth-int4-") as tmp:
-        src = write_checkpoint(pathlib.Path(tmp) / "bf16", family="deepseek_v3", **kwargs)
+        src = write_checkpoint(pathlib.Path(tmp) / "bf16", family=family, **kwargs)
         shards = sorted(p.name for p in src.glob("model*.safetensors"))
         weight_map: dict[str, str] = {}
         total = 0
@@ -113,6 +126,6 @@ def write_int4_checkpoint(path, *, group_size: int | None = 32, dequantized=None
                 shutil.copy(src / INDEX, outs[1] / INDEX)
         if dequantized is not None:
             (outs[1] / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        config["quantization_config"] = quantization_config(group_size)
+        config["quantization_config"] = quantization_config(group_size, ignore)
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -75,9 +75,12 @@ def test_dequantize_matches_compressed_tensors_compressor_output():
     assert (got.float() - w).abs().max() <= scale.float().max() / 2 + 1e-6
 
 
-def write_int4(root, group=32, **kw):
-    sizes = dict(SIZES, moe_intermediate_size=128 if group == 128 else 64, **kw)
-    src = synth_int4.write_int4_checkpoint(root / "int4", group_size=group, dequantized=root / "bf16", **sizes)
+def write_int4(root, group=32, family="deepseek_v3"):
+    sizes = dict(SIZES, moe_intermediate_size=128 if group == 128 else 64)
+    if group == 128:
+        sizes["intermediate_size"] = 384
+    src = synth_int4.write_int4_checkpoint(root / "int4", group_size=group, dequantized=root / "bf16",
+                                           family=family, **sizes)
     return src, root / "bf16"
 
 
@@ -101,13 +104,16 @@ def test_synthetic_checkpoint_is_what_compressed_tensors_reads(kimi):
         assert same_bytes(got, b[f"{m}.weight"]), m
 
 
-@pytest.mark.parametrize("group,args", [
-    (32, ("--scales", "mse")),
-    (128, ("--scales", "max", "--format", "compressed-tensors")),
-    (None, ("--scales", "four-over-six")),
+@pytest.mark.parametrize("family,group,args", [
+    ("deepseek_v3", 32, ("--scales", "mse")),
+    ("deepseek_v3", 128, ("--scales", "max", "--format", "compressed-tensors")),
+    ("deepseek_v3", None, ("--scales", "four-over-six")),
+    # llm-compressor W4A16 style, every Linear INT4; model types transformers knows (Linears from its model)
+    ("qwen3_moe", 128, ("--scales", "max")),
+    ("llama", 32, ("--scales", "mse", "--format", "compressed-tensors")),
 ])
-def test_int4_source_equals_converting_its_bf16_dequantization(tmp_path, group, args):
-    src, deq = write_int4(tmp_path, group)
+def test_int4_source_equals_converting_its_bf16_dequantization(tmp_path, family, group, args):
+    src, deq = write_int4(tmp_path, group, family)
     assert len(list(src.glob("model-*.safetensors"))) > 1
     for s, out in ((src, "a"), (deq, "b")):
         rc, err = run_cli("convert", s, tmp_path / out, "--device", "cpu", "--no-progress", *args)
@@ -116,9 +122,14 @@ def test_int4_source_equals_converting_its_bf16_dequantization(tmp_path, group, 
     assert sorted(a) == sorted(b) and not [n for n in a if n.endswith(("weight_shape", "weight_scale_inv"))]
     differ = [n for n in a if not same_bytes(a[n], b[n])]
     assert not differ, differ[:5]
-    assert a[f"{MTP_EXPERT}.down_proj.weight"].dtype == torch.bfloat16  # excluded INT4: dequantized
     packed = "weight_packed" if "compressed-tensors" in args else "weight"
-    assert a[f"{EXPERT}.gate_proj.{packed}"].dtype == torch.uint8
+    if family == "deepseek_v3":
+        assert a[f"{MTP_EXPERT}.down_proj.weight"].dtype == torch.bfloat16  # excluded INT4: dequantized
+        assert a[f"{EXPERT}.gate_proj.{packed}"].dtype == torch.uint8
+    else:
+        assert a[f"model.layers.1.self_attn.q_proj.{packed}"].dtype == torch.uint8
+        linears = [n for n in load_checkpoint(src) if n.endswith(".weight_packed")]
+        assert len(linears) == (2 * (4 + 4 * 3) if family == "qwen3_moe" else 2 * 7), len(linears)
     for name in ("config.json", "model.safetensors.index.json"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
 
@@ -235,6 +246,14 @@ def test_packed_of_the_wrong_dtype(small, tmp_path):
 
     path = edit(small, to_u8)
     check_fails(small, tmp_path / "o", path, f"{M}.weight_packed", "int32")
+
+
+def test_weight_shape_of_the_wrong_size(small, tmp_path):
+    def wrong(t):
+        t[f"{M}.weight_shape"] = torch.zeros(3, dtype=torch.int64)
+
+    path = edit(small, wrong)
+    check_fails(small, tmp_path / "o", path, f"{M}.weight_shape", "I64[3]")
 
 
 def test_weight_shape_that_disagrees(small, tmp_path):

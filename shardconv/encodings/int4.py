@@ -31,7 +31,6 @@ from .base import DEQUANT_DTYPE, EncodedWeight, Encoding
 PACKED, SCALE, SHAPE = ".weight_packed", ".weight_scale", ".weight_shape"
 FORMAT = "pack-quantized"
 CHUNK_ELEMENTS = 1 << 24
-_SHIFTS = tuple(range(0, 32, 4))
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,9 @@ class Int4Packed(Encoding):
                 if part is None:
                     raise SourceError(f"{info.path}: tensor {name!r} is INT4 pack-quantized but the checkpoint has "
                                       f"no {module}{suffix}")
+            if shape.dtype not in ("I64", "I32") or list(shape.shape) != [2]:
+                raise SourceError(f"{shape.path}: tensor {shape.name!r} is {shape.dtype}{list(shape.shape)}; expected "
+                                  f"two integers [out, in] (the shape of {module}.weight)")
             plain = (info.shape[0], self._in_features(info, scale))
             out[name] = EncodedWeight(module + ".weight", plain, info, (scale, shape), self)
         return out
@@ -87,10 +89,8 @@ class Int4Packed(Encoding):
         """``weight_shape`` equals the planned shape; every scale is finite (read on the host)."""
         scale, shape = parts
         scale_info, shape_info = weight.parts
-        if shape.dtype not in (torch.int64, torch.int32) or shape.numel() != 2 or \
-                [int(v) for v in shape.reshape(-1).tolist()] != list(weight.shape):
-            raise SourceError(f"{shape_info.path}: tensor {shape_info.name!r} holds "
-                              f"{shape.reshape(-1).tolist() if shape.numel() <= 4 else list(shape.shape)}; its "
+        if [int(v) for v in shape.reshape(-1).tolist()] != list(weight.shape):  # dtype and size checked at plan
+            raise SourceError(f"{shape_info.path}: tensor {shape_info.name!r} holds {shape.reshape(-1).tolist()}; its "
                               f"{weight.data.name} {list(weight.data.shape)} and {scale_info.name} "
                               f"{list(scale_info.shape)} give {list(weight.shape)}")
         bad = ~torch.isfinite(scale)
@@ -114,7 +114,7 @@ class Int4Packed(Encoding):
 def unpack(codes: torch.Tensor, in_features: int) -> torch.Tensor:
     """Signed INT4 values (int32, ``[rows, in_features]``) of int32 words holding eight ``value + 8``
     nibbles each, lowest first. Shifts and masks only: no byte order, no device dependence."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=codes.device)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=codes.device)  # made on the device: no copy, no sync
     nibbles = (codes.unsqueeze(-1) >> shifts) & 0xF
     return (nibbles.reshape(codes.shape[0], -1)[:, :in_features] - 8)
 
