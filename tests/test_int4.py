@@ -331,3 +331,54 @@ def test_int4_conversion_cuda_equals_cpu(kimi, tmp_path, scales):
     a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "cuda")
     assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
     assert run_cli("verify", tmp_path / "cuda", "--source", src)[0] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile headers: test_fuzz's shard mutations on an INT4 source (its weight_packed, weight_scale and
+# weight_shape entries among them): a clean one-line refusal, or an output that verifies
+
+
+@pytest.mark.heavy
+def test_fuzz_int4_headers(tmp_path):
+    import random
+
+    from test_fuzz import _make_case, time_limit
+
+    from shardconv.errors import ShardconvError
+    from shardconv.formats import get_format
+    from shardconv.planning import build_plan
+    from shardconv.report import describe
+    from shardconv.source import open_source
+
+    base = synth_int4.write_int4_checkpoint(tmp_path / "base", num_layers=2, num_experts=2, hidden_size=64,
+                                            intermediate_size=64, moe_intermediate_size=32, vocab_size=64,
+                                            num_heads=2, head_dim=32, shard_size=6_000)
+    assert len(list(base.glob("model-*.safetensors"))) >= 3
+    rng = random.Random(1204)
+    outcomes = {"ok": 0, "error": 0, "converted": 0}
+    for case in range(400):
+        work = tmp_path / "work"
+        desc, _ = _make_case(rng, base, work)
+        try:
+            with time_limit(30):
+                try:
+                    plan = build_plan(open_source(str(work)), get_format("modelopt"))
+                    assert describe(plan) and plan.units
+                    outcomes["ok"] += 1
+                except ShardconvError as e:
+                    assert str(e) and "\n" not in str(e)
+                    outcomes["error"] += 1
+                    continue
+                if outcomes["ok"] % 8 == 1:  # whole conversions of some of the plannable cases
+                    dst = tmp_path / f"out{case}"
+                    rc, err = run_cli("convert", work, dst, "--device", "cpu", "--no-progress", "--scales", "max")
+                    if rc == 0:
+                        outcomes["converted"] += 1
+                        assert run_cli("verify", dst, "--source", work)[0] == 0
+                    else:
+                        assert rc == 2 and err.count("\n") == 1, err
+                        assert not (dst / "model.safetensors.index.json").exists()
+                    shutil.rmtree(dst, ignore_errors=True)
+        except BaseException as e:
+            raise AssertionError(f"case {case} ({desc}): {type(e).__name__}: {e}") from e
+    assert outcomes["ok"] > 8 and outcomes["error"] > 200 and outcomes["converted"] >= 2, outcomes
