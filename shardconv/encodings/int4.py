@@ -104,7 +104,7 @@ class Int4Packed(Encoding):
 
     def note(self) -> str:
         return (f"INT4 source (compressed-tensors {FORMAT}, symmetric, {self._what()}): weights are dequantized to "
-                "bf16 first (int4 x scale, one rounding); its quantization_config and weight_scale / weight_shape "
+                "bf16 first (fp32 int4 x scale, cast to bf16); its quantization_config and weight_scale / weight_shape "
                 "tensors are replaced")
 
     def describe(self) -> str:
