@@ -7,7 +7,6 @@ INT4 checkpoint must give exactly what converting its bf16 dequantization gives.
 """
 
 import json
-import math
 import shutil
 
 import pytest
@@ -19,9 +18,6 @@ from shardconv import numerics, synth_int4
 from shardconv.encodings import int4
 from test_errors import check_fails
 
-ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
 
 SIZES = dict(weights="structured", num_layers=2, hidden_size=256, intermediate_size=320, num_experts=4,
              vocab_size=256, shard_size=300_000)
@@ -29,7 +25,15 @@ EXPERT = "model.layers.1.mlp.experts.1"
 MTP_EXPERT = "model.layers.2.mlp.experts.0"  # DeepSeek-V3's MTP layer: excluded, so written dequantized
 
 
+def compressor():
+    """compressed-tensors' pack-quantized compressor: the oracle (in the test extras; the tests that need
+    it skip without it, as test_compressed_tensors.py's do; the others run)."""
+    return pytest.importorskip("compressed_tensors.compressors.pack_quantized.base").PackedQuantizationCompressor
+
+
 def scheme(group):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group" if group else "channel",
                             group_size=group)
     return QuantizationScheme(targets=["Linear"], weights=args)
@@ -38,7 +42,7 @@ def scheme(group):
 def oracle(packed, scale, shape, group):
     """compressed-tensors' own decompression of one Linear, cast to bf16 (a no-op for bf16 scales)."""
     sd = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.as_tensor(shape)}
-    return PackedQuantizationCompressor.decompress(sd, scheme(group))["weight"].to(torch.bfloat16)
+    return compressor().decompress(sd, scheme(group))["weight"].to(torch.bfloat16)
 
 
 def random_int4(rows, cols, group, scale_dtype, seed):
@@ -57,7 +61,10 @@ def random_int4(rows, cols, group, scale_dtype, seed):
 def test_dequantize_equals_compressed_tensors_bit_for_bit(group, scale_dtype):
     rows, cols = 37, 256
     q, scale = random_int4(rows, cols, group, scale_dtype, seed=cols + (group or 0))
-    packed = ct_helpers.pack_to_int32(q, 4)
+    compressor()
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    packed = pack_to_int32(q, 4)
     assert torch.equal(synth_int4.pack(q), packed)  # the synthetic checkpoints pack as compressed-tensors does
     assert torch.equal(int4.unpack(packed, cols), q.to(torch.int32))
     want = oracle(packed, scale, [rows, cols], group)
@@ -69,7 +76,7 @@ def test_dequantize_matches_compressed_tensors_compressor_output():
     """Weights compressed by compressed-tensors' own compressor (its quantize and pack)."""
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3)) * 0.02
     _, scale = synth_int4.quantize(w, 32)
-    sd = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme(32))
+    sd = compressor().compress({"weight": w, "weight_scale": scale}, scheme(32))
     got = int4.dequantize(sd["weight_packed"], sd["weight_scale"], 128, 32)
     assert same_bytes(got, oracle(sd["weight_packed"], sd["weight_scale"], [48, 128], 32))
     assert (got.float() - w).abs().max() <= scale.float().max() / 2 + 1e-6
