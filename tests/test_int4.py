@@ -389,3 +389,27 @@ def test_fuzz_int4_headers(tmp_path):
         except BaseException as e:
             raise AssertionError(f"case {case} ({desc}): {type(e).__name__}: {e}") from e
     assert outcomes["ok"] > 8 and outcomes["error"] > 200 and outcomes["converted"] >= 2, outcomes
+
+
+@pytest.mark.gpu
+def test_int4_group_on_cuda_never_waits_for_the_gpu(kimi):
+    """The pipeline's call for an INT4 expert group (dequantize on the device, then quantize): no host
+    sync (parts are checked on the host before their non-blocking upload), same bytes as the CPU."""
+    from shardconv.formats import get_format
+    from shardconv.planning import build_plan
+    from shardconv.quantize import quantize_group
+    from shardconv.safetensors_io import read_into
+    from shardconv.source import open_source
+
+    plan = build_plan(open_source(kimi[0]), get_format("modelopt"), scales="max")
+    unit = next(u for u in plan.units if len(u.members) == 2 and all(m.encoded for m in u.members))
+    codes = [read_into(m.weight).cuda() for m in unit.members]
+    want = quantize_group(unit.members, [c.cpu() for c in codes], "max", "cpu")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = quantize_group(unit.members, codes, "max", "cuda", to_cpu=False, check=False, chunk=4096)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(want, got):
+        assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu()) and bool(b.ok.cpu())
