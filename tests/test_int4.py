@@ -234,6 +234,11 @@ def test_missing_weight_scale(small, tmp_path):
     check_fails(small, tmp_path / "o", path, f"{M}.weight_packed", f"no {M}.weight_scale")
 
 
+def test_missing_weight_packed(small, tmp_path):
+    path = edit(small, lambda t: t.pop(f"{M}.weight_packed"))
+    check_fails(small, tmp_path / "o", path, f"{M}.weight_", f"no {M}.weight_packed")
+
+
 def test_missing_weight_shape(small, tmp_path):
     path = edit(small, lambda t: t.pop(f"{M}.weight_shape"))
     check_fails(small, tmp_path / "o", path, f"no {M}.weight_shape")

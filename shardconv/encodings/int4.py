@@ -69,6 +69,11 @@ class Int4Packed(Encoding):
                                   f"two integers [out, in] (the shape of {module}.weight)")
             plain = (info.shape[0], self._in_features(info, scale))
             out[name] = EncodedWeight(module + ".weight", plain, info, (scale, shape), self)
+        for name, info in source.tensors.items():  # a part whose codes are gone: the module would vanish
+            for suffix in (SCALE, SHAPE):
+                if name.endswith(suffix) and name[: -len(suffix)] + PACKED not in source.tensors:
+                    raise SourceError(f"{info.path}: tensor {name!r} has no {name[: -len(suffix)]}{PACKED} beside "
+                                      "it (an INT4 Linear without its packed weights)")
         return out
 
     def _in_features(self, packed, scale) -> int:
