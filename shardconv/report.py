@@ -92,7 +92,7 @@ def describe(plan) -> list[str]:
         f"({len(plan.groups)} fusion groups)",
         f"keep        {sum(1 for u in plan.units if u.copy is not None)} tensors as they are "
         f"({len(plan.excluded)} excluded Linear modules)"
-        + (f", {n_dequant} excluded FP8 weights dequantized to bf16" if n_dequant else ""),
+        + (f", {n_dequant} excluded {plan.encoding.label} weights dequantized to bf16" if n_dequant else ""),
         f"output      {len(plan.shard_names)} shards, {plan.out_bytes / 1e9:.3f} GB "
         f"({src.total_bytes / max(plan.out_bytes, 1):.2f}x smaller), format {plan.format_name}",
     ]

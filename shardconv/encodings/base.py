@@ -36,7 +36,9 @@ class EncodedWeight:
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """The weight in bf16 on ``codes``' device; the bytes do not depend on the device."""
-        parts = [read_into(p).to(codes.device, non_blocking=True) for p in self.parts]
+        parts = [read_into(p) for p in self.parts]
+        self.encoding.check_parts(self, parts)  # on the host: no device sync
+        parts = [p.to(codes.device, non_blocking=True) for p in parts]
         return self.encoding.dequantize(self, codes, parts)
 
 
@@ -54,6 +56,9 @@ class Encoding:
         """Source tensors that belong to no output tensor: the encoded weights' parts (and, for FP8, the
         activation scales of the replaced quantization)."""
         return {p.name for w in weights.values() for p in w.parts}
+
+    def check_parts(self, weight: EncodedWeight, parts: list[torch.Tensor]) -> None:
+        """Checks of the parts' values (CPU tensors) that headers cannot make; raises SourceError."""
 
     def dequantize(self, weight: EncodedWeight, codes: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

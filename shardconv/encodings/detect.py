@@ -8,6 +8,7 @@ import json
 
 from ..errors import SourceError
 from .base import Encoding
+from . import int4
 from .fp8_blocks import Fp8Blocks
 from .plain import Plain
 
@@ -89,6 +90,8 @@ def detect(source) -> Encoding:
             raise _already_4bit(where, f"ModelOpt {algo}")
         raise SourceError(f"{where}: the checkpoint is already quantized (ModelOpt {algo}); {_NEEDS}")
     if method == "compressed-tensors":
+        if qc.get("format") == int4.FORMAT:  # INT4 (Kimi-K2-Thinking); int4.py refuses the rest
+            return int4.from_config(qc, where)
         bits = set()
         for group in (qc.get("config_groups") or {}).values():
             if isinstance(group, dict) and isinstance(group.get("weights"), dict):
