@@ -35,12 +35,12 @@ log = logging.getLogger("shardconv")
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-SCALES = ("max", "amax", "mse", "four-over-six")
+SCALES = ("max", "amax", "mse", "four-over-six", "cast")
 FORMATS = ("modelopt", "compressed-tensors")
 # CPU quantizing rates, parameters per second per thread, measured on the 2-core development VM
 # (README, Performance: 0.375 G parameters in 36.5 s with mse and 8.6 s with max, 2 threads); used
 # only to say what a long CPU run will cost before it starts
-CPU_PARAMS_PER_THREAD = {"mse": 5e6, "four-over-six": 10e6, "max": 22e6, "amax": 22e6}
+CPU_PARAMS_PER_THREAD = {"mse": 5e6, "four-over-six": 10e6, "max": 22e6, "amax": 22e6, "cast": 22e6}
 LONG_CPU_RUN = 60.0  # seconds: a CPU run expected to last longer gets its estimate printed first
 
 
@@ -77,6 +77,8 @@ class ConvertResult:
     already_complete: bool = False  # DST already held this finished conversion: no shard was written
     changed_sources: list[str] = field(default_factory=list)  # since the interrupted run (rewritten)
     gpu_peak: int | None = None  # bytes
+    requantized_blocks: int | None = None  # scales "cast": MXFP4 blocks requantized (None: no cast)
+    mxfp4_blocks: int = 0  # scales "cast": MXFP4 blocks of the quantized weights
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -102,6 +104,10 @@ class ConvertResult:
                          "what was made from it was written again)")
         if self.gpu_peak is not None:
             lines.append(f"peak GPU memory    {self.gpu_peak / 1e9:.2f} GB")
+        if self.requantized_blocks is not None:
+            lines.append(f"MXFP4 cast         {self.requantized_blocks} of {self.mxfp4_blocks} blocks requantized "
+                         "(exponent below NVFP4's scale range), the rest cast exactly"
+                         + (" (in the shards this run wrote)" if self.resumed else ""))
         return lines
 
     def to_dict(self) -> dict:
@@ -259,6 +265,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         seconds=summary.seconds, device=summary.device, resumed=summary.resumed,
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
         changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak, notes=list(p.notes),
+        requantized_blocks=summary.requantized if p.scales == "cast" else None,
+        mxfp4_blocks=sum(m.encoded.data.nbytes // 16 for m in p.quantized if m.encoded is not None)
+        if p.scales == "cast" else 0,
         warnings=warnings)
 
 
