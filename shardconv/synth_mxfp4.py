@@ -6,7 +6,8 @@ A bf16 gpt-oss checkpoint from :func:`shardconv.synth.write_checkpoint` with eve
 ``<stack>_scales`` uint8 E8M0 ``[E, out, in/32]``, with gpt-oss's ``quantization_config``
 (``quant_method: mxfp4``, ``modules_to_not_convert``). Some blocks are scaled far down (``far_blocks``
 per stack: an exponent more than 17 binades below the stack's largest, so the lossless cast has to
-requantize them) and some are all zero (E8M0 byte 0, as MXFP4 quantizers write them).
+requantize them), one sits on the window's lower edge and one just below it (17 and 18 binades down),
+and some are all zero (E8M0 byte 0, as MXFP4 quantizers write them).
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ def _stack_to_mxfp4(t: torch.Tensor, far_blocks: int) -> tuple[torch.Tensor, tor
     w[0, 1, :BLOCK] = 0  # an all-zero block
     for i in range(far_blocks):  # blocks far below the rest: outside the lossless window
         w[-1, 2 + i, :BLOCK] *= 2.0**-FAR_BINADES
-    return encode(w)
+    blocks, scales = encode(w)
+    # the window's edges: exactly 17 binades below the stack's largest exponent (still exact), and 18
+    top = int(scales.max())
+    scales[-1, 0, 0] = top - 17
+    scales[-1, 0, 1] = top - 18
+    return blocks, scales
 
 
 def write_mxfp4_checkpoint(path, *, far_blocks: int = 2, **kwargs) -> pathlib.Path:
