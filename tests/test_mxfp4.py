@@ -218,6 +218,17 @@ def test_excluded_stack_is_written_dequantized(src, tmp_path):
     passes(dst, "--source", src)
 
 
+def test_compressed_tensors_writes_stacks_dequantized(src, tmp_path):
+    """compressed-tensors has no stacked-expert layout: the MXFP4 stacks are kept, as bf16."""
+    dst = tmp_path / "o"
+    r = api.convert(src, dst, format="compressed-tensors", device="cpu", progress=False)
+    got = load_checkpoint(dst)
+    for base, blocks, scales in stacks(source_tensors(src)):
+        assert torch.equal(got[base].view(torch.int16), dequantize_reference(blocks, scales).view(torch.int16))
+    assert r.requantized_blocks == 0 and r.mxfp4_blocks == 0  # nothing cast
+    passes(dst, "--source", src)
+
+
 # -- verify ---------------------------------------------------------------------------------------
 
 def test_verify_passes_the_cast(src, out):
@@ -273,7 +284,7 @@ def drop_tensor(src: Path, name: str) -> None:
     ("no scales", "has no model.layers.0.mlp.experts.down_proj_scales"),
     ("stray scales", "looks like MXFP4 scales"),
     ("scale shape", "one E8M0 exponent per 32 elements"),
-    ("deepseek_v4", "MXFP4 of model type 'deepseek_v4'"),
+    ("deepseek_v4", "(MXFP4) for model type 'deepseek_v4'"),
     ("modules_to_not_convert", "modules_to_not_convert is not a list"),
 ])
 def test_refused_with_one_line(tmp_path, case, needle):

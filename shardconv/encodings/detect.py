@@ -120,7 +120,8 @@ def _mxfp4(source, where: str) -> Mxfp4:
         types.add(source.config["text_config"].get("model_type"))
     if not types & MXFP4_MODEL_TYPES:
         kind = next((t for t in types if t), "?")
-        raise _already_4bit(where, f"MXFP4 of model type {kind!r}; only gpt-oss's MXFP4 experts can be read")
+        raise SourceError(f"{where}: the checkpoint is already quantized to 4 bits (MXFP4) for model type {kind!r}; "
+                          "shardconv reads only gpt-oss's MXFP4 experts")
     skip = source.config["quantization_config"].get("modules_to_not_convert")
     if skip is not None and not (isinstance(skip, list) and all(isinstance(s, str) for s in skip)):
         raise SourceError(f"{where}: modules_to_not_convert is not a list of module names")
