@@ -155,8 +155,8 @@ def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None 
 
     Args:
         src: a checkpoint folder or a Hugging Face hub repo id.
-        scales: ``"max"``, ``"mse"``, ``"four-over-six"`` or ``"amax"`` (default: ``"amax"`` when
-            ``amax`` holds weight amax, else ``"mse"``).
+        scales: ``"max"``, ``"mse"``, ``"four-over-six"``, ``"amax"`` or ``"cast"`` (default: ``"amax"``
+            when ``amax`` holds weight amax, else ``"cast"`` for an MXFP4 source, else ``"mse"``).
         amax: a saved ModelOpt amax file (``.pt`` or ``.safetensors``).
         format: ``"modelopt"`` or ``"compressed-tensors"``.
         exclude: module-name globs kept in source precision (one that matches nothing is a warning).
@@ -259,15 +259,16 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     finally:
         numerics.set_export_rounding(previous)
         torch.set_num_threads(threads_before)
+    # MXFP4 blocks (16 bytes of codes each) the cast covers: none unless an MXFP4 weight is quantized
+    cast_blocks = sum(m.encoded.data.nbytes // 16 for m in p.quantized if m.encoded is not None) \
+        if p.scales == "cast" else 0
     return ConvertResult(
         dst=out, source=p.source.root, revision=p.source.revision, shards=list(p.shard_names),
         quantized=summary.quantized, kept=summary.kept, in_bytes=summary.in_bytes, out_bytes=summary.out_bytes,
         seconds=summary.seconds, device=summary.device, resumed=summary.resumed,
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
         changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak, notes=list(p.notes),
-        requantized_blocks=summary.requantized if p.scales == "cast" else None,
-        mxfp4_blocks=sum(m.encoded.data.nbytes // 16 for m in p.quantized if m.encoded is not None)
-        if p.scales == "cast" else 0,
+        requantized_blocks=summary.requantized if cast_blocks else None, mxfp4_blocks=cast_blocks,
         warnings=warnings)
 
 

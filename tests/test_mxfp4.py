@@ -225,7 +225,8 @@ def test_compressed_tensors_writes_stacks_dequantized(src, tmp_path):
     got = load_checkpoint(dst)
     for base, blocks, scales in stacks(source_tensors(src)):
         assert torch.equal(got[base].view(torch.int16), dequantize_reference(blocks, scales).view(torch.int16))
-    assert r.requantized_blocks == 0 and r.mxfp4_blocks == 0  # nothing cast
+    assert r.requantized_blocks is None and r.mxfp4_blocks == 0  # nothing cast: no summary line
+    assert not any("MXFP4 cast" in line for line in r.lines())
     passes(dst, "--source", src)
 
 
