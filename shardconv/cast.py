@@ -97,7 +97,7 @@ def mismatch(weight: torch.Tensor, q, exact: torch.Tensor) -> torch.Tensor:
     return bad
 
 
-def first_mismatch(member, weight: torch.Tensor, q, exact: torch.Tensor) -> str:
+def first_mismatch(weight: torch.Tensor, q, exact: torch.Tensor) -> str:
     """Where the cast first lost a value, for the error line (CPU, only on failure)."""
     for e in range(weight.shape[0]):
         got = numerics.dequantize(q.packed[e].T.contiguous(), q.scale[e].T.contiguous(), q.scale_2)
@@ -114,4 +114,4 @@ def check_exact(cg: CastGroup, weights: list[torch.Tensor], results: list) -> No
     for m, w, q, ex in zip(cg.members, weights, results, cg.exact):
         if bool(mismatch(w, q, ex)):
             raise QuantizationError(f"{m.weight.path}: tensor {m.weight.name!r}: the lossless MXFP4 cast changed a "
-                                    f"value ({first_mismatch(m, w, q, ex)}); nothing was written for it")
+                                    f"value ({first_mismatch(w, q, ex)}); nothing was written for it")

@@ -247,6 +247,13 @@ def test_verify_without_journal_finds_the_cast(src, out, tmp_path):
     assert "scales: cast" in text
 
 
+def test_verify_cast_against_a_bf16_source_says_why(src, out, tmp_path):
+    bf16 = dequantized_copy(src, tmp_path / "bf16")
+    rc, err = run_cli("verify", out[0], "--source", bf16)
+    assert rc == 2 and err.count("\n") == 1 and "scales cast (from the journal of DST)" in err \
+        and "needs the MXFP4 source" in err, err
+
+
 @pytest.mark.parametrize("what", ["scale", "codes"])
 def test_verify_fails_a_damaged_cast(src, out, tmp_path, what):
     dst = Path(shutil.copytree(out[0], tmp_path / "copy"))

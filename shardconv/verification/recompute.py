@@ -166,12 +166,14 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
     fmt = get_format(convention)
     journal = journal if isinstance(journal, dict) else {}
     recorded = journal.get("scales") if journal.get("scales") in METHODS else None
+    given = scales
     scales = scales or recorded
     if scales == "amax" and amax is None:
         raise OptionError("--scales amax needs --amax FILE (the amax file the checkpoint was converted with)")
     mxfp4 = encodings.detect(source).name == "mxfp4"
     if scales == "cast" and not mxfp4:
-        raise OptionError("--scales cast: the source is not MXFP4")
+        raise OptionError(f"{'--scales cast' if given else 'scales cast (from the journal of DST)'}: recomputing "
+                          f"the cast needs the MXFP4 source, and {source.root} is not MXFP4")
     if scales:
         methods = [scales]
     else:
