@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from conftest import load_checkpoint, run_cli, same_bytes, tree_digest
 from shardconv import api, cast, numerics
 from shardconv.encodings.mxfp4 import dequantize, pow2
-from shardconv.errors import QuantizationError
 from shardconv.synth_mxfp4 import FAR_BINADES, QUANTIZATION_CONFIG, dequantize_reference, encode, write_mxfp4_checkpoint
 from test_verify import fails, passes, rewrite
 
