@@ -35,12 +35,12 @@ log = logging.getLogger("shardconv")
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-SCALES = ("max", "amax", "mse", "four-over-six")
+SCALES = ("max", "amax", "mse", "four-over-six", "cast")
 FORMATS = ("modelopt", "compressed-tensors")
 # CPU quantizing rates, parameters per second per thread, measured on the 2-core development VM
 # (README, Performance: 0.375 G parameters in 36.5 s with mse and 8.6 s with max, 2 threads); used
 # only to say what a long CPU run will cost before it starts
-CPU_PARAMS_PER_THREAD = {"mse": 5e6, "four-over-six": 10e6, "max": 22e6, "amax": 22e6}
+CPU_PARAMS_PER_THREAD = {"mse": 5e6, "four-over-six": 10e6, "max": 22e6, "amax": 22e6, "cast": 22e6}
 LONG_CPU_RUN = 60.0  # seconds: a CPU run expected to last longer gets its estimate printed first
 
 
@@ -78,6 +78,8 @@ class ConvertResult:
     changed_sources: list[str] = field(default_factory=list)  # since the interrupted run (rewritten)
     gpu_peak: int | None = None  # bytes
     synthesized_amax: list[str] = field(default_factory=list)  # uncalibrated experts given made-up amax
+    requantized_blocks: int | None = None  # scales "cast": MXFP4 blocks requantized (None: no cast)
+    mxfp4_blocks: int = 0  # scales "cast": MXFP4 blocks of the quantized weights
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -106,6 +108,10 @@ class ConvertResult:
         if self.synthesized_amax:
             lines.append(f"synthesized amax for {len(self.synthesized_amax)} expert modules "
                          f"(see {self.dst / 'shardconv-report.json'})")
+        if self.requantized_blocks is not None:
+            lines.append(f"MXFP4 cast         {self.requantized_blocks} of {self.mxfp4_blocks} blocks requantized "
+                         "(exponent below NVFP4's scale range), the rest cast exactly"
+                         + (" (in the shards this run wrote)" if self.resumed else ""))
         return lines
 
     def to_dict(self) -> dict:
@@ -154,8 +160,8 @@ def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None 
 
     Args:
         src: a checkpoint folder or a Hugging Face hub repo id.
-        scales: ``"max"``, ``"mse"``, ``"four-over-six"`` or ``"amax"`` (default: ``"amax"`` when
-            ``amax`` holds weight amax, else ``"mse"``).
+        scales: ``"max"``, ``"mse"``, ``"four-over-six"``, ``"amax"`` or ``"cast"`` (default: ``"amax"``
+            when ``amax`` holds weight amax, else ``"cast"`` for an MXFP4 source, else ``"mse"``).
         amax: a saved ModelOpt amax file (``.pt`` or ``.safetensors``).
         format: ``"modelopt"`` or ``"compressed-tensors"``.
         exclude: module-name globs kept in source precision (one that matches nothing is a warning).
@@ -261,6 +267,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     finally:
         numerics.set_export_rounding(previous)
         torch.set_num_threads(threads_before)
+    # MXFP4 blocks (16 bytes of codes each) the cast covers: none unless an MXFP4 weight is quantized
+    cast_blocks = sum(m.encoded.data.nbytes // 16 for m in p.quantized if m.encoded is not None) \
+        if p.scales == "cast" else 0
     return ConvertResult(
         dst=out, source=p.source.root, revision=p.source.revision, shards=list(p.shard_names),
         quantized=summary.quantized, kept=summary.kept, in_bytes=summary.in_bytes, out_bytes=summary.out_bytes,
@@ -268,6 +277,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
         changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak,
         synthesized_amax=[s.module for s in p.synthesized], notes=list(p.notes),
+        requantized_blocks=summary.requantized if cast_blocks else None, mxfp4_blocks=cast_blocks,
         warnings=warnings)
 
 

@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", nargs="?", help="checkpoint folder or hub repo id (default: a built-in sample)")
     c.add_argument("dst", nargs="?", help="output folder (must be empty; default: <name>-NVFP4 here)")
     c.add_argument("--amax", metavar="FILE", help="saved ModelOpt amax file (.pt or .safetensors)")
-    c.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six"), default=None,
+    c.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six", "cast"), default=None,
                    help="weight scales: 'max' from the weights, 'amax' from --amax, 'mse' the FP8 scale sweep "
-                   "(least squared error per block), 'four-over-six' per-block 6 or 4 (default: amax when the "
-                   "file has weight amax, else mse)")
+                   "(least squared error per block), 'four-over-six' per-block 6 or 4, 'cast' MXFP4 cast losslessly "
+                   "from its exponents (default: amax when the file has weight amax, else cast for an MXFP4 "
+                   "source, else mse)")
     c.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep matching modules in source precision (glob over module names; repeatable)")
     c.add_argument("--format", default="modelopt", choices=("modelopt", "compressed-tensors"),
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-error", type=float, default=None, metavar="X",
                    help="largest relative reconstruction error accepted with --source (default: 0.5)")
     v.add_argument("--top", type=int, default=20, metavar="N", help="rows of the error table (default: 20)")
-    v.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six"), default=None,
+    v.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six", "cast"), default=None,
                    help="with --source: the scale method DST was converted with, for the bit-exact recomputation "
                    "(default: the journal's, else every method is tried per fusion group)")
     v.add_argument("--amax", metavar="FILE", help="with --source: the amax file DST was converted with (input_scale "

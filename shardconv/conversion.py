@@ -40,6 +40,7 @@ class Summary:
     changed_sources: tuple[str, ...] = ()  # source shards changed since the interrupted run (their output rewritten)
     converted_bytes: int = 0  # input bytes this run converted (less than in_bytes on a resume)
     already_complete: bool = False  # DST held this finished conversion: no shard was written
+    requantized: int = 0  # scales "cast": MXFP4 blocks outside the lossless window, in the shards this run wrote
 
 
 def _raise_interrupt(signum, frame):
@@ -48,9 +49,10 @@ def _raise_interrupt(signum, frame):
 
 def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
                     extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool,
-                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str], bool]:
+                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str], bool, int]:
     """The run, with DST locked; returns the indices of the shards kept from an interrupted run, the
-    source shards changed since it (identity.py), and whether DST already held this finished run."""
+    source shards changed since it (identity.py), whether DST already held this finished run, and the
+    MXFP4 blocks the cast requantized (pipeline.Converter.requantized)."""
     src = plan.source.root
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
     old = journal.Journal.read(dst)
@@ -131,7 +133,7 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return kept, changed, done
+    return kept, changed, done, converter.requantized if converter is not None else 0
 
 
 def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
@@ -167,7 +169,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     try:
         lock.acquire()
         start = time.perf_counter()
-        kept, changed, done = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
+        kept, changed, done, requantized = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
                                         sources, fingerprint_extra)
     finally:
         lock.release()
@@ -189,5 +191,6 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         changed_sources=tuple(sorted(changed)),
         converted_bytes=sum(u.in_bytes for u in plan.units if u.shard not in kept),
         already_complete=done,
+        requantized=requantized,
         gpu_peak=torch.cuda.max_memory_reserved(opts.device) if opts.device.type == "cuda" else None,
     )

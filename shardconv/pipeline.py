@@ -237,6 +237,7 @@ class Converter:
             self.compute = torch.cuda.Stream(opts.device)
             self.d2h = torch.cuda.Stream(opts.device)
         self.bar = None
+        self.requantized = 0  # scales "cast": MXFP4 blocks outside the lossless window (cast.py), counted here
         self.clock = profile.StageClock()
         self.local = threading.local()
 
@@ -321,6 +322,7 @@ class Converter:
                 results = [quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
                                           chunk=self.chunk, check=False)]
             oks = [torch.stack([q.ok for q in r]).all() for r in results]  # finite input, usable scales
+            self.requantized += sum(q.requantized for r in results for q in r)  # host ints: no sync
             done = torch.cuda.Event()
             done.record(self.compute)
         self.d2h.wait_event(done)
@@ -468,6 +470,7 @@ class Converter:
                     try:
                         with working_on(unit.first.path, unit.first.name):
                             results = quantize_group(unit.members, weights, self.plan.scales, "cpu")
+                        self.requantized += sum(q.requantized for q in results)
                     finally:
                         self.inputs.give(bufs)
                     jobs.append(self.writers.submit(self._write_cpu, unit, results))

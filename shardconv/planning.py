@@ -182,7 +182,7 @@ class Plan:
     shard_names: list[str]
     shard_tensors: list[list[PlannedTensor]]
     excluded: dict[str, str]  # module -> reason, every 2-D weight kept in source precision
-    scales: str  # "max", "amax", "mse" or "four-over-six" (scales.METHODS)
+    scales: str  # "max", "amax", "mse", "four-over-six" or "cast" (scales.METHODS)
     w4a4: bool
     kv_cache: bool
     format_name: str
@@ -245,11 +245,14 @@ def build_plan(
 ) -> Plan:
     """Decide everything about the output from headers (and the amax file), reading no tensor data."""
     excludes = list(excludes or [])
-    if scales is None:
-        scales = "amax" if amax is not None and amax.has_weight_amax else "mse"  # README: Scale methods
+    encoding = encodings.detect(source)  # refuses formats shardconv cannot read
+    if scales is None:  # README: Scale methods (MXFP4 sources: the lossless cast, cast.py)
+        scales = ("amax" if amax is not None and amax.has_weight_amax else
+                  "cast" if encoding.name == "mxfp4" else "mse")
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
         raise OptionError("--scales amax needs an --amax file with weight_quantizer amax entries")
-    encoding = encodings.detect(source)  # refuses formats shardconv cannot read
+    if scales == "cast" and encoding.name != "mxfp4":
+        raise OptionError(f"--scales cast needs an MXFP4 source; {source.root} holds {encoding.label} weights")
     encoded = encoding.weights(source)  # codes tensor name -> encoded weight (its parts checked)
     dropped = encoding.dropped(source, encoded)  # scales of the replaced quantization: not in the output
     # what a plain checkpoint would hold: Linear detection and the rules below see names and shapes there

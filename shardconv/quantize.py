@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import encodings, numerics, scales
+from . import cast, encodings, numerics, scales
 from .amax import ModuleAmax
 from .errors import AmaxError, OptionError, QuantizationError, SourceError
 from .planning import Member
@@ -28,6 +28,7 @@ class QuantizedWeight:
     scale_2: torch.Tensor  # float32 0-d
     input_scale: torch.Tensor | None  # float32 0-d, W4A4 only
     ok: torch.Tensor | None = None  # with check=False: a device bool; False: redo_on_cpu() decides
+    requantized: int = 0  # scales "cast": MXFP4 blocks outside the lossless window (cast.py)
 
 
 def _row_chunks(rows: int, cols: int, chunk: int | None = None):
@@ -83,6 +84,13 @@ def quantize_group(
     for m, w in zip(members, on_device):
         if check:
             check_finite(m, w)
+    cast_group = None
+    if method == "cast":  # MXFP4 members get their static amax from the E8M0 exponents; others use mse
+        if cast.applies(members):
+            cast_group = cast.prepare(members, device)
+            members = cast_group.members
+        else:
+            method = cast.FALLBACK_METHOD
     chunks = [list(_row_chunks(len(w), w[0].numel() if len(w) else 1, chunk)) for w in on_device]
     per_member = [scales.weight_global_amax(m, w, method, c) for m, w, c in zip(members, on_device, chunks)]
     group_amax = torch.stack(per_member).amax()
@@ -117,10 +125,17 @@ def quantize_group(
             finite = torch.stack([encodings.isfinite(w[rows]).all() for rows in c]).all() if len(w) else True
             scales_ok = (((q.scale.view(torch.uint8) & 0x7F) != 0x7F).all())
             q.ok = group_ok & finite & scales_ok
+    if cast_group is not None:
+        if check:
+            cast.check_exact(cast_group, on_device, results)
+        for q, n, w, exact in zip(results, cast_group.requantized, on_device, cast_group.exact):
+            q.requantized = n
+            if not check:
+                q.ok = q.ok & ~cast.mismatch(w, q, exact)
     if to_cpu:
         results = [
             QuantizedWeight(*(t if t is None or isinstance(t, bool) else t.cpu()
-                              for t in (q.packed, q.scale, q.scale_2, q.input_scale, q.ok)))
+                              for t in (q.packed, q.scale, q.scale_2, q.input_scale, q.ok)), q.requantized)
             for q in results
         ]
     return results

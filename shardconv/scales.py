@@ -6,6 +6,8 @@
   expert's weight amax (``ModuleAmax.from_weights``) is the max of its weights, per block when static.
 - ``mse``, ``four-over-six``: data-free searches (``sweep.py``) that pick a static per-block amax
   from the weights under ``g`` = the group's max |W|; four-over-six also normalises by 256.
+- ``cast``: MXFP4 sources, a static per-block amax from the E8M0 exponents (cast.py), set on the
+  members before these functions run; groups that are not MXFP4 use ``mse``.
 
 The group's ``g`` is settled before any block scale is computed (FORMAT.md §3).
 """
@@ -19,7 +21,8 @@ import torch
 from . import numerics, sweep
 from .planning import Member
 
-METHODS = ("max", "amax", *sweep.METHODS)
+METHODS = ("max", "amax", *sweep.METHODS, "cast")
+_STATIC = ("amax", "cast")  # methods that read each member's ModuleAmax
 
 
 def weight_global_amax(member: Member, weight: torch.Tensor, method: str, chunks: Iterable[slice]) -> torch.Tensor:
@@ -27,7 +30,7 @@ def weight_global_amax(member: Member, weight: torch.Tensor, method: str, chunks
 
     From the weights, the max is taken over the row slices ``chunks`` one at a time, so that no
     full-size temporary is made."""
-    if method == "amax" and not member.amax.from_weights:
+    if method in _STATIC and not member.amax.from_weights:
         a = member.amax
         value = a.global_amax if a.static else a.weight
         return value.reshape(()).to(weight.device)
@@ -46,7 +49,10 @@ def input_scale(members: list[Member]) -> torch.Tensor | None:
 
 
 def weight_scale_2(group_amax: torch.Tensor, method: str) -> torch.Tensor:
-    """The group's ``weight_scale_2``: g / (6 * 448), or g / (6 * 256) for four-over-six."""
+    """The group's ``weight_scale_2``: g / (6 * 448), or g / (6 * 256) for four-over-six (cast: exactly
+    the power of two ModelOpt's cast writes, whatever the export rounding)."""
+    if method == "cast":
+        return numerics.true_div(numerics._per_tensor(group_amax), numerics.FP4_MAX * numerics.FP8_MAX)
     return numerics.global_scale(group_amax, sweep.fp8_norm(method))
 
 
@@ -56,7 +62,7 @@ def block_scales(
     """e4m3 block scales for ``weight`` (the rows ``rows`` of the member) under the group's amax."""
     if method == "amax" and member.amax.from_weights == "static":  # an uncalibrated expert: max calibration
         return numerics.block_scales_static(numerics.block_amax(weight), group_amax)
-    if method == "amax" and member.amax.static:
+    if method in _STATIC and member.amax.static:
         n_blocks = member.in_features // numerics.BLOCK
         block = member.amax.weight.reshape(member.out_features, n_blocks)[rows].to(weight.device)
         return numerics.block_scales_static(block, group_amax)

@@ -10,6 +10,8 @@ from ..errors import SourceError
 from .base import Encoding
 from . import int4
 from .fp8_blocks import Fp8Blocks
+from .mxfp4 import MODEL_TYPES as MXFP4_MODEL_TYPES
+from .mxfp4 import Mxfp4
 from .plain import Plain
 
 # quant_method -> what it is, for the refusal message; all of these store 4-bit (or lower) weights.
@@ -84,6 +86,8 @@ def detect(source) -> Encoding:
         if fmt != "e4m3":
             raise SourceError(f"{where}: FP8 fmt {fmt!r} is not supported (only e4m3)")
         return Fp8Blocks((int(block[0]), int(block[1])))
+    if method == "mxfp4":
+        return _mxfp4(source, where)
     if method == "modelopt":
         algo = str(qc.get("quant_algo") or qc.get("quantization", {}).get("quant_algo") or "?")
         if "FP4" in algo.upper() or "W4" in algo.upper() or "INT4" in algo.upper():
@@ -112,3 +116,16 @@ def detect(source) -> Encoding:
     raise SourceError(f"{where}: the checkpoint is already quantized (quant_method {method!r}); {_NEEDS}")
 
 
+def _mxfp4(source, where: str) -> Mxfp4:
+    """gpt-oss's MXFP4 expert stacks; MXFP4 of any other model (DeepSeek-V4's experts among them) is refused."""
+    types = {source.config.get("model_type")}
+    if isinstance(source.config.get("text_config"), dict):
+        types.add(source.config["text_config"].get("model_type"))
+    if not types & MXFP4_MODEL_TYPES:
+        kind = next((t for t in types if t), "?")
+        raise SourceError(f"{where}: the checkpoint is already quantized to 4 bits (MXFP4) for model type {kind!r}; "
+                          "shardconv reads only gpt-oss's MXFP4 experts")
+    skip = source.config["quantization_config"].get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(s, str) for s in skip)):
+        raise SourceError(f"{where}: modules_to_not_convert is not a list of module names")
+    return Mxfp4()

@@ -7,7 +7,8 @@ one finds it.
 
 The scale method is ``--scales`` when given, else the journal's optional ``"scales"`` key, else each
 candidate is tried per group (``max``, ModelOpt's static max calibration ``max-static``, ``mse``,
-``four-over-six``; ``amax`` first when the amax file has weight amax) and the group passes when one
+``four-over-six``; ``amax`` first when the amax file has weight amax, ``cast`` first for an MXFP4
+source: the lossless cast from the E8M0 exponents, cast.py) and the group passes when one
 reproduces all its members exactly. The export rounding (numerics.set_export_rounding) is likewise
 ``--export-rounding``, the journal's ``"export_rounding"``, or cpu then cuda.
 """
@@ -29,7 +30,7 @@ from ..safetensors_io import DTYPE_NAMES, TensorInfo, read_into
 from .config import kv_attention
 from .report import QModule, Report
 
-METHODS = ("max", "amax", "mse", "four-over-six")  # --scales choices (scales.METHODS)
+METHODS = ("max", "amax", "mse", "four-over-six", "cast")  # --scales choices (scales.METHODS)
 CANDIDATES = ("max", "max-static", "mse", "four-over-six")  # tried in this order when the method is unknown
 ROUNDINGS = ("cpu", "cuda")
 
@@ -56,9 +57,13 @@ def _static_max(m: Member, w: torch.Tensor) -> Member:
     return replace(m, amax=a)
 
 
-def _expected(unit: Unit, weights: list[torch.Tensor], method: str, fmt) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors convert would write for each member, by module, under ``method``."""
+def _expected(unit: Unit, weights: list[torch.Tensor], method: str, fmt,
+              encoded: tuple[list[Member], list[torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors convert would write for each member, by module, under ``method``. ``encoded``: the
+    members as planned and their codes, for ``cast`` (which reads the encoding's exponents)."""
     members = unit.members
+    if method == "cast" and encoded is not None:
+        members, weights = encoded
     if method == "max-static":
         members, method = [_static_max(m, w) for m, w in zip(members, weights)], "amax"
     results = quantize_group(members, weights, method, "cpu", check=False)
@@ -119,14 +124,16 @@ class Recomputer:
     def group(self, unit: Unit, checked: list[str]) -> tuple[list[tuple[str, str, str]], str]:
         """([], method) when one (method, rounding) reproduces every checked member bit for bit; else
         the members that differ under the first candidate tried, and that method."""
-        weights = [encodings.source_weight(m, read_into(m.weight)) for m in unit.members]  # encoded -> bf16 here
+        codes = [read_into(m.weight) for m in unit.members]
+        encoded = (unit.members, codes) if any(m.encoded is not None for m in unit.members) else None
+        weights = [encodings.source_weight(m, c) for m, c in zip(unit.members, codes)]  # encoded -> bf16 here
         unit = replace(unit, members=[replace(m, encoded=None, weight=m.encoded.plain_view() if m.encoded else m.weight)
                                       for m in unit.members])
         first = None
         for rounding in self._order(self.roundings, 1):
             numerics.set_export_rounding(rounding)
             for method in self._order(self.methods, 0):
-                diffs = _compare(_expected(unit, weights, method, self.fmt), checked, self.tensors)
+                diffs = _compare(_expected(unit, weights, method, self.fmt, encoded), checked, self.tensors)
                 if not diffs:
                     self.matched[(method, rounding)] += 1
                     return [], method
@@ -167,13 +174,19 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
     fmt = get_format(convention)
     journal = journal if isinstance(journal, dict) else {}
     recorded = journal.get("scales") if journal.get("scales") in METHODS else None
+    given = scales
     scales = scales or recorded
     if scales == "amax" and amax is None:
         raise OptionError("--scales amax needs --amax FILE (the amax file the checkpoint was converted with)")
+    mxfp4 = encodings.detect(source).name == "mxfp4"
+    if scales == "cast" and not mxfp4:
+        raise OptionError(f"{'--scales cast' if given else 'scales cast (from the journal of DST)'}: recomputing "
+                          f"the cast needs the MXFP4 source, and {source.root} is not MXFP4")
     if scales:
         methods = [scales]
     else:
-        methods = (["amax"] if amax is not None and amax.has_weight_amax else []) + list(CANDIDATES)
+        methods = ((["amax"] if amax is not None and amax.has_weight_amax else []) + (["cast"] if mxfp4 else [])
+                   + list(CANDIDATES))
     rounding = rounding or (journal.get("export_rounding") if journal.get("export_rounding") in ROUNDINGS else None)
     roundings = [rounding] if rounding else list(ROUNDINGS)
 
