@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import load_checkpoint, run_cli, same_bytes, tree_digest
-from shardconv import numerics as nx
 from shardconv.api import verify
 from shardconv.synth import write_checkpoint
 from test_amax import expected, make_amax, weights
