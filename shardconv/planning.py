@@ -380,6 +380,7 @@ def build_plan(
         for name, t in u.extra.items():
             u.outputs.append(PlannedTensor(name, fmt.dtype_name(t), tuple(t.shape)))
 
+    _check_output_names(units)
     # Output shards, filled in processing order.
     shard_tensors: list[list[PlannedTensor]] = [[]]
     size = 0
@@ -400,6 +401,20 @@ def build_plan(
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
                 notes=notes, encoding=encoding, linears=found, synthesized=synthesized, kv_attentions=kv_attentions,
                 kv_missing=kv_missing)
+
+
+def _check_output_names(units: list[Unit]) -> None:
+    """Two planned output tensors of one name (a stray ``q_proj.weight_scale`` kept beside the
+    ``q_proj`` that writes one) would make a checkpoint an engine loads either way: refused."""
+    seen: dict[str, Unit] = {}
+    for u in units:
+        for t in u.outputs:
+            other = seen.setdefault(t.name, u)
+            if other is not u:
+                src = next((x for x in (u.copy, other.copy) if x is not None), u.first)
+                raise SourceError(f"{src.path}: tensor {t.name!r} would be written twice: the source holds it and "
+                                  "shardconv also writes it for a quantized module (a stray tensor of an earlier "
+                                  "quantization?)")
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:

@@ -122,3 +122,23 @@ def test_config_fields_shardconv_reads_are_type_checked(src, tmp_path, key, valu
     cfg[key] = value
     (src / "config.json").write_text(json.dumps(cfg))
     refused(src, tmp_path / "out", "config.json", key)
+
+
+def test_a_stray_tensor_named_like_a_planned_output_is_refused_at_plan_time(src, tmp_path):
+    """A kept ``q_proj.weight_scale`` beside the q_proj that shardconv quantizes (e.g. left by an
+    earlier quantization) would be written twice: refused before anything is written, naming it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    last = shards(src)[-1]
+    tensors = load_file(last)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    tensors[name] = torch.ones(4, dtype=torch.bfloat16)
+    save_file(tensors, last, metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][name] = last.name
+    index.write_text(json.dumps(data))
+    err = refused(src, tmp_path / "out", name, "written twice")
+    assert "bug" not in err
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,8 @@ _QUANTIZED_TENSORS = (
     (".quant_state.bitsandbytes__nf4", "bitsandbytes NF4 weights"),
     (".quant_state.bitsandbytes__fp4", "bitsandbytes FP4 weights"),
 )
-_NEEDS = "shardconv needs bf16, fp16 or fp32 weights, or FP8 block-quantized ones (quant_method 'fp8' with weight_block_size)"
+_NEEDS = ("shardconv reads bf16, fp16 or fp32 weights, FP8 blocks (quant_method 'fp8' with weight_block_size), "
+          "gpt-oss MXFP4 experts and symmetric compressed-tensors pack-quantized INT4")
 
 
 def _already_4bit(where, what: str) -> SourceError:
