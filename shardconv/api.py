@@ -117,22 +117,25 @@ def _check_choice(value: str | None, choices: Sequence[str], what: str) -> None:
 
 
 def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict,
-          warnings: list[str]):
+          warnings: list[str], recipe: str | None = None, format_for: Sequence[str] = ()):
     """(plan, amax identity for the fingerprint)."""
     from . import identity
     from .amax import load_amax
     from .formats import get_format
     from .planning import build_plan, unmatched_excludes
+    from .recipes import parse as parse_recipe
     from .source import open_source
 
     _check_choice(scales, SCALES, "scales")
     _check_choice(format, FORMATS, "format")
     exclude = list(exclude)
+    mix = parse_recipe(recipe, list(format_for))
     source = open_source(str(src), revision=revision)
     # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
     amax_file, amax_id = identity.read_whole(Path(amax), load_amax) if amax is not None else (None, None)
     p = build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
-                   max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code)
+                   max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code,
+                   recipe=mix)
     for pattern in unmatched_excludes(source, exclude):
         message = f"--exclude {pattern!r} matches no module of {source.root}"
         if strict:
@@ -144,7 +147,8 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
 
 def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None = None, format: str = "modelopt",
          exclude: Sequence[str] = (), max_shard_size: int | str = "5GB", revision: str | None = None,
-         trust_remote_code: bool = False, strict: bool = False) -> "Plan":
+         trust_remote_code: bool = False, strict: bool = False, recipe: str | None = None,
+         format_for: Sequence[str] = ()) -> "Plan":
     """Decide everything about a conversion from headers alone and write nothing (the dry run).
 
     Args:
@@ -163,7 +167,8 @@ def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None 
         the :class:`~shardconv.planning.Plan` (``quantized``, ``excluded``, ``groups``, ``shard_names``,
         ``out_bytes``, ``quant_algo``, ``notes``); :func:`describe` turns it into the dry-run report.
     """
-    return _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict, [])[0]
+    return _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict, [],
+                 recipe, format_for)[0]
 
 
 def describe(p: "Plan") -> list[str]:
@@ -192,7 +197,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
             overwrite: bool = False, fsync: bool = False, progress: bool = False, readers: int = 4,
             host_buffer: int | str = "1GiB", gpu_buffer: int | str = "4GiB", prefetch: int | str = 0,
             threads: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
-            max_extra_size: int | str = "1GiB", strict: bool = False) -> ConvertResult:
+            max_extra_size: int | str = "1GiB", strict: bool = False, recipe: str | None = None,
+            format_for: Sequence[str] = ()) -> ConvertResult:
     """Convert ``src`` into an NVFP4 checkpoint in ``dst``, resuming an interrupted run of the same
     conversion; return what was written.
 
@@ -231,7 +237,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     numerics.set_export_rounding(export_rounding)
     try:
         p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
-                           strict, warnings)
+                           strict, warnings, recipe, format_for)
         for note in p.notes:
             log.info(note)
         out = Path(dst) if dst is not None else default_dst(p)
@@ -248,7 +254,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
                        gpu_buffer=parse_size(gpu_buffer, "gpu_buffer"), progress=progress, fsync=fsync,
                        prefetch=parse_size(prefetch, "prefetch", zero=True))
         summary = run_conversion(p, out, fmt=get_format(format), opts=opts, overwrite=overwrite,
-                               fingerprint_extra={"amax": amax_id} if amax_id else {},
+                               fingerprint_extra=_fingerprint_extra(p, amax_id),
                                max_extra_size=parse_size(max_extra_size, "max_extra_size"))
     finally:
         numerics.set_export_rounding(previous)
@@ -260,6 +266,14 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
         changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak, notes=list(p.notes),
         warnings=warnings)
+
+
+def _fingerprint_extra(p: "Plan", amax_id) -> dict:
+    """What else decides the output bytes: the amax file's content and a mixed-precision recipe."""
+    extra = {"amax": amax_id} if amax_id else {}
+    if p.recipe is not None:
+        extra["recipe"] = p.recipe.describe()
+    return extra
 
 
 def cpu_estimate_as(p: "Plan", scales: str, threads: int) -> float:

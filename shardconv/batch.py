@@ -27,7 +27,7 @@ BATCHED_METHODS = ("max", "amax")
 
 def structure(members: list[Member]) -> tuple | None:
     """What groups must share to be quantized as one batch (None: never batched)."""
-    if any(m.stacked or m.scale_inv is not None for m in members):
+    if any(m.stacked or m.scale_inv is not None or m.target != "nvfp4" for m in members):
         return None
     return tuple((m.weight.dtype, tuple(m.weight.shape), _amax_kind(m.amax)) for m in members)
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import fp8 as fp8_input
+from . import mixed
 from .amax import AmaxFile, ModuleAmax
 from .errors import AmaxError, OptionError, SourceError
 from .linears import Linears
 from .linears import find as find_linears
+from .recipes import Recipe
 from .numerics import BLOCK, FP8_MAX
 from .safetensors_io import PlannedTensor, TensorInfo
 from .source import Source
@@ -122,6 +124,7 @@ class Member:
     scale_inv: TensorInfo | None = None  # FP8 block-quantized source: its weight_scale_inv
     fp8_block: tuple[int, int] | None = None
     stacked: bool = False  # [E, in, out] expert stack, quantized per expert along `in`
+    target: str = "nvfp4"  # "nvfp4" or "fp8" (a mixed-precision recipe, recipes.py)
 
     @property
     def out_features(self) -> int:
@@ -186,6 +189,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
     fp8: fp8_input.Fp8Blocks | None = None  # FP8 block-quantized source, dequantized on the fly
     linears: Linears | None = None  # how Linear weights were told from embeddings and others
+    recipe: Recipe | None = None  # a mixed-precision recipe (None: everything NVFP4)
 
     @property
     def quantized(self) -> list[Member]:
@@ -204,8 +208,26 @@ class Plan:
         return sum(u.out_bytes for u in self.units)
 
     @property
-    def quant_algo(self) -> str:
+    def nvfp4_algo(self) -> str:
         return "NVFP4" if self.w4a4 else "W4A16_NVFP4"
+
+    @property
+    def mixed(self) -> bool:
+        """Some modules FP8, the others NVFP4: ModelOpt's MIXED_PRECISION."""
+        return any(m.target == "fp8" for m in self.quantized)
+
+    @property
+    def quant_algo(self) -> str:
+        return "MIXED_PRECISION" if self.mixed else self.nvfp4_algo
+
+    def layer_algos(self) -> dict[str, dict]:
+        """MIXED_PRECISION's ``quantized_layers``: per module (experts: per ``...experts`` module) its
+        quant_algo, in the model's module order (mixed.module_order)."""
+        out: dict[str, dict] = {}
+        for m in sorted(self.quantized, key=lambda m: mixed.module_order(m.module)):
+            algo = {"quant_algo": "FP8"} if m.target == "fp8" else {"quant_algo": self.nvfp4_algo, "group_size": BLOCK}
+            out.setdefault(mixed.layer_key(m.module), algo)
+        return out
 
     def exclude_list(self) -> list[str]:
         """Excluded modules for the config files, sorted: exact module names, and ``root.*`` for a
@@ -230,9 +252,15 @@ def build_plan(
     scales: str | None = None,
     max_shard_size: int = 5 * 10**9,
     trust_remote_code: bool = False,
+    recipe: Recipe | None = None,
 ) -> Plan:
     """Decide everything about the output from headers (and the amax file), reading no tensor data."""
     excludes = list(excludes or [])
+    if recipe is not None and recipe.is_default:
+        recipe = None
+    if recipe is not None and not getattr(fmt, "supports_mixed_precision", False):
+        raise OptionError(f"--recipe / --format-for: mixed precision is written in the modelopt format only, "
+                          f"not {fmt.name}")
     if scales is None:
         scales = "amax" if amax is not None and amax.has_weight_amax else "mse"  # README: Scale methods
     if scales == "amax" and (amax is None or not amax.has_weight_amax):
@@ -298,13 +326,16 @@ def build_plan(
             for m in groups.pop(key):
                 excluded[m.module] = f"fusion group member {module} is excluded ({reason})"
 
+    w4a4 = bool(amax and amax.has_input_amax)
+    if recipe is not None:
+        mixed.apply(recipe, groups, excluded, w4a4, amax is not None)
+
     if not groups:
         notes.append("nothing to quantize: a conversion is refused (its output would be no NVFP4 checkpoint)")
     if amax is not None:
         _check_amax_modules(source, amax)
 
     # Saved amax: every quantized module needs what the chosen method reads from the file.
-    w4a4 = bool(amax and amax.has_input_amax)
     for members in groups.values():
         for m in members:
             m.amax = amax.get(m.module) if amax else None
@@ -345,7 +376,7 @@ def build_plan(
         if u.dequant is not None:
             u.outputs = [PlannedTensor(u.dequant[0].name, fp8_input.DEQUANT_DTYPE_NAME, u.dequant[0].shape)]
         for m in u.members:
-            u.outputs += fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
+            u.outputs += member_outputs(fmt, m, w4a4)
         for name, t in u.extra.items():
             u.outputs.append(PlannedTensor(name, fmt.dtype_name(t), tuple(t.shape)))
 
@@ -368,7 +399,14 @@ def build_plan(
         notes.append(f"FP8 source ({fp8.block[0]}x{fp8.block[1]} blocks): weights are dequantized to bf16 first; "
                      "its quantization_config and weight_scale_inv tensors are replaced")
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
-                notes=notes, fp8=fp8, linears=found)
+                notes=notes, fp8=fp8, linears=found, recipe=recipe)
+
+
+def member_outputs(fmt, m: Member, w4a4: bool) -> list[PlannedTensor]:
+    """The tensors a quantized member becomes in ``fmt`` (FP8 members: the per-tensor FP8 layout)."""
+    if m.target == "fp8":
+        return fmt.fp8_outputs(m.module, m.out_features, m.in_features, w4a4)
+    return fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:
