@@ -178,6 +178,9 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
             kept.append(module)
     plan = build_plan(source, fmt, excludes=kept, amax=amax, scales="amax" if scales == "amax" else "max",
                       max_shard_size=2**62)
+    for m in plan.quantized:  # a mixed-precision DST: its FP8 modules are recomputed as FP8
+        if m.module in found and found[m.module].fp8:
+            m.target = "fp8"
     planned = {m.module for m in plan.quantized}
     not_planned = sorted(m for m in good if m not in planned)
     if not_planned:
