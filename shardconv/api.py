@@ -254,7 +254,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
                        gpu_buffer=parse_size(gpu_buffer, "gpu_buffer"), progress=progress, fsync=fsync,
                        prefetch=parse_size(prefetch, "prefetch", zero=True))
         summary = run_conversion(p, out, fmt=get_format(format), opts=opts, overwrite=overwrite,
-                               fingerprint_extra=_fingerprint_extra(p, amax_id),
+                               fingerprint_extra={"amax": amax_id} if amax_id else {},
                                max_extra_size=parse_size(max_extra_size, "max_extra_size"))
     finally:
         numerics.set_export_rounding(previous)
@@ -266,14 +266,6 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
         changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak, notes=list(p.notes),
         warnings=warnings)
-
-
-def _fingerprint_extra(p: "Plan", amax_id) -> dict:
-    """What else decides the output bytes: the amax file's content and a mixed-precision recipe."""
-    extra = {"amax": amax_id} if amax_id else {}
-    if p.recipe is not None:
-        extra["recipe"] = p.recipe.describe()
-    return extra
 
 
 def cpu_estimate_as(p: "Plan", scales: str, threads: int) -> float:
