@@ -6,7 +6,9 @@
   once to fp32), so the result is the correctly rounded fp32 quotient whatever the device.
 - ``weight = e4m3(dtype(fp32(W) / weight_scale))``: ModelOpt divides the weight tensor by the 0-d fp32
   scale, and a 0-d tensor does not promote: the fp32 quotient is rounded to the weight's own dtype
-  (bf16, fp16) first, then cast to e4m3 (round to nearest even; beyond ±448 saturates to ±448).
+  (bf16, fp16) first, then cast to e4m3 (round to nearest even; beyond ±448 saturates to ±448). The
+  scale is a CPU tensor there, so an export on CUDA multiplies by its fp32 reciprocal instead
+  (``numerics.EXPORT_ROUNDING == "cuda"``, as for the NVFP4 scalars).
 - ``input_scale = export_amax / 448`` (ModelOpt's export_amax: a zero amax becomes 448), divided as
   tensor / Python number, so it follows ``numerics.div_scalar`` (the export device's rounding).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import numerics
 from .numerics import FP8_MAX, div_scalar, true_div
 
 
@@ -42,7 +45,12 @@ def input_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 codes of ``fp32(weight) / scale`` rounded to the weight's dtype first (saturating at ±448)."""
-    x = (weight.float() / scale.to(weight.device).float()).to(weight.dtype)
+    s = scale.to(weight.device).float()
+    if numerics.EXPORT_ROUNDING == "cuda":  # ATen on CUDA: x * fp32(1 / s) for a CPU 0-d divisor
+        x = weight.float() * (torch.ones_like(s) / s)
+    else:
+        x = weight.float() / s
+    x = x.to(weight.dtype)
     return x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import load_checkpoint, run_cli, same_bytes, tree_digest
-from shardconv import fp8_numerics
+from shardconv import fp8_numerics, numerics
 from shardconv.synth import write_checkpoint
 from shardconv.verification import verify
 from test_errors import check_fails
@@ -81,6 +81,34 @@ def test_fp8_numbers_follow_the_written_rules(mixed_out):
         assert same_bytes(out[f"{m}.weight"], codes)
         scales.add(float(scale))
     assert len(scales) == 3  # each member its own scale, as ModelOpt exports FP8
+
+
+def test_fp8_export_rounding_cuda_multiplies_by_the_reciprocal(tmp_path):
+    """--export-rounding cuda: ModelOpt on CUDA divides by a CPU 0-d scale, which ATen does as a product
+    with its fp32 reciprocal; the NVFP4 experts stay as the cpu run wrote them where no scalar rounds apart."""
+    _convert_golden(tmp_path / "out", "--export-rounding", "cuda")
+    src, out = load_checkpoint(GOLDEN / "source"), load_checkpoint(tmp_path / "out")
+    for layer in (0, 1):
+        for leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m = f"model.layers.{layer}.self_attn.{leaf}"
+            w, scale = src[f"{m}.weight"], out[f"{m}.weight_scale"]
+            want = (w.float() * (torch.ones_like(scale) / scale)).to(torch.bfloat16).to(torch.float8_e4m3fn)
+            assert same_bytes(out[f"{m}.weight"], want), m
+    assert verify(tmp_path / "out", str(GOLDEN / "source"), amax=str(MIXED / "amax.pt")).ok
+
+
+def test_fp8_rounding_rules_differ_where_they_should():
+    """An fp32 weight whose quotient sits on an e4m3 tie: W / s and W * fp32(1/s) round apart (for bf16
+    weights the intermediate bf16 rounding makes the two rules agree in practice)."""
+    s = torch.tensor(1006340506, dtype=torch.int32).view(torch.float32)
+    w = torch.tensor([1008032179], dtype=torch.int32).view(torch.float32)
+    try:
+        numerics.set_export_rounding("cuda")
+        cuda = fp8_numerics.quantize(w, s).view(torch.uint8)
+    finally:
+        numerics.set_export_rounding("cpu")
+    cpu = fp8_numerics.quantize(w, s).view(torch.uint8)
+    assert (int(cpu), int(cuda)) == (58, 57)
 
 
 def test_fp8_zero_weight_gets_scale_one():
