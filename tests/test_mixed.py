@@ -13,6 +13,7 @@ from conftest import load_checkpoint, run_cli, same_bytes, tree_digest
 from shardconv import fp8_numerics, numerics
 from shardconv.synth import write_checkpoint
 from shardconv.verification import verify
+from test_amax import make_amax
 from test_errors import check_fails
 from test_golden import without_producer
 
@@ -269,6 +270,38 @@ def test_resume_with_another_recipe_is_refused(mixed_out, tmp_path):
                       "--no-progress", "--format-for", "*.o_proj=keep")
     assert rc == 2 and "different conversion" in err, err
     assert tree_digest(d) == before
+
+
+def _synth_with_amax(tmp_path, family, **kw):
+    src = write_checkpoint(tmp_path / "src", family=family, num_layers=2, shard_size=300_000, **kw)
+    amax = tmp_path / "amax.pt"
+    torch.save(make_amax(load_checkpoint(src), static=False, inputs=True, kv=True), amax)
+    return src, amax
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_recipe_on_moe_families_verifies(family, tmp_path):
+    """Experts NVFP4; attention (MLA too), dense and shared-expert MLPs FP8; routers kept; FP8 KV scales."""
+    src, amax = _synth_with_amax(tmp_path, family)
+    dst = tmp_path / "out"
+    rc, err = run_cli("convert", src, dst, "--amax", amax, *RECIPE, "--device", "cpu", "--no-progress")
+    assert rc == 0, err
+    out = load_checkpoint(dst)
+    hq = json.loads((dst / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "MIXED_PRECISION"
+    assert hq["kv_cache_quant_algo"] == (None if family == "deepseek_v3" else "FP8")  # MLA: no k_proj amax here
+    layers = hq["quantized_layers"]
+    for name, t in out.items():
+        if not name.endswith(".weight_scale") or t.dim():
+            continue
+        module = name[: -len(".weight_scale")]
+        assert ".experts." not in module and out[f"{module}.weight"].dtype == torch.float8_e4m3fn
+        assert layers[module] == {"quant_algo": "FP8"}
+    experts = [k for k in layers if k.endswith(".experts")]
+    assert experts and all(layers[k] == {"quant_algo": "NVFP4", "group_size": 16} for k in experts)
+    assert not any(k.endswith((".gate", "shared_expert_gate")) for k in layers)
+    r = verify(dst, str(src), amax=str(amax))
+    assert r.ok, r.problems
 
 
 @pytest.mark.gpu
