@@ -158,6 +158,14 @@ def test_verify_fails_an_unusable_fp8_scale(mixed_out, tmp_path, value):
     assert any(name in p and "finite and positive" in p for p in r.problems), r.problems
 
 
+def test_verify_fails_fp8_without_input_scale(mixed_out, tmp_path):
+    d = _damaged(mixed_out, tmp_path)
+    _rewrite(d, lambda t: t.pop("model.layers.1.self_attn.o_proj.input_scale"))
+    (d / "model.safetensors.index.json").unlink(missing_ok=True)
+    r = verify(d)
+    assert any("model.layers.1.self_attn.o_proj has no input_scale" in p for p in r.problems), r.problems
+
+
 def test_verify_fails_nan_fp8_codes(mixed_out, tmp_path):
     d = _damaged(mixed_out, tmp_path)
     name = "model.layers.0.self_attn.o_proj.weight"

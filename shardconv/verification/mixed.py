@@ -49,7 +49,10 @@ def check_fp8_shapes(q: QModule, report: Report) -> bool:
 
 
 def check_fp8_values(q: QModule, report: Report) -> None:
-    """Scales finite and positive; no NaN code (e4m3fn has no Inf) in the weight."""
+    """Scales finite and positive, an input_scale present; no NaN code (e4m3fn has no Inf) in the weight."""
+    if q.input_scale is None:  # ModelOpt writes FP8 weight-only layers so; vLLM then loads a placeholder
+        report.fail(f"{q.packed.path}: FP8 module {q.module} has no input_scale (engines load ModelOpt FP8 layers "
+                    "as W8A8 with a static input scale)")
     for t in (q.scale, q.input_scale):
         if t is None:
             continue
