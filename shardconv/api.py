@@ -136,8 +136,10 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
     p = build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
                    max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code,
                    recipe=mix)
-    for pattern in unmatched_excludes(source, exclude):
-        message = f"--exclude {pattern!r} matches no module of {source.root}"
+    unmatched = [("--exclude", p) for p in unmatched_excludes(source, exclude)]
+    unmatched += [("--format-for", f"{p}={f}") for (p, f) in mix.rules if unmatched_excludes(source, [p])]
+    for option, pattern in unmatched:
+        message = f"{option} {pattern!r} matches no module of {source.root}"
         if strict:
             raise OptionError(message + " (--strict makes this an error)")
         warnings.append(message)

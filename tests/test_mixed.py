@@ -269,6 +269,19 @@ def test_refuses_a_bad_format_for(tmp_path):
                 args=("--format-for", "model.layers.0.self_attn.q_proj=int4"))
 
 
+def test_a_format_for_pattern_that_matches_nothing_is_an_error_with_strict(tmp_path):
+    check_fails(GOLDEN / "source", tmp_path / "out", "--format-for", "model.layer.*.o_proj=fp8", "matches no module",
+                args=(*RECIPE, "--amax", MIXED / "amax.pt", "--strict", "--format-for", "model.layer.*.o_proj=fp8"))
+
+
+def test_dry_run_names_the_recipe():
+    import shardconv
+
+    p = shardconv.plan(GOLDEN / "source", amax=MIXED / "amax.pt", recipe="nvfp4-experts-fp8")
+    assert p.quant_algo == "MIXED_PRECISION"
+    assert any(line.startswith("recipe      nvfp4-experts-fp8: 24 NVFP4, 8 FP8") for line in shardconv.describe(p))
+
+
 def test_resume_with_another_recipe_is_refused(mixed_out, tmp_path):
     """Another recipe changes the planned tensors' dtypes, so the run's fingerprint (journal.py) differs."""
     d = tmp_path / "out"
