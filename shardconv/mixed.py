@@ -13,7 +13,26 @@ Rules (README, Mixed precision):
 from __future__ import annotations
 
 from .errors import OptionError
+from .numerics import BLOCK
 from .recipes import Recipe, expert_parent
+
+
+def member_outputs(fmt, m, w4a4: bool) -> list:
+    """The tensors (PlannedTensor) a quantized member becomes in ``fmt``: FP8 members the per-tensor FP8
+    layout, the others NVFP4's."""
+    if m.target == "fp8":
+        return fmt.fp8_outputs(m.module, m.out_features, m.in_features, w4a4)
+    return fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
+
+
+def quantized_layers(plan) -> dict[str, dict]:
+    """MIXED_PRECISION's ``quantized_layers``: per module (experts: per ``...experts`` module) its
+    quant_algo, in the model's module order (:func:`module_order`)."""
+    out: dict[str, dict] = {}
+    for m in sorted(plan.quantized, key=lambda m: module_order(m.module)):
+        algo = {"quant_algo": "FP8"} if m.target == "fp8" else {"quant_algo": plan.nvfp4_algo, "group_size": BLOCK}
+        out.setdefault(layer_key(m.module), algo)
+    return out
 
 
 def layer_key(module: str) -> str:

@@ -30,7 +30,8 @@ import torch
 
 from . import journal, profile, readahead
 from .errors import working_on
-from .planning import Plan, Unit, member_outputs
+from .mixed import member_outputs
+from .planning import Plan, Unit
 from . import fp8
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, validate

@@ -220,15 +220,6 @@ class Plan:
     def quant_algo(self) -> str:
         return "MIXED_PRECISION" if self.mixed else self.nvfp4_algo
 
-    def layer_algos(self) -> dict[str, dict]:
-        """MIXED_PRECISION's ``quantized_layers``: per module (experts: per ``...experts`` module) its
-        quant_algo, in the model's module order (mixed.module_order)."""
-        out: dict[str, dict] = {}
-        for m in sorted(self.quantized, key=lambda m: mixed.module_order(m.module)):
-            algo = {"quant_algo": "FP8"} if m.target == "fp8" else {"quant_algo": self.nvfp4_algo, "group_size": BLOCK}
-            out.setdefault(mixed.layer_key(m.module), algo)
-        return out
-
     def exclude_list(self) -> list[str]:
         """Excluded modules for the config files, sorted: exact module names, and ``root.*`` for a
         whole MTP layer or vision/audio tower (never a bare prefix, FORMAT.md §4)."""
@@ -376,7 +367,7 @@ def build_plan(
         if u.dequant is not None:
             u.outputs = [PlannedTensor(u.dequant[0].name, fp8_input.DEQUANT_DTYPE_NAME, u.dequant[0].shape)]
         for m in u.members:
-            u.outputs += member_outputs(fmt, m, w4a4)
+            u.outputs += mixed.member_outputs(fmt, m, w4a4)
         for name, t in u.extra.items():
             u.outputs.append(PlannedTensor(name, fmt.dtype_name(t), tuple(t.shape)))
 
@@ -400,13 +391,6 @@ def build_plan(
                      "its quantization_config and weight_scale_inv tensors are replaced")
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
                 notes=notes, fp8=fp8, linears=found, recipe=recipe)
-
-
-def member_outputs(fmt, m: Member, w4a4: bool) -> list[PlannedTensor]:
-    """The tensors a quantized member becomes in ``fmt`` (FP8 members: the per-tensor FP8 layout)."""
-    if m.target == "fp8":
-        return fmt.fp8_outputs(m.module, m.out_features, m.in_features, w4a4)
-    return fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
 
 
 def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..mixed import quantized_layers
 from ..numerics import BLOCK, FP8_MAX, div_scalar
 from ..safetensors_io import DTYPE_NAMES, PlannedTensor
 
@@ -126,7 +127,7 @@ def mixed_config_files(plan, config: dict) -> dict[str, dict]:
     """MIXED_PRECISION as ModelOpt 0.47 writes it (README, Mixed precision): ``quantized_layers`` maps
     each quantized module (experts: their ``...experts`` module) to its quant_algo; modules absent from
     it are unquantized, so no exclusion list is written (ModelOpt writes none; ``ignore`` is empty)."""
-    layers = plan.layer_algos()
+    layers = quantized_layers(plan)
     kv_algo = "FP8" if plan.kv_cache else None
     hf_quant = {
         "producer": dict(PRODUCER),
