@@ -127,25 +127,30 @@ def _check_choice(value: str | None, choices: Sequence[str], what: str) -> None:
 
 
 def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict,
-          warnings: list[str], strict_amax: bool = False):
+          warnings: list[str], strict_amax: bool = False, recipe: str | None = None,
+          format_for: Sequence[str] = ()):
     """(plan, amax identity for the fingerprint)."""
     from . import identity
     from .amax import load_amax
     from .formats import get_format
     from .planning import build_plan, unmatched_excludes
+    from .recipes import parse as parse_recipe
     from .source import open_source
 
     _check_choice(scales, SCALES, "scales")
     _check_choice(format, FORMATS, "format")
     exclude = list(exclude)
+    mix = parse_recipe(recipe, list(format_for))
     source = open_source(str(src), revision=revision)
     # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
     amax_file, amax_id = identity.read_whole(Path(amax), load_amax) if amax is not None else (None, None)
     p = build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
                    max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code,
-                   strict_amax=strict_amax)
-    for pattern in unmatched_excludes(source, exclude):
-        message = f"--exclude {pattern!r} matches no module of {source.root}"
+                   strict_amax=strict_amax, recipe=mix)
+    unmatched = [("--exclude", p) for p in unmatched_excludes(source, exclude)]
+    unmatched += [("--format-for", f"{p}={f}") for (p, f) in mix.rules if unmatched_excludes(source, [p])]
+    for option, pattern in unmatched:
+        message = f"{option} {pattern!r} matches no module of {source.root}"
         if strict:
             raise OptionError(message + " (--strict makes this an error)")
         warnings.append(message)
@@ -155,7 +160,8 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
 
 def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None = None, format: str = "modelopt",
          exclude: Sequence[str] = (), max_shard_size: int | str = "5GB", revision: str | None = None,
-         trust_remote_code: bool = False, strict: bool = False, strict_amax: bool = False) -> "Plan":
+         trust_remote_code: bool = False, strict: bool = False, strict_amax: bool = False,
+         recipe: str | None = None, format_for: Sequence[str] = ()) -> "Plan":
     """Decide everything about a conversion from headers alone and write nothing (the dry run).
 
     Args:
@@ -177,7 +183,7 @@ def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None 
         ``out_bytes``, ``quant_algo``, ``notes``); :func:`describe` turns it into the dry-run report.
     """
     return _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict, [],
-                 strict_amax)[0]
+                 strict_amax, recipe, format_for)[0]
 
 
 def describe(p: "Plan") -> list[str]:
@@ -206,7 +212,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
             overwrite: bool = False, fsync: bool = False, progress: bool = False, readers: int = 4,
             host_buffer: int | str = "1GiB", gpu_buffer: int | str = "4GiB", prefetch: int | str = 0,
             threads: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
-            max_extra_size: int | str = "1GiB", strict: bool = False, strict_amax: bool = False) -> ConvertResult:
+            max_extra_size: int | str = "1GiB", strict: bool = False, strict_amax: bool = False,
+            recipe: str | None = None, format_for: Sequence[str] = ()) -> ConvertResult:
     """Convert ``src`` into an NVFP4 checkpoint in ``dst``, resuming an interrupted run of the same
     conversion; return what was written.
 
@@ -245,7 +252,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     numerics.set_export_rounding(export_rounding)
     try:
         p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
-                           strict, warnings, strict_amax)
+                           strict, warnings, strict_amax, recipe, format_for)
         for note in p.notes:
             log.info(note)
         out = Path(dst) if dst is not None else default_dst(p)

@@ -29,7 +29,8 @@ BATCHED_METHODS = ("max", "amax", *sweep.METHODS)
 
 def structure(members: list[Member]) -> tuple | None:
     """What groups must share to be quantized as one batch (None: never batched)."""
-    if any(m.stacked or m.encoded is not None or (m.amax is not None and m.amax.from_weights) for m in members):
+    if any(m.stacked or m.encoded is not None or m.target != "nvfp4" or (m.amax is not None and m.amax.from_weights)
+           for m in members):
         return None
     return tuple((m.weight.dtype, tuple(m.weight.shape), _amax_kind(m.amax)) for m in members)
 

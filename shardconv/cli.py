@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="modelopt", choices=("modelopt", "compressed-tensors"),
                    help="output layout: modelopt (ModelOpt's unified HF checkpoint) or compressed-tensors "
                    "(nvfp4-pack-quantized) (default: modelopt)")
+    c.add_argument("--recipe", default=None, choices=("nvfp4", "nvfp4-experts-fp8"),
+                   help="mixed precision: 'nvfp4-experts-fp8' quantizes MoE experts to NVFP4 and every other Linear "
+                   "to FP8 (per-tensor, needs --amax with activation amax; modelopt format) (default: nvfp4)")
+    c.add_argument("--format-for", metavar="PATTERN=FORMAT", action="append", default=[],
+                   help="format of the modules matching PATTERN (glob over module names): nvfp4, fp8 or keep; "
+                   "overrides --recipe, the last match wins (repeatable)")
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
     c.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
                    help="largest output shard (default: 5GB)")
@@ -203,7 +209,8 @@ def _convert(args) -> int:
             dst, overwrite = SAMPLE_DST, True
     common = dict(scales=args.scales, amax=args.amax, format=args.format, exclude=args.exclude,
                   max_shard_size=args.max_shard_size, revision=args.revision,
-                  trust_remote_code=args.trust_remote_code, strict=args.strict, strict_amax=args.strict_amax)
+                  trust_remote_code=args.trust_remote_code, strict=args.strict, strict_amax=args.strict_amax,
+                  recipe=args.recipe, format_for=args.format_for)
     try:
         if args.dry_run or args.verbose:
             plan = api.plan(src, **common)

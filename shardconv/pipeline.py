@@ -32,6 +32,7 @@ import torch
 from . import journal, profile, readahead
 from .errors import working_on
 from .encodings import dequantize_excluded
+from .mixed import member_outputs
 from .planning import Plan, Unit
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, redo_on_cpu
@@ -188,7 +189,7 @@ def _largest_output(plan: Plan, fmt) -> int:
     sizes = [0]
     for u in plan.units:
         for m in u.members:
-            outs = fmt.quantized_outputs(m.module, m.out_features, m.in_features, plan.w4a4, experts=m.experts)
+            outs = member_outputs(fmt, m, plan.w4a4)
             sizes.append(sum(_aligned(t.nbytes) for t in outs))
     return max(sizes)
 

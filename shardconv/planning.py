@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import encodings, uncalibrated
+from . import encodings, mixed, uncalibrated
 from .amax import AmaxFile, ModuleAmax
 from .errors import AmaxError, OptionError, SourceError
 from .linears import Linears
 from .linears import find as find_linears
+from .recipes import Recipe
 from .numerics import BLOCK, FP8_MAX
 from .safetensors_io import PlannedTensor, TensorInfo
 from .source import Source
@@ -121,6 +122,7 @@ class Member:
     amax: ModuleAmax | None = None
     encoded: encodings.EncodedWeight | None = None  # a quantized source encoding: ``weight`` holds its codes
     stacked: bool = False  # [E, in, out] expert stack, quantized per expert along `in`
+    target: str = "nvfp4"  # "nvfp4" or "fp8" (a mixed-precision recipe, recipes.py)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -197,6 +199,7 @@ class Plan:
     def kv_partial(self) -> bool:
         """Only some attention modules carry FP8 KV-cache scales: the config declares them per layer."""
         return self.kv_cache and bool(self.kv_missing)
+    recipe: Recipe | None = None  # a mixed-precision recipe (None: everything NVFP4)
 
     @property
     def quantized(self) -> list[Member]:
@@ -215,8 +218,17 @@ class Plan:
         return sum(u.out_bytes for u in self.units)
 
     @property
-    def quant_algo(self) -> str:
+    def nvfp4_algo(self) -> str:
         return "NVFP4" if self.w4a4 else "W4A16_NVFP4"
+
+    @property
+    def mixed(self) -> bool:
+        """Some modules FP8, the others NVFP4: ModelOpt's MIXED_PRECISION."""
+        return any(m.target == "fp8" for m in self.quantized)
+
+    @property
+    def quant_algo(self) -> str:
+        return "MIXED_PRECISION" if self.mixed else self.nvfp4_algo
 
     def exclude_list(self) -> list[str]:
         """Excluded modules for the config files, sorted: exact module names, and ``root.*`` for a
@@ -242,9 +254,15 @@ def build_plan(
     max_shard_size: int = 5 * 10**9,
     trust_remote_code: bool = False,
     strict_amax: bool = False,
+    recipe: Recipe | None = None,
 ) -> Plan:
     """Decide everything about the output from headers (and the amax file), reading no tensor data."""
     excludes = list(excludes or [])
+    if recipe is not None and recipe.is_default:
+        recipe = None
+    if recipe is not None and not getattr(fmt, "supports_mixed_precision", False):
+        raise OptionError(f"--recipe / --format-for: mixed precision is written in the modelopt format only, "
+                          f"not {fmt.name}")
     encoding = encodings.detect(source)  # refuses formats shardconv cannot read
     if scales is None:  # README: Scale methods (MXFP4 sources: the lossless cast, cast.py)
         scales = ("amax" if amax is not None and amax.has_weight_amax else
@@ -310,13 +328,16 @@ def build_plan(
             for m in groups.pop(key):
                 excluded[m.module] = f"fusion group member {module} is excluded ({reason})"
 
+    w4a4 = bool(amax and amax.has_input_amax)
+    if recipe is not None:
+        mixed.apply(recipe, groups, excluded, w4a4, amax is not None)
+
     if not groups:
         notes.append("nothing to quantize: a conversion is refused (its output would be no NVFP4 checkpoint)")
     if amax is not None:
         _check_amax_modules(source, amax)
 
     # Saved amax: every quantized module needs what the chosen method reads from the file.
-    w4a4 = bool(amax and amax.has_input_amax)
     for members in groups.values():
         for m in members:
             m.amax = amax.get(m.module) if amax else None
@@ -376,7 +397,7 @@ def build_plan(
         if u.dequant is not None:
             u.outputs = [PlannedTensor(u.dequant.name, encodings.DEQUANT_DTYPE_NAME, u.dequant.shape)]
         for m in u.members:
-            u.outputs += fmt.quantized_outputs(m.module, m.out_features, m.in_features, w4a4, experts=m.experts)
+            u.outputs += mixed.member_outputs(fmt, m, w4a4)
         for name, t in u.extra.items():
             u.outputs.append(PlannedTensor(name, fmt.dtype_name(t), tuple(t.shape)))
 
@@ -400,7 +421,7 @@ def build_plan(
         notes.append(encoding.note())
     return Plan(source, units, shard_names, shard_tensors, excluded, scales, w4a4, kv_cache, fmt.name,
                 notes=notes, encoding=encoding, linears=found, synthesized=synthesized, kv_attentions=kv_attentions,
-                kv_missing=kv_missing)
+                kv_missing=kv_missing, recipe=recipe)
 
 
 def _check_output_names(units: list[Unit]) -> None:

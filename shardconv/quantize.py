@@ -15,6 +15,7 @@ from . import cast, encodings, numerics, scales
 from .amax import ModuleAmax
 from .errors import AmaxError, OptionError, QuantizationError, SourceError
 from .planning import Member
+from .quantize_fp8 import quantize_fp8_group
 
 CHUNK_ELEMENTS = 1 << 24  # rows per step are chosen so fp32 temporaries stay around 64 MB
 
@@ -79,6 +80,9 @@ def quantize_group(
     ``check=False`` skips the NaN/Inf check, which synchronises a GPU; the caller then checks.
     """
     device = torch.device(device)
+    if members[0].target == "fp8":  # a mixed-precision recipe's FP8 layers (quantize_fp8.py)
+        return quantize_fp8_group(members, weights, method, device, to_cpu=to_cpu, chunk=chunk, check=check,
+                                  row_chunks=_row_chunks, check_finite=check_finite, scalar_ok=_scalar_ok)
     on_device = [w.to(device, non_blocking=True) for w in weights]
     on_device = [encodings.source_weight(m, w) for m, w in zip(members, on_device)]  # encoded -> bf16
     for m, w in zip(members, on_device):

@@ -96,6 +96,10 @@ def describe(plan) -> list[str]:
         f"output      {len(plan.shard_names)} shards, {plan.out_bytes / 1e9:.3f} GB "
         f"({src.total_bytes / max(plan.out_bytes, 1):.2f}x smaller), format {plan.format_name}",
     ]
+    if getattr(plan, "recipe", None) is not None:  # mixed precision: how many modules get each format
+        n_fp8 = sum(1 for m in plan.quantized if m.target == "fp8")
+        lines.insert(3, f"recipe      {plan.recipe.describe()}: {len(plan.quantized) - n_fp8} NVFP4, {n_fp8} FP8 "
+                        "Linear weights")
     groups = Counter(_pattern("{" + ", ".join(m.module for m in u.members) + "}") for u in plan.groups)
     universe = _layer_numbers([m.module for m in plan.quantized] + list(plan.excluded))
     if groups:

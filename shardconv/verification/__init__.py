@@ -40,6 +40,8 @@ from .files import read_files
 from .journal import check_journal
 from .kv_layers import check_kv_layers
 from .synthesized import check_synthesized
+from .mixed import check_mixed
+from .mixed import declared as declared_mixed
 from .modules import check_groups, check_module_values, check_shapes, convention_of, find_modules
 from .report import DEFAULT_MAX_ERROR, MAX_REPORTED, QModule, Report, load_json
 from .values import check_finite
@@ -88,7 +90,11 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
     check_synthesized(dst, mods, report)
     n_finite = check_finite(tensors, mods, {n for n in tensors if n.endswith((".k_scale", ".v_scale"))}, report)
     lists = exclusion_lists(config, hf_quant, convention, dst, report)
-    n_kept = check_exclusions(lists, convention, mods, tensors, report)
+    if declared_mixed(config, hf_quant):  # MIXED_PRECISION: quantized_layers says what is quantized
+        n_kept = check_mixed(config, hf_quant, mods, tensors, report, dst)
+        check_exclusions(lists, convention, mods, tensors, report, require_listed=False)
+    else:
+        n_kept = check_exclusions(lists, convention, mods, tensors, report)
     report.info[:0] = [
         f"checkpoint  {dst}  ({len(shards)} shards, {len(tensors)} tensors, {convention} convention)",
         f"quantized   {len(mods)} modules, {n_groups} fusion groups checked",

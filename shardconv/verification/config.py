@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..numerics import BLOCK
 from ..safetensors_io import TensorInfo
+from .mixed import declared as declared_mixed
 from .modules import scalar
 from .report import NVFP4_ALGOS, QModule, Report
 
@@ -51,6 +52,13 @@ def _check_groups_config(qc: dict, convention: str, report: Report, where: Path)
 
 def check_algo(config: dict, hf_quant: object, convention: str, mods: dict[str, QModule],
                report: Report, dst: Path) -> None:
+    if declared_mixed(config, hf_quant):
+        return  # mixed.check_mixed checks MIXED_PRECISION
+    fp8 = sorted(m for m, q in mods.items() if q.fp8)
+    if fp8:
+        report.fail(f"{dst}: {len(fp8)} modules are FP8 (e.g. {fp8[0]}) but the config does not declare "
+                    "MIXED_PRECISION (engines would load them as NVFP4)")
+        mods = {m: q for m, q in mods.items() if not q.fp8}
     qc = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
     with_input = sum(1 for q in mods.values() if q.input_scale is not None)
     w4a4 = _check_groups_config(qc, convention, report, dst / "config.json") if qc else False

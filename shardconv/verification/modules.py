@@ -10,6 +10,7 @@ import torch
 
 from ..planning import FUSION_SETS, fusion_key
 from ..safetensors_io import TensorInfo, read_into
+from .mixed import check_fp8_shapes, check_fp8_values, fp8_module
 from .report import QModule, Report
 
 
@@ -58,6 +59,8 @@ def find_modules(tensors: dict[str, TensorInfo], convention: str, report: Report
                 m = name[: -len("_weight_scale_2")]
                 mods[m] = QModule(m, tensors.get(m), tensors.get(f"{m}_weight_scale"), info,
                                   tensors.get(f"{m}_input_scale"), stacked=True)
+            elif (q := fp8_module(name, info, tensors)) is not None:  # mixed precision's FP8 layers
+                mods[q.module] = q
         orphans = (".input_scale",)
     for name, info in tensors.items():
         for suffix in orphans:
@@ -69,6 +72,8 @@ def find_modules(tensors: dict[str, TensorInfo], convention: str, report: Report
 
 
 def check_shapes(q: QModule, convention: str, report: Report) -> bool:
+    if q.fp8:
+        return check_fp8_shapes(q, report)
     scale2_name = "weight_global_scale" if convention == "compressed-tensors" else "weight_scale_2"
     missing = [what for what, t in (("packed weight", q.packed), ("weight_scale", q.scale), (scale2_name, q.scale_2))
                if t is None]
@@ -106,6 +111,8 @@ def weight_scale_2(q: QModule, convention: str) -> torch.Tensor:
 
 
 def check_module_values(q: QModule, report: Report) -> None:
+    if q.fp8:
+        return check_fp8_values(q, report)
     for t in (q.scale_2, q.input_scale):
         if t is None:
             continue
@@ -144,6 +151,11 @@ def check_groups(mods: dict[str, QModule], tensors: dict[str, TensorInfo], repor
         if len(members) < 2:
             continue
         n += 1
+        if len({q.fp8 for q in members}) > 1:
+            report.fail(f"fusion group {key}: mixes FP8 and NVFP4 members (engines run it as one GEMM)")
+            continue
+        if members[0].fp8:  # FP8 members keep their own scales (engines requantize to the largest)
+            continue
         for what in ("scale_2", "input_scale"):
             infos = [getattr(q, what) for q in members]
             present = [t for t in infos if t is not None]

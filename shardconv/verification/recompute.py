@@ -202,6 +202,9 @@ def recompute(source, tensors: dict[str, TensorInfo], good: dict[str, QModule], 
                       max_shard_size=2**62)
     if amax is not None and amax.has_weight_amax and plan.scales != "amax":  # for the "amax" candidate
         uncalibrated.synthesize(plan.quantized, amax, "amax", plan.w4a4)
+    for m in plan.quantized:  # a mixed-precision DST: its FP8 modules are recomputed as FP8
+        if m.module in found and found[m.module].fp8:
+            m.target = "fp8"
     planned = {m.module for m in plan.quantized}
     not_planned = sorted(m for m in good if m not in planned)
     if not_planned:

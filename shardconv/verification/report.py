@@ -23,6 +23,7 @@ class QModule:
     scale_2: TensorInfo | None  # ModelOpt weight_scale_2, or compressed-tensors weight_global_scale
     input_scale: TensorInfo | None
     stacked: bool = False
+    fp8: bool = False  # a per-tensor FP8 module of a mixed-precision checkpoint (scale: weight_scale, no scale_2)
 
     @property
     def owner(self) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from .. import encodings, numerics
 from ..safetensors_io import TensorInfo, read_into
+from .mixed import fp8_rel_error
 from .modules import weight_scale_2
 from .report import QModule, Report
 
@@ -79,9 +80,9 @@ def compare_source(source, mods: dict[str, QModule], convention: str, tensors: d
             elif (out.dtype, out.shape) != (info.dtype, info.shape) or not _same_bytes(info, out):
                 differ.append(name)
             continue
-        if q.module not in mods or q.packed is None or q.scale is None or q.scale_2 is None:
+        if q.module not in mods or q.packed is None or q.scale is None or (q.scale_2 is None and not q.fp8):
             continue  # already reported
-        in_features = q.packed.shape[-2 if q.stacked else -1] * 2
+        in_features = q.packed.shape[-1] if q.fp8 else q.packed.shape[-2 if q.stacked else -1] * 2
         want_shape = ((q.packed.shape[0], in_features, q.packed.shape[2]) if q.stacked
                       else (q.packed.shape[0], in_features))
         if plain_shape != want_shape:
@@ -94,7 +95,8 @@ def compare_source(source, mods: dict[str, QModule], convention: str, tensors: d
         if not w.dtype.is_floating_point:
             report.fail(f"{info.path}: source weight {name} is {info.dtype}, not a float")
             continue
-        report.errors.append((q.module, plain_shape, _rel_error(w, q, weight_scale_2(q, convention))))
+        error = fp8_rel_error(w, q) if q.fp8 else _rel_error(w, q, weight_scale_2(q, convention))
+        report.errors.append((q.module, plain_shape, error))
         del w
     if missing:
         report.fail(f"{len(missing)} source tensors are missing from DST, e.g. {', '.join(missing[:3])}")
