@@ -1,0 +1,374 @@
+"""One conversion on many processes (``torchrun``, Slurm, or ``--rank/--world-size``).
+
+Why this shape: shardconv already streams one output shard at a time, and the plan (built from
+headers alone) fixes every shard's name, tensors and offsets. So the work unit of a rank is an
+OUTPUT SHARD: every rank builds the same plan, :func:`assign` gives each shard to one rank (largest
+input first onto the least-loaded rank, ties by shard index), and each rank reads only the inputs of
+its shards and writes only them. The output is the same bytes for any number of ranks; only the
+journal's history differs. No tensor crosses ranks: a fusion group never spans units, and a unit
+never spans shards, so the numbers need no collective. The few messages (the plan's fingerprint,
+which shards to skip, each rank's result) are Python objects over gloo, CPU-only, even with GPUs.
+
+Decisions:
+
+* **DST lock**: rank 0 alone takes ``DST/.shardconv.lock`` (flock) for the whole job, before any rank
+  writes, and holds it until the index is written; the other ranks never lock, so they cannot refuse
+  each other, and a second job is refused by its rank 0 (and all its ranks stop with that line).
+  On a file system without working ``flock`` across nodes (some NFS setups) two jobs on different
+  nodes are not kept apart.
+* **Journal**: rank 0 writes DST's journal (journal.py) as in one process. Each other rank records the
+  shards it finishes, with their digests, in ``.shardconv-journal.rank-R.json``, so a rank killed
+  mid-run keeps its finished shards. When every rank has reported (an ``all_gather`` of results over
+  gloo), rank 0 checks each recorded shard is there with its planned size, records them in the
+  journal, removes the rank files, and only then copies SRC's other files, writes the configs and,
+  last, the index. A later run, of any world size or of one process, folds the rank files of a failed
+  run into the journal before it decides what to keep (``journal.fold_ranks``).
+* **Failure**: every step that can fail on one rank ends in an ``all_gather`` of a status (planning,
+  DST preparation on rank 0, each rank's shards, rank 0's finishing), so every rank stops with one
+  line naming the first failed rank and its cause (:class:`RankError`). A crashed process closes its
+  connections: the others' collective fails at once (torchrun also stops them). A hung one is seen
+  only after ``SHARDCONV_DIST_TIMEOUT`` seconds (default 7 days: a rank may convert for hours while
+  another, done, waits).
+* **Resume**: which shards are kept is decided by rank 0 (with the lock) and broadcast; the remaining
+  ones are assigned afresh, so a re-run with another world size works and balances what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .errors import OptionError, ShardconvError, describe
+
+DEFAULT_TIMEOUT = 7 * 24 * 3600.0  # seconds a rank waits for the others in one step
+
+
+class RankError(ShardconvError):
+    """A rank of a distributed run failed; every rank raises it with the same line."""
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise OptionError(f"{name}={value!r}: not an integer") from None
+
+
+def world_from(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size) from the arguments, else torchrun's/Slurm users' ``RANK``/``WORLD_SIZE``."""
+    size = world_size if world_size is not None else _int_env("WORLD_SIZE")
+    size = 1 if size is None else size
+    r = rank if rank is not None else _int_env("RANK")
+    r = 0 if r is None else r
+    if size < 1:
+        raise OptionError(f"--world-size {size}: must be at least 1")
+    if not 0 <= r < size:
+        raise OptionError(f"--rank {r}: must be in 0..{size - 1} for --world-size {size}")
+    return r, size
+
+
+def cause(error: BaseException) -> str:
+    """One line for a failure, as the CLI would print it."""
+    if isinstance(error, RankError):
+        return str(error)
+    if isinstance(error, ShardconvError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror or error}"
+    return f"unexpected {describe(error)}"
+
+
+class World:
+    """This process's place in a distributed run, and the gloo group the ranks talk through."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+        self.local_rank = _int_env("LOCAL_RANK") or 0
+        self.local_size = _int_env("LOCAL_WORLD_SIZE") or 1
+        self.group = None
+        self.own_init = False
+
+    def __enter__(self) -> "World":
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a caller's torchrun script that set up its own group
+            if dist.get_world_size() != self.size or dist.get_rank() != self.rank:
+                raise OptionError(f"rank {self.rank} of {self.size} asked, but torch.distributed is already "
+                                  f"rank {dist.get_rank()} of {dist.get_world_size()}")
+        else:
+            missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+            if missing:
+                raise OptionError(f"a run on {self.size} ranks needs {' and '.join(missing)} (rank 0's host and a "
+                                  "free port; torchrun sets them)")
+            seconds = float(os.environ.get("SHARDCONV_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
+            try:
+                dist.init_process_group("gloo", init_method="env://", rank=self.rank, world_size=self.size,
+                                        timeout=timedelta(seconds=seconds))
+            except Exception as e:
+                raise ShardconvError(f"rank {self.rank} of {self.size}: cannot join the other ranks at "
+                                     f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {describe(e)}") from e
+            self.own_init = True
+        # object collectives on the CPU, whatever the default group's backend
+        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        if self.own_init and dist.is_initialized():
+            dist.destroy_process_group()
+        self.own_init = False
+
+    def gather(self, status) -> list:
+        """Every rank's ``status`` (any picklable object), on every rank."""
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        try:
+            dist.all_gather_object(out, status, group=self.group)
+        except Exception as e:  # a rank died (its connection closed) or the timeout passed
+            raise RankError(f"rank {self.rank} of {self.size}: lost the other ranks ({describe(e)}); "
+                            "finished shards were kept: run the same command again to resume") from e
+        return out
+
+    def agree(self, step: str, fn):
+        """Run ``fn`` on every rank; if it fails on any, raise the same :class:`RankError` on all."""
+        error, value = None, None
+        try:
+            value = fn()
+        except BaseException as e:  # noqa: BLE001 - it is reported to every rank, then raised
+            error = e
+        self.check(self.gather(None if error is None else cause(error)), step, error)
+        return value
+
+    def check(self, statuses: list, step: str, mine: BaseException | None = None) -> None:
+        """Raise :class:`RankError` naming the first rank whose status is an error (a string)."""
+        failed = [(r, s) for r, s in enumerate(statuses) if isinstance(s, str)]
+        if failed:
+            r, text = failed[0]
+            more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+            raise RankError(f"rank {r} of {self.size} failed {step}{more}: {text}") from mine
+
+    def device(self, dev):
+        """The device of this rank: with several GPUs on the host, the one of ``LOCAL_RANK``."""
+        import torch
+
+        if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 0:
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return dev
+
+    def cpu_threads(self, requested: int | None) -> int | None:
+        """Ranks sharing a host share its cores (default torch threads: a share of the free ones)."""
+        if requested is not None or self.local_size <= 1:
+            return requested
+        from .quantize import cpu_threads
+
+        return max(1, cpu_threads(None) // self.local_size)
+
+
+def assign(shard_bytes: list[int], size: int, skip=frozenset()) -> list[set[int]]:
+    """The shards of each rank: largest input first onto the least-loaded rank, ties by the lower
+    shard index and the lower rank; ``skip``ped shards (kept from an earlier run) go to nobody.
+    A pure function of its arguments: every rank computes the same answer."""
+    loads = [0] * size
+    share: list[set[int]] = [set() for _ in range(size)]
+    for s in sorted((s for s in range(len(shard_bytes)) if s not in skip), key=lambda s: (-shard_bytes[s], s)):
+        r = min(range(size), key=lambda r: (loads[r], r))
+        share[r].add(s)
+        loads[r] += shard_bytes[s]
+    return share
+
+
+def shard_bytes(plan) -> list[int]:
+    """Input bytes each output shard is made from."""
+    out = [0] * len(plan.shard_names)
+    for u in plan.units:
+        out[u.shard] += u.in_bytes
+    return out
+
+
+@dataclass
+class _Result:
+    """What a rank reports after its shards: what it recorded (even when it failed), or its error."""
+
+    shards: dict[str, str]
+    converted: int
+    error: str | None = None
+
+
+class Team:
+    """Rank 0's side, called by conversion.py with DST locked: share the shards out, run its own,
+    collect the others'. Every rank passes the same collectives in the same order:
+    plan (api.py), go (:meth:`share`), results (:meth:`run`), finish (:func:`convert`)."""
+
+    def __init__(self, world: World, plan):
+        self.world, self.plan = world, plan
+        self.bytes = shard_bytes(plan)
+        self.shares: list[set[int]] | None = None
+        self.step = "go"  # the collective the other ranks wait in
+
+    def share(self, kept: set[int], done: bool) -> None:
+        self.shares = assign(self.bytes, self.world.size, set(kept) if not done else set(range(len(self.bytes))))
+        self.world.gather({"kept": sorted(kept), "done": done})
+        self.step = "results"
+
+    def not_mine(self, kept: set[int]) -> set[int]:
+        return set(range(len(self.bytes))) - self.shares[0]
+
+    def run(self, make_converter, log) -> None:
+        """Convert rank 0's shards (``make_converter()``: a pipeline.Converter, or None when nothing is
+        left), then wait for every rank's; record theirs in the journal."""
+        from . import journal
+
+        error, converter = None, None
+        try:
+            converter = make_converter()
+            if converter is not None:
+                converter.run()
+        except BaseException as e:  # noqa: BLE001 - reported to the other ranks, then raised
+            error = e
+            if converter is not None:
+                converter.shards.abort()
+        mine = _Result(dict(log.shards), 0, None if error is None else cause(error))
+        try:
+            results = self.world.gather(mine)
+        except RankError:
+            self.step = None
+            self._fold(log, None)  # a crashed rank's finished shards, from its journal file
+            raise
+        self.step = None
+        self._fold(log, results)
+        self.world.check([r.error for r in results], "converting its shards", error)
+        self.step = "finish"  # the other ranks now wait for rank 0's last word
+        self._check_recorded(log, results)
+        for path in journal.rank_journals(log.path.parent):
+            path.unlink(missing_ok=True)
+
+    def _fold(self, log, results) -> None:
+        """Record the other ranks' finished shards in the journal (a failed run keeps them too)."""
+        from . import journal
+
+        shards = {}
+        if results is None:
+            folded = journal.fold_ranks(log.path.parent, {"fingerprint": log.fingerprint, "digest": _scheme(),
+                                                          "shards": {}})
+            shards = folded["shards"] if folded else {}
+        else:
+            for r in results[1:]:
+                shards.update(r.shards)
+        shards = {k: v for k, v in shards.items() if k not in log.shards}
+        if shards:
+            with log.lock:
+                log.shards.update(shards)
+                log.save()
+
+    def _check_recorded(self, log, results) -> None:
+        """Every planned shard is recorded and on disk with its planned size, or no index."""
+        from .errors import DestinationError
+        from .safetensors_io import file_size
+
+        dst = log.path.parent
+        for i, (name, tensors) in enumerate(zip(self.plan.shard_names, self.plan.shard_tensors)):
+            path = dst / name
+            if name not in log.shards or not path.is_file() or path.stat().st_size != file_size(tensors):
+                owner = next((r for r, s in enumerate(self.shares) if i in s), None)
+                raise DestinationError(f"{path}: not written by rank {owner} of {self.world.size} (missing from its "
+                                       "journal or on disk); run the same command again to resume")
+
+
+def _scheme() -> str:
+    from .digest import DESCRIPTION
+
+    return DESCRIPTION
+
+
+def convert(world: World, plan, dst: Path, *, fmt, opts, overwrite: bool, fingerprint_extra: dict,
+            max_extra_size: int):
+    """Rank ``world.rank``'s part of one conversion; returns conversion.Summary (rank 0: the whole
+    run's; another rank: its own shards'). Raises :class:`RankError` on every rank if any failed."""
+    from . import conversion, journal
+
+    world.agree("to plan the same conversion", lambda: _same_plan(world, plan, fingerprint_extra))
+    if world.rank == 0:
+        team = Team(world, plan)
+        error = None
+        try:
+            summary = conversion.convert(plan, dst, fmt=fmt, opts=opts, overwrite=overwrite,
+                                         fingerprint_extra=fingerprint_extra, max_extra_size=max_extra_size, team=team)
+        except BaseException as e:  # noqa: BLE001
+            error = e
+        if team.step == "go":  # failed before any rank started (DST refused, locked by another job, ...)
+            world.gather(cause(error))
+            raise RankError(f"rank 0 of {world.size} failed to prepare {dst}: {cause(error)}") from error
+        if team.step == "finish":  # every shard written: the others wait for rank 0's configs and index
+            world.gather(None if error is None else cause(error))
+        if error is not None:
+            if isinstance(error, RankError):
+                raise error
+            raise RankError(f"rank 0 of {world.size} failed: {cause(error)}") from error
+        return summary
+    return _follow(world, plan, Path(dst), fmt, opts, journal.fingerprint(plan, fingerprint_extra))
+
+
+def _same_plan(world: World, plan, fingerprint_extra: dict) -> None:
+    """Every rank must plan the very same output (same SRC as seen from its node, same options)."""
+    from . import journal
+
+    mine = journal.fingerprint(plan, fingerprint_extra)
+    prints = world.gather(mine)
+    other = next((r for r, f in enumerate(prints) if f != prints[0]), None)
+    if other is not None:
+        raise OptionError(f"rank {other} plans another conversion than rank 0 (its SRC, options or shardconv "
+                          "version differ)")
+
+
+def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
+    from . import conversion, journal
+    from .pipeline import Converter
+
+    go = world.gather(None)[0]
+    if isinstance(go, str):
+        raise RankError(f"rank 0 of {world.size} failed to prepare {dst}: {go}")
+    kept, done = set(go["kept"]), go["done"]
+    shares = assign(shard_bytes(plan), world.size, kept if not done else set(range(len(plan.shard_names))))
+    mine = shares[world.rank]
+    log = journal.Journal(dst, run, synced=opts.fsync)
+    log.path = Path(dst) / journal.rank_name(world.rank)
+    start = time.perf_counter()
+    error, converter = None, None
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, conversion._raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if mine:
+            converter = Converter(plan, dst, fmt, opts, log, set(range(len(plan.shard_names))) - mine)
+            converter.run()
+    except BaseException as e:  # noqa: BLE001 - reported to every rank, then raised
+        error = e
+        if converter is not None:
+            converter.shards.abort()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    converted = sum(u.in_bytes for u in plan.units if u.shard in mine)
+    results = world.gather(_Result(dict(log.shards), converted, None if error is None else cause(error)))
+    world.check([r.error for r in results], "converting its shards", error)
+    final = world.gather(None)[0]  # rank 0: shards recorded, configs and index written
+    if isinstance(final, str):
+        raise RankError(f"rank 0 of {world.size} failed to finish {dst}: {final}")
+    return conversion.Summary(
+        quantized=sum(len(u.members) for u in plan.units if u.shard in mine),
+        kept=sum(1 for u in plan.units if u.copy is not None and u.shard in mine),
+        in_bytes=plan.in_bytes, out_bytes=plan.out_bytes, seconds=time.perf_counter() - start,
+        shards=len(mine), device=str(opts.device), resumed=len(kept), converted_bytes=converted,
+        already_complete=done)
