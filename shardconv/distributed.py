@@ -167,6 +167,14 @@ class World:
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return dev
 
+    def device_choice(self, choice: str) -> str:
+        """``--device`` for a process of this rank that runs alone (a batch job): its own GPU."""
+        import torch
+
+        if choice in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return choice
+
     def cpu_threads(self, requested: int | None) -> int | None:
         """Ranks sharing a host share its cores (default torch threads: a share of the free ones)."""
         if requested is not None or self.local_size <= 1:

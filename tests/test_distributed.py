@@ -3,6 +3,8 @@
 ``--rank/--world-size``. The output must be the single-process bytes for any world size, a failed or
 killed rank must stop every rank with one line, and the same command must resume."""
 
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -13,6 +15,7 @@ import pytest
 
 from conftest import run_cli, tree_digest
 from shardconv import distributed, journal
+from shardconv.cli import main
 from shardconv.destination import DstLock
 from shardconv.synth import write_checkpoint
 
@@ -41,15 +44,17 @@ def _rank_main(rank, size, port, argv, out, fault):
             raise RuntimeError("injected fault")
 
         journal.Journal.record = record
-    rc, err = run_cli(*argv, "--rank", rank, "--world-size", size)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+        rc = main([str(a) for a in (*argv, "--rank", rank, "--world-size", size)])
     with open(out, "w") as f:
-        json.dump({"rc": rc, "err": err}, f)
+        json.dump({"rc": rc, "err": stderr.getvalue(), "out": stdout.getvalue()}, f)
     os._exit(0)
 
 
-def run_ranks(tmp_path, size, argv, fault=None, timeout=120):
+def run_ranks(tmp_path, size, argv, fault=None, timeout=120, stdout=False):
     """Run ``shardconv ARGV`` on ``size`` forked ranks; returns [(exit status, stderr)] by rank
-    (exit status None: the rank died without reporting)."""
+    (exit status None: the rank died without reporting), with ``stdout``: (exit status, stderr, stdout)."""
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     outs = [tmp_path / f"rank{r}-{port}.json" for r in range(size)]
@@ -67,9 +72,9 @@ def run_ranks(tmp_path, size, argv, fault=None, timeout=120):
     for out in outs:
         if out.exists():
             data = json.loads(out.read_text())
-            results.append((data["rc"], data["err"]))
+            results.append((data["rc"], data["err"], data["out"]) if stdout else (data["rc"], data["err"]))
         else:
-            results.append((None, ""))
+            results.append((None, "", "") if stdout else (None, ""))
     return results
 
 
