@@ -130,8 +130,8 @@ def test_a_failing_rank_stops_every_rank_and_the_same_command_resumes(src, refer
         assert err.startswith("shardconv: error: rank 1 of 3 failed converting its shards") and err.count("\n") == 1, err
         assert "injected fault" in err, err
     assert not (dst / INDEX).exists()
-    recorded = journal.Journal.read(dst)["shards"]  # rank 0 recorded every rank's finished shards
-    assert recorded
+    recorded = journal.Journal.read(dst)["shards"]
+    assert recorded and recorded == journal.fold_ranks(dst, journal.Journal.read(dst))["shards"]  # every rank's, by rank 0
     kept = {name: ino for name, ino in _inodes(dst).items() if name in recorded}
     results = run_ranks(tmp_path, 3, argv)
     assert [rc for rc, _ in results] == [0, 0, 0], results
@@ -160,8 +160,10 @@ def test_a_killed_rank_stops_the_others_and_any_world_size_resumes(src, referenc
 
 def test_one_process_resumes_what_ranks_left(src, reference, tmp_path):
     dst = tmp_path / "out"
-    run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS], fault=(1, "kill"))
-    recorded = set(journal.fold_ranks(dst, journal.Journal.read(dst))["shards"])
+    results = run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS], fault=(0, "kill"))  # rank 0 dies: no fold
+    assert results[0][0] is None and results[1][0] == 2, results
+    (rank1,) = journal.rank_journals(dst)  # rank 1's shards are in its own journal only
+    recorded = set(json.loads(rank1.read_text())["shards"]) - set(journal.Journal.read(dst)["shards"])
     kept = {name: ino for name, ino in _inodes(dst).items() if name in recorded}
     assert kept
     rc, err = run_cli("convert", src, dst, *ARGS)
