@@ -28,7 +28,7 @@ Decisions:
   line naming the first failed rank and its cause (:class:`RankError`). A crashed process closes its
   connections: the others' collective fails at once (torchrun also stops them). A hung one is seen
   only after ``SHARDCONV_DIST_TIMEOUT`` seconds (default 7 days: a rank may convert for hours while
-  another, done, waits).
+  another, done, waits); ranks that do not all start within 10 minutes stop.
 * **Resume**: which shards are kept is decided by rank 0 (with the lock) and broadcast; the remaining
   ones are assigned afresh, so a re-run with another world size works and balances what is left.
 """
@@ -46,6 +46,7 @@ from pathlib import Path
 from .errors import OptionError, ShardconvError, describe
 
 DEFAULT_TIMEOUT = 7 * 24 * 3600.0  # seconds a rank waits for the others in one step
+JOIN_TIMEOUT = 600.0  # seconds the ranks wait for each other to start
 
 
 class RankError(ShardconvError):
@@ -110,16 +111,17 @@ class World:
             if missing:
                 raise OptionError(f"a run on {self.size} ranks needs {' and '.join(missing)} (rank 0's host and a "
                                   "free port; torchrun sets them)")
-            seconds = float(os.environ.get("SHARDCONV_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
             try:
                 dist.init_process_group("gloo", init_method="env://", rank=self.rank, world_size=self.size,
-                                        timeout=timedelta(seconds=seconds))
+                                        timeout=timedelta(seconds=JOIN_TIMEOUT))
             except Exception as e:
                 raise ShardconvError(f"rank {self.rank} of {self.size}: cannot join the other ranks at "
                                      f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {describe(e)}") from e
             self.own_init = True
-        # object collectives on the CPU, whatever the default group's backend
-        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        # object collectives on the CPU, whatever the default group's backend, and patient: a rank may
+        # convert for hours while another, done, waits
+        seconds = float(os.environ.get("SHARDCONV_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -317,7 +319,7 @@ def convert(world: World, plan, dst: Path, *, fmt, opts, overwrite: bool, finger
             error = e
         if team.step == "go":  # failed before any rank started (DST refused, locked by another job, ...)
             world.gather(cause(error))
-            raise RankError(f"rank 0 of {world.size} failed to prepare {dst}: {cause(error)}") from error
+            raise RankError(f"rank 0 of {world.size} failed to prepare DST: {cause(error)}") from error
         if team.step == "finish":  # every shard written: the others wait for rank 0's configs and index
             world.gather(None if error is None else cause(error))
         if error is not None:
@@ -329,15 +331,24 @@ def convert(world: World, plan, dst: Path, *, fmt, opts, overwrite: bool, finger
 
 
 def _same_plan(world: World, plan, fingerprint_extra: dict) -> None:
-    """Every rank must plan the very same output (same SRC as seen from its node, same options)."""
-    from . import journal
+    """Every rank must plan the very same output from the same bytes: same options and version, and
+    SRC's shards (one folder on a shared file system, or a copy per node) with the same sizes,
+    headers and sampled content (identity.py; inode and times differ between copies and are not
+    compared)."""
+    from . import identity, journal
 
-    mine = journal.fingerprint(plan, fingerprint_extra)
-    prints = world.gather(mine)
-    other = next((r for r, f in enumerate(prints) if f != prints[0]), None)
+    files = [(f.name, f.size, f.header, f.sample) for f in identity.identify_source(plan.source)]
+    mine = (journal.fingerprint(plan, fingerprint_extra), files)
+    seen = world.gather(mine)
+    other = next((r for r, f in enumerate(seen) if f[0] != seen[0][0]), None)
     if other is not None:
         raise OptionError(f"rank {other} plans another conversion than rank 0 (its SRC, options or shardconv "
                           "version differ)")
+    for r, (_, theirs) in enumerate(seen):
+        for a, b in zip(seen[0][1], theirs):
+            if a != b:
+                raise OptionError(f"rank {r} reads another {a[0]} than rank 0 (size, header or content differ): "
+                                  "every rank must see the same SRC")
 
 
 def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
@@ -346,7 +357,7 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
 
     go = world.gather(None)[0]
     if isinstance(go, str):
-        raise RankError(f"rank 0 of {world.size} failed to prepare {dst}: {go}")
+        raise RankError(f"rank 0 of {world.size} failed to prepare DST: {go}")
     kept, done = set(go["kept"]), go["done"]
     shares = assign(shard_bytes(plan), world.size, kept if not done else set(range(len(plan.shard_names))))
     mine = shares[world.rank]
@@ -373,7 +384,7 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
     world.check([r.error for r in results], "converting its shards", error)
     final = world.gather(None)[0]  # rank 0: shards recorded, configs and index written
     if isinstance(final, str):
-        raise RankError(f"rank 0 of {world.size} failed to finish {dst}: {final}")
+        raise RankError(f"rank 0 of {world.size} failed to finish DST: {final}")
     return conversion.Summary(
         quantized=sum(len(u.members) for u in plan.units if u.shard in mine),
         kept=sum(1 for u in plan.units if u.copy is not None and u.shard in mine),

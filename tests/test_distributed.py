@@ -182,7 +182,7 @@ def test_a_second_job_on_the_same_dst_is_refused_by_every_rank(src, tmp_path):
         lock.release()
     for rc, err in results:
         assert rc == 2 and err.count("\n") == 1, results
-        assert "rank 0 of 2 failed to prepare" in err and "another shardconv run is writing here" in err, err
+        assert "rank 0 of 2 failed to prepare DST" in err and "another shardconv run is writing here" in err, err
     assert not list(dst.glob("*.safetensors"))
 
 
@@ -215,3 +215,29 @@ def test_world_size_options_are_checked(src, tmp_path):
     finally:
         os.environ.update(env)
     assert rc == 2 and "needs MASTER_ADDR and MASTER_PORT" in err, err
+
+
+def test_a_rank_whose_copy_of_src_differs_is_refused(src, tmp_path):
+    """SRC may be a copy per node; a copy with other bytes (same shapes: the same plan) is refused."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    shard = sorted(copy.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-2:] = bytes([data[-2] ^ 0x40, data[-1]])  # the last bf16 value changes (the samples cover the end)
+    shard.write_bytes(bytes(data))
+    dst = tmp_path / "out"
+    ctx = multiprocessing.get_context("fork")
+    port = free_port()
+    outs = [tmp_path / f"r{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, [str(a) for a in ("convert", s, dst, *ARGS)], outs[r], None))
+             for r, s in enumerate((src, copy))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    for out in outs:
+        data = json.loads(out.read_text())
+        assert data["rc"] == 2 and f"rank 1 reads another {shard.name} than rank 0" in data["err"], data
+    assert not dst.exists() or not list(dst.glob("*.safetensors"))
