@@ -214,8 +214,10 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         threads: torch's CPU threads when quantizing on the CPU (default: the cores this process may
             use less the load other processes put on them).
         max_extra_size: largest total of SRC's other files (tokenizer, code) copied to ``dst``.
-        rank, world_size: this process's share of a run on several processes (distributed.py; default:
-            ``RANK`` and ``WORLD_SIZE`` of the environment, as torchrun sets them, else one process).
+        rank, world_size: this process's share of a run on several processes (distributed.py), every
+            rank calling with the same arguments; default one process (the command line reads
+            torchrun's ``RANK`` and ``WORLD_SIZE``; this function does not, so a training script under
+            torchrun that converts on one rank does not wait for the others).
 
     Raises:
         ShardconvError: a subclass naming the file and tensor at fault; ``dst`` then holds no finished
@@ -230,7 +232,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     from .quantize import pick_device, set_cpu_threads
 
     _check_choice(export_rounding, ("cpu", "cuda"), "export_rounding")
-    rank, world_size = distributed.world_from(rank, world_size)
+    rank, world_size = distributed.world_from(rank, world_size, environ=False)
     world = distributed.World(rank, world_size) if world_size > 1 else None
     import torch
 

@@ -226,11 +226,14 @@ def _convert(args) -> int:
             say(*api.describe(plan))
         # a bar only where someone watches it: stderr a terminal, and no machine-read output
         progress = not (args.no_progress or args.quiet or args.json) and sys.stderr.isatty()
+        from .distributed import world_from
+
+        rank, world_size = world_from(args.rank, args.world_size)  # the flags, else torchrun's RANK, WORLD_SIZE
         result = api.convert(src, dst, device=args.device, export_rounding=args.export_rounding,
                              overwrite=overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
                              host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
-                             threads=args.threads, max_extra_size=args.max_extra_size, rank=args.rank,
-                             world_size=args.world_size, **common)
+                             threads=args.threads, max_extra_size=args.max_extra_size, rank=rank,
+                             world_size=world_size, **common)
         if result.rank > 0:  # rank 0 says what the whole run did
             if not (args.quiet or args.json):
                 say(f"rank {result.rank} of {result.world_size}: its shards of {result.dst} written "

@@ -63,11 +63,12 @@ def _int_env(name: str) -> int | None:
         raise OptionError(f"{name}={value!r}: not an integer") from None
 
 
-def world_from(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size) from the arguments, else torchrun's/Slurm users' ``RANK``/``WORLD_SIZE``."""
-    size = world_size if world_size is not None else _int_env("WORLD_SIZE")
+def world_from(rank: int | None = None, world_size: int | None = None, environ: bool = True) -> tuple[int, int]:
+    """(rank, world size) from the arguments, else (``environ``: the command line) torchrun's or a Slurm
+    user's ``RANK``/``WORLD_SIZE``; one process when neither says."""
+    size = world_size if world_size is not None or not environ else _int_env("WORLD_SIZE")
     size = 1 if size is None else size
-    r = rank if rank is not None else _int_env("RANK")
+    r = rank if rank is not None or not environ else _int_env("RANK")
     r = 0 if r is None else r
     if size < 1:
         raise OptionError(f"--world-size {size}: must be at least 1")
@@ -78,8 +79,6 @@ def world_from(rank: int | None = None, world_size: int | None = None) -> tuple[
 
 def cause(error: BaseException) -> str:
     """One line for a failure, as the CLI would print it."""
-    if isinstance(error, RankError):
-        return str(error)
     if isinstance(error, ShardconvError):
         return str(error)
     if isinstance(error, KeyboardInterrupt):
@@ -120,7 +119,11 @@ class World:
             self.own_init = True
         # object collectives on the CPU, whatever the default group's backend, and patient: a rank may
         # convert for hours while another, done, waits
-        seconds = float(os.environ.get("SHARDCONV_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
+        try:
+            seconds = float(os.environ.get("SHARDCONV_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
+        except ValueError:
+            raise OptionError(f"SHARDCONV_DIST_TIMEOUT={os.environ['SHARDCONV_DIST_TIMEOUT']!r}: not a number of "
+                              "seconds") from None
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
         return self
 
@@ -128,8 +131,10 @@ class World:
         import torch.distributed as dist
 
         if self.own_init and dist.is_initialized():
-            dist.destroy_process_group()
-        self.own_init = False
+            dist.destroy_process_group()  # the default group and ours
+        elif self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)  # the caller's group stays
+        self.own_init, self.group = False, None
 
     def gather(self, status) -> list:
         """Every rank's ``status`` (any picklable object), on every rank."""
