@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -295,10 +296,23 @@ class Team:
         dst = log.path.parent
         for i, (name, tensors) in enumerate(zip(self.plan.shard_names, self.plan.shard_tensors)):
             path = dst / name
-            if name not in log.shards or not path.is_file() or path.stat().st_size != file_size(tensors):
+            if name not in log.shards or _opened_size(path) != file_size(tensors):
                 owner = next((r for r, s in enumerate(self.shares) if i in s), None)
                 raise DestinationError(f"{path}: not written by rank {owner} of {self.world.size} (missing from its "
                                        "journal or on disk); run the same command again to resume")
+
+
+def _opened_size(path: Path) -> int | None:
+    """The size of a file another node wrote, from an open file (NFS revalidates on open, not on stat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+    finally:
+        os.close(fd)
 
 
 def _scheme() -> str:

@@ -33,7 +33,18 @@ def _rank_main(rank, size, port, argv, out, fault):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(var, None)
-    if fault is not None and fault[0] == rank:
+    if fault is not None and fault[0] == rank and fault[1] == "skip":
+        # this rank leaves out one of its shards and says nothing (as a buggy rank would)
+        assign = distributed.assign
+
+        def lazy(*args, **kwargs):
+            shares = assign(*args, **kwargs)
+            if shares[rank]:
+                shares[rank].remove(min(shares[rank]))
+            return shares
+
+        distributed.assign = lazy
+    elif fault is not None and fault[0] == rank:
         # after this rank's first finished shard: raise (an I/O error) or die at once (SIGKILL)
         original = journal.Journal.record
 
@@ -241,3 +252,15 @@ def test_a_rank_whose_copy_of_src_differs_is_refused(src, tmp_path):
         data = json.loads(out.read_text())
         assert data["rc"] == 2 and f"rank 1 reads another {shard.name} than rank 0" in data["err"], data
     assert not dst.exists() or not list(dst.glob("*.safetensors"))
+
+
+def test_rank_0_writes_no_index_unless_every_shard_is_recorded_and_on_disk(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    results = run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS], fault=(1, "skip"))
+    for rc, err in results:
+        assert rc == 2 and err.count("\n") == 1, results
+        assert "rank 0 of 2 failed to finish DST" in err or "rank 0 of 2 failed:" in err, err
+        assert "not written by rank 1 of 2" in err, err
+    assert not (dst / INDEX).exists()
+    assert [rc for rc, _ in run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS])] == [0, 0]
+    assert output(dst) == reference
