@@ -248,7 +248,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         def prepare():  # on every rank of several, with one answer if any fails (no rank waits for it)
             p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
                                strict, warnings)
-            return p, amax_id, pick_device(device) if world is None else world.device(pick_device(device))
+            return p, amax_id, pick_device(device if world is None else world.device_choice(device))
 
         p, amax_id, dev = world.agree("to plan", prepare) if world else prepare()
         for note in p.notes:

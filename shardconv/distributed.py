@@ -167,16 +167,8 @@ class World:
             more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
             raise RankError(f"rank {r} of {self.size} failed {step}{more}: {text}") from mine
 
-    def device(self, dev):
-        """The device of this rank: with several GPUs on the host, the one of ``LOCAL_RANK``."""
-        import torch
-
-        if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 0:
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-        return dev
-
     def device_choice(self, choice: str) -> str:
-        """``--device`` for a process of this rank that runs alone (a batch job): its own GPU."""
+        """``--device`` of this rank: ``auto`` and ``cuda`` mean the GPU of ``LOCAL_RANK`` on its host."""
         import torch
 
         if choice in ("auto", "cuda") and torch.cuda.is_available():
@@ -273,10 +265,11 @@ class Team:
     def _fold(self, log, results) -> None:
         """Record the other ranks' finished shards in the journal (a failed run keeps them too)."""
         from . import journal
+        from .digest import DESCRIPTION
 
         shards = {}
         if results is None:
-            folded = journal.fold_ranks(log.path.parent, {"fingerprint": log.fingerprint, "digest": _scheme(),
+            folded = journal.fold_ranks(log.path.parent, {"fingerprint": log.fingerprint, "digest": DESCRIPTION,
                                                           "shards": {}})
             shards = folded["shards"] if folded else {}
         else:
@@ -313,12 +306,6 @@ def _opened_size(path: Path) -> int | None:
         return st.st_size if stat.S_ISREG(st.st_mode) else None
     finally:
         os.close(fd)
-
-
-def _scheme() -> str:
-    from .digest import DESCRIPTION
-
-    return DESCRIPTION
 
 
 def convert(world: World, plan, dst: Path, *, fmt, opts, overwrite: bool, fingerprint_extra: dict,
