@@ -44,10 +44,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from .destination import DstLock
 from .errors import OptionError, ShardconvError, describe
 
 DEFAULT_TIMEOUT = 7 * 24 * 3600.0  # seconds a rank waits for the others in one step
 JOIN_TIMEOUT = 600.0  # seconds the ranks wait for each other to start
+RANK_LOCK = ".shardconv.lock.rank-{}"  # held by a rank other than 0 while it writes (destination.DstLock)
 
 
 class RankError(ShardconvError):
@@ -295,6 +297,20 @@ class Team:
                                        "journal or on disk); run the same command again to resume")
 
 
+def _no_rank_still_writing(dst: Path) -> None:
+    """Refuse DST while a rank of an earlier job still writes there (its rank 0 died, it did not):
+    its shards, of another plan maybe, could replace this job's after they are recorded. Each rank
+    other than 0 holds ``.shardconv.lock.rank-R`` (flock) while it writes."""
+    from .errors import DestinationError
+
+    for path in sorted(Path(dst).glob(RANK_LOCK.format("*"))):
+        try:
+            DstLock(path.parent, path.name).acquire().release()
+        except DestinationError:
+            raise DestinationError(f"{path.parent}: a rank of an earlier run is still writing here ({path.name} is "
+                                   "locked); stop it and run again") from None
+
+
 def _opened_size(path: Path) -> int | None:
     """The size of a file another node wrote, from an open file (NFS revalidates on open, not on stat)."""
     try:
@@ -319,6 +335,7 @@ def convert(world: World, plan, dst: Path, *, fmt, opts, overwrite: bool, finger
         team = Team(world, plan)
         error = None
         try:
+            _no_rank_still_writing(Path(dst))  # before conversion.convert prunes DST of files it does not know
             summary = conversion.convert(plan, dst, fmt=fmt, opts=opts, overwrite=overwrite,
                                          fingerprint_extra=fingerprint_extra, max_extra_size=max_extra_size, team=team)
         except BaseException as e:  # noqa: BLE001
@@ -371,10 +388,12 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
     log.path = Path(dst) / journal.rank_name(world.rank)
     start = time.perf_counter()
     error, converter = None, None
+    lock = DstLock(dst, RANK_LOCK.format(world.rank))  # held while this rank writes: see _no_rank_still_writing
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, conversion._raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        lock.acquire()
         if mine:
             converter = Converter(plan, dst, fmt, opts, log, set(range(len(plan.shard_names))) - mine)
             converter.run()
@@ -383,6 +402,7 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
         if converter is not None:
             converter.shards.abort()
     finally:
+        lock.release()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     converted = sum(u.in_bytes for u in plan.units if u.shard in mine)

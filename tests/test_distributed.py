@@ -264,3 +264,21 @@ def test_rank_0_writes_no_index_unless_every_shard_is_recorded_and_on_disk(src, 
     assert not (dst / INDEX).exists()
     assert [rc for rc, _ in run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS])] == [0, 0]
     assert output(dst) == reference
+
+
+def test_a_rank_of_an_earlier_run_still_writing_is_refused(src, reference, tmp_path):
+    """Its rank 0 died, it did not: its shards could replace the new run's after they are recorded."""
+    dst = tmp_path / "out"
+    results = run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS], fault=(1, "raise"))
+    assert [rc for rc, _ in results] == [2, 2]
+    assert not list(dst.glob(".shardconv.lock*"))  # the ranks' locks went with them
+    zombie = DstLock(dst, distributed.RANK_LOCK.format(1)).acquire()
+    try:
+        results = run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS])
+    finally:
+        zombie.release()
+    for rc, err in results:
+        assert rc == 2 and "a rank of an earlier run is still writing here" in err and err.count("\n") == 1, results
+    assert [rc for rc, _ in run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS])] == [0, 0]
+    assert output(dst) == reference
+    assert not list(dst.glob(".shardconv.lock*"))
