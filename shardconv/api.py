@@ -225,15 +225,15 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     """
     import contextlib
 
-    from . import distributed, numerics
+    from . import distributed, numerics, ranks
     from .formats import get_format
     from .conversion import convert as run_conversion
     from .pipeline import Options
     from .quantize import pick_device, set_cpu_threads
 
     _check_choice(export_rounding, ("cpu", "cuda"), "export_rounding")
-    rank, world_size = distributed.world_from(rank, world_size, environ=False)
-    world = distributed.World(rank, world_size) if world_size > 1 else None
+    rank, world_size = ranks.world_from(rank, world_size, environ=False)
+    world = ranks.World(rank, world_size) if world_size > 1 else None
     import torch
 
     warnings: list[str] = []

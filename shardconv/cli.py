@@ -226,7 +226,7 @@ def _convert(args) -> int:
             say(*api.describe(plan))
         # a bar only where someone watches it: stderr a terminal, and no machine-read output
         progress = not (args.no_progress or args.quiet or args.json) and sys.stderr.isatty()
-        from .distributed import world_from
+        from .ranks import world_from
 
         rank, world_size = world_from(args.rank, args.world_size)  # the flags, else torchrun's RANK, WORLD_SIZE
         result = api.convert(src, dst, device=args.device, export_rounding=args.export_rounding,

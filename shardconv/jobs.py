@@ -9,7 +9,7 @@ the working folder). The whole file is checked before anything is converted: an 
 missing ``src`` or two jobs with one DST refuse the batch.
 
 Across ranks (torchrun, ``--rank/--world-size``) each rank converts whole models, assigned largest
-input first onto the least-loaded rank (distributed.assign), each model on one process with the
+input first onto the least-loaded rank (ranks.assign), each model on one process with the
 ordinary single-process conversion (its own DST lock and journal, so a re-run resumes each model).
 Every job is tried; rank 0 prints one summary once every rank is done, and every rank exits 1 if
 any job failed (0 if none did).
@@ -128,7 +128,7 @@ def input_bytes(src: str) -> int:
 def run(jobs: list[dict], defaults: dict, rank: int = 0, size: int = 1) -> list[JobResult]:
     """Convert this rank's jobs (all of them for one process); never raises for a failed job."""
     from . import api
-    from .distributed import assign, cause
+    from .ranks import assign, cause
 
     mine = sorted(assign([input_bytes(j["src"]) for j in jobs], size)[rank])
     results = []
@@ -167,7 +167,7 @@ def run_cli(args, say, stderr) -> int:
     JOBS file or options."""
     import sys
 
-    from .distributed import World, world_from
+    from .ranks import World, world_from
 
     if args.src is not None or args.dst is not None:
         raise OptionError("--batch JOBS takes no SRC or DST: the jobs name them")

@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from conftest import run_cli, tree_digest
-from shardconv import distributed, journal
+from shardconv import distributed, journal, ranks
 from shardconv.cli import main
 from shardconv.destination import DstLock
 from shardconv.synth import write_checkpoint
@@ -110,10 +110,10 @@ def reference(src, tmp_path_factory):
 
 
 def test_assignment_is_largest_first_onto_the_least_loaded_rank():
-    assert distributed.assign([5, 9, 5, 1, 9], 2) == [{1, 0, 3}, {4, 2}]
-    assert distributed.assign([5, 9, 5, 1, 9], 3) == [{1, 3}, {4}, {0, 2}]
-    assert distributed.assign([5, 9, 5, 1, 9], 2, skip={1}) == [{4, 3}, {0, 2}]
-    assert distributed.assign([1, 1], 4) == [{0}, {1}, set(), set()]
+    assert ranks.assign([5, 9, 5, 1, 9], 2) == [{1, 0, 3}, {4, 2}]
+    assert ranks.assign([5, 9, 5, 1, 9], 3) == [{1, 3}, {4}, {0, 2}]
+    assert ranks.assign([5, 9, 5, 1, 9], 2, skip={1}) == [{4, 3}, {0, 2}]
+    assert ranks.assign([1, 1], 4) == [{0}, {1}, set(), set()]
 
 
 @pytest.mark.parametrize("size", [2, 3])
