@@ -82,6 +82,8 @@ class ConvertResult:
     mxfp4_blocks: int = 0  # scales "cast": MXFP4 blocks of the quantized weights
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    rank: int = 0  # of a run on several processes (distributed.py): rank 0's result is the whole run's
+    world_size: int = 1
 
     def lines(self) -> list[str]:
         """The summary the command prints."""
@@ -213,7 +215,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
             host_buffer: int | str = "1GiB", gpu_buffer: int | str = "4GiB", prefetch: int | str = 0,
             threads: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
             max_extra_size: int | str = "1GiB", strict: bool = False, strict_amax: bool = False,
-            recipe: str | None = None, format_for: Sequence[str] = ()) -> ConvertResult:
+            recipe: str | None = None, format_for: Sequence[str] = (), rank: int | None = None,
+            world_size: int | None = None) -> ConvertResult:
     """Convert ``src`` into an NVFP4 checkpoint in ``dst``, resuming an interrupted run of the same
     conversion; return what was written.
 
@@ -232,33 +235,48 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         threads: torch's CPU threads when quantizing on the CPU (default: the cores this process may
             use less the load other processes put on them).
         max_extra_size: largest total of SRC's other files (tokenizer, code) copied to ``dst``.
+        rank, world_size: this process's share of a run on several processes (distributed.py), every
+            rank calling with the same arguments; default one process (the command line reads
+            torchrun's ``RANK`` and ``WORLD_SIZE``; this function does not, so a training script under
+            torchrun that converts on one rank does not wait for the others).
 
     Raises:
         ShardconvError: a subclass naming the file and tensor at fault; ``dst`` then holds no finished
             checkpoint (only finished shards and the journal, for a resume).
     """
-    from . import numerics
+    import contextlib
+
+    from . import distributed, numerics, ranks
     from .formats import get_format
     from .conversion import convert as run_conversion
     from .pipeline import Options
     from .quantize import pick_device, set_cpu_threads
 
     _check_choice(export_rounding, ("cpu", "cuda"), "export_rounding")
+    rank, world_size = ranks.world_from(rank, world_size, environ=False)
+    world = ranks.World(rank, world_size) if world_size > 1 else None
     import torch
 
     warnings: list[str] = []
     previous = numerics.EXPORT_ROUNDING
     threads_before = torch.get_num_threads()  # a notebook's torch keeps its own setting after the call
     numerics.set_export_rounding(export_rounding)
+    stack = contextlib.ExitStack()  # the ranks' gloo group, when several
     try:
-        p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
-                           strict, warnings, strict_amax, recipe, format_for)
+        if world is not None:
+            stack.enter_context(world)
+
+        def prepare():  # on every rank of several, with one answer if any fails (no rank waits for it)
+            p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
+                               strict, warnings, strict_amax, recipe, format_for)
+            return p, amax_id, pick_device(device if world is None else world.device_choice(device))
+
+        p, amax_id, dev = world.agree("to plan", prepare) if world else prepare()
         for note in p.notes:
             log.info(note)
         out = Path(dst) if dst is not None else default_dst(p)
-        dev = pick_device(device)
         if dev.type == "cpu":
-            n = set_cpu_threads(threads)
+            n = set_cpu_threads(threads if world is None else world.cpu_threads(threads))
             seconds = cpu_estimate(p, n)
             if seconds > LONG_CPU_RUN and p.quantized:
                 note = (f"on the CPU, --scales {p.scales} should take about {seconds / 60:.0f} min here ({n} threads); "
@@ -268,10 +286,12 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         opts = Options(device=dev, readers=readers, host_buffer=parse_size(host_buffer, "host_buffer"),
                        gpu_buffer=parse_size(gpu_buffer, "gpu_buffer"), progress=progress, fsync=fsync,
                        prefetch=parse_size(prefetch, "prefetch", zero=True))
-        summary = run_conversion(p, out, fmt=get_format(format), opts=opts, overwrite=overwrite,
-                               fingerprint_extra={"amax": amax_id} if amax_id else {},
-                               max_extra_size=parse_size(max_extra_size, "max_extra_size"))
+        how = dict(fmt=get_format(format), opts=opts, overwrite=overwrite,
+                   fingerprint_extra={"amax": amax_id} if amax_id else {},
+                   max_extra_size=parse_size(max_extra_size, "max_extra_size"))
+        summary = run_conversion(p, out, **how) if world is None else distributed.convert(world, p, out, **how)
     finally:
+        stack.close()
         numerics.set_export_rounding(previous)
         torch.set_num_threads(threads_before)
     # MXFP4 blocks (16 bytes of codes each) the cast covers: none unless an MXFP4 weight is quantized
@@ -284,8 +304,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         converted_bytes=summary.converted_bytes, already_complete=summary.already_complete,
         changed_sources=list(summary.changed_sources), gpu_peak=summary.gpu_peak,
         synthesized_amax=[s.module for s in p.synthesized], notes=list(p.notes),
-        requantized_blocks=summary.requantized if cast_blocks else None, mxfp4_blocks=cast_blocks,
-        warnings=warnings)
+        requantized_blocks=summary.requantized if cast_blocks and summary.requantized is not None else None,
+        mxfp4_blocks=cast_blocks, warnings=warnings, rank=rank, world_size=world_size)
 
 
 def cpu_estimate_as(p: "Plan", scales: str, threads: int) -> float:

@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "MoE experts (default: synthesize them and list them in DST/shardconv-report.json)")
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    c.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="this process's rank in a run on several processes (default: $RANK, as torchrun sets it)")
+    c.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="processes sharing the run, each writing its share of the shards (default: $WORLD_SIZE, "
+                   "else 1); rank 0's host and port in MASTER_ADDR and MASTER_PORT")
+    c.add_argument("--batch", metavar="JOBS",
+                   help="convert every model of JOBS (.jsonl: one JSON object per line with src, dst and options; "
+                   "or .yaml: a list of them); the command's options are the defaults; across ranks, each rank "
+                   "takes whole models")
     _output_options(c)
     v = sub.add_parser("verify", help="check a converted checkpoint (no GPU, never loaded whole)",
                        epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,6 +204,10 @@ def _start_cuda(device: str) -> None:
 def _convert(args) -> int:
     from . import api
 
+    if args.batch is not None:
+        from .jobs import run_cli as run_batch
+
+        return run_batch(args, say, _stderr)
     src, dst, overwrite = args.src, args.dst, args.overwrite
     if not args.dry_run and args.device != "cpu":  # CUDA's start-up (a second or more) overlaps planning
         threading.Thread(target=_start_cuda, args=(args.device,), daemon=True).start()
@@ -223,10 +236,19 @@ def _convert(args) -> int:
             say(*api.describe(plan))
         # a bar only where someone watches it: stderr a terminal, and no machine-read output
         progress = not (args.no_progress or args.quiet or args.json) and sys.stderr.isatty()
+        from .ranks import world_from
+
+        rank, world_size = world_from(args.rank, args.world_size)  # the flags, else torchrun's RANK, WORLD_SIZE
         result = api.convert(src, dst, device=args.device, export_rounding=args.export_rounding,
                              overwrite=overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
                              host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
-                             threads=args.threads, max_extra_size=args.max_extra_size, **common)
+                             threads=args.threads, max_extra_size=args.max_extra_size, rank=rank,
+                             world_size=world_size, **common)
+        if result.rank > 0:  # rank 0 says what the whole run did
+            if not (args.quiet or args.json):
+                say(f"rank {result.rank} of {result.world_size}: its shards of {result.dst} written "
+                    f"({result.converted_bytes / 1e9:.3f} GB of input, {result.seconds:.1f} s); rank 0 prints the summary")
+            return 0
         if args.json:
             say(json.dumps(result.to_dict()))
         elif not args.quiet:
@@ -258,8 +280,10 @@ def _start_readahead(args) -> None:
     from . import readahead
     from .destination import is_empty
 
-    if args.dry_run or not args.src:
+    if args.dry_run or not args.src or args.batch is not None:
         return
+    if args.world_size is not None and args.world_size > 1 or os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        return  # each rank reads only its share
     from .api import default_dst
 
     dst = Path(args.dst) if args.dst else default_dst(Path(args.src).expanduser().resolve().name)

@@ -40,7 +40,7 @@ class Summary:
     changed_sources: tuple[str, ...] = ()  # source shards changed since the interrupted run (their output rewritten)
     converted_bytes: int = 0  # input bytes this run converted (less than in_bytes on a resume)
     already_complete: bool = False  # DST held this finished conversion: no shard was written
-    requantized: int = 0  # scales "cast": MXFP4 blocks outside the lossless window, in the shards this run wrote
+    requantized: int | None = 0  # scales "cast": MXFP4 blocks outside the lossless window, in the shards this run wrote (None: several ranks)
 
 
 def _raise_interrupt(signum, frame):
@@ -49,13 +49,16 @@ def _raise_interrupt(signum, frame):
 
 def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
                     extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool,
-                    sources: list, fingerprint_extra: dict | None) -> tuple[set[int], dict[str, str], bool, int]:
+                    sources: list, fingerprint_extra: dict | None,
+                    team=None) -> tuple[set[int], dict[str, str], bool, int | None]:
     """The run, with DST locked; returns the indices of the shards kept from an interrupted run, the
     source shards changed since it (identity.py), whether DST already held this finished run, and the
-    MXFP4 blocks the cast requantized (pipeline.Converter.requantized)."""
+    MXFP4 blocks the cast requantized (pipeline.Converter.requantized; None with several ranks, whose
+    converters run in other processes). ``team`` (distributed.Team, rank 0 of several) shares the
+    shards out and collects the others'."""
     src = plan.source.root
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
-    old = journal.Journal.read(dst)
+    old = journal.fold_ranks(dst, journal.Journal.read(dst))  # shards a failed distributed run's ranks finished
     if old is not None and old.get("fingerprint") != run and not overwrite:
         amax = (fingerprint_extra or {}).get("amax")
         what = ("the amax file's content differs" if amax and old.get("extra", {}).get("amax") not in (None, amax)
@@ -96,12 +99,17 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     written: list[Path] = []
     # a finished run of the same conversion, every shard still verified: nothing to convert again
     done = bool(resume and old.get("complete")) and len(kept) == len(plan.shard_names)
-    converter = None if done else Converter(plan, dst, fmt, opts, log, kept)
+    if team is not None:
+        team.share(kept, done)  # the other ranks start on their shards now
+    converter = None if done or team is not None else Converter(plan, dst, fmt, opts, log, kept)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        if converter is not None:
+        if team is not None:
+            # rank 0's own shards, then every rank's recorded in the journal
+            team.run(lambda: None if done else Converter(plan, dst, fmt, opts, log, team.not_mine(kept)), log)
+        elif converter is not None:
             converter.run()
         for rel, _ in extras:
             destination.make_dirs(dst, rel.parent)
@@ -133,12 +141,13 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return kept, changed, done, converter.requantized if converter is not None else 0
+    return kept, changed, done, (None if team is not None else converter.requantized if converter is not None else 0)
 
 
 def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
             device: torch.device | None = None, progress: bool | None = None,
-            fingerprint_extra: dict | None = None, max_extra_size: int = destination.DEFAULT_MAX_EXTRA) -> Summary:
+            fingerprint_extra: dict | None = None, max_extra_size: int = destination.DEFAULT_MAX_EXTRA,
+            team=None) -> Summary:
     """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan.
 
     Everything that can be refused (DST's identity and contents, SRC's other files) is checked
@@ -169,8 +178,8 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     try:
         lock.acquire()
         start = time.perf_counter()
-        kept, changed, done, requantized = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs, created_dir,
-                                        sources, fingerprint_extra)
+        kept, changed, done, requantized = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs,
+                                                           created_dir, sources, fingerprint_extra, team)
     finally:
         lock.release()
         if created_dir:  # a run that failed before writing anything leaves no empty folder behind

@@ -138,9 +138,9 @@ class DstLock:
     that is gone, so a lock counts only when the file at the name is still the one locked.
     """
 
-    def __init__(self, dst: Path):
+    def __init__(self, dst: Path, name: str = LOCK_NAME):
         self.dst = Path(dst)
-        self.path = self.dst / LOCK_NAME
+        self.path = self.dst / name  # another name: a rank of a distributed run (distributed.py)
         self.fd = -1
 
     def acquire(self) -> "DstLock":

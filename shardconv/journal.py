@@ -120,3 +120,49 @@ class Journal:
                "digest": shard_digests.DESCRIPTION, "synced": self.synced,
                "extra": self.extra, "sources": self.sources, "shards": dict(sorted(self.shards.items()))}
         write_json(self.path, doc, indent=1)
+
+
+# -- ranks of a distributed run (distributed.py) ----------------------------------------------------
+# Rank 0 alone writes the journal above. Every other rank records the shards it finishes in its own
+# file beside it, so that a rank killed mid-run keeps its finished shards for the resume; rank 0 folds
+# them into the journal once every rank is done, and any run (of any world size) folds what a failed
+# run left before it decides what to keep.
+RANK_PREFIX = ".shardconv-journal.rank-"
+
+
+def rank_name(rank: int) -> str:
+    return f"{RANK_PREFIX}{rank}.json"
+
+
+def rank_journals(dst: Path) -> list[Path]:
+    """The rank journals in DST (regular files only: a planted link is never read)."""
+    out = []
+    for p in sorted(Path(dst).glob(f"{RANK_PREFIX}*.json")):
+        try:
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def fold_ranks(dst: Path, old: dict | None) -> dict | None:
+    """``old`` (DST's journal) with the finished shards of every rank journal of the same run added.
+
+    A rank journal of another fingerprint or digest scheme adds nothing; a shard recorded without
+    fsync makes the whole fold untrusted, so :meth:`Journal.adopt` re-hashes it."""
+    if old is None:
+        return None
+    old = dict(old, shards=dict(old.get("shards") or {}))
+    for path in rank_journals(dst):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (not isinstance(data, dict) or data.get("fingerprint") != old.get("fingerprint")
+                or data.get("digest") != old.get("digest") or not isinstance(data.get("shards"), dict)):
+            continue
+        if data["shards"]:
+            old["shards"].update(data["shards"])
+            old["synced"] = bool(old.get("synced")) and bool(data.get("synced"))
+    return old

@@ -15,6 +15,11 @@ process, from wait4) and peak GPU memory (reported by shardconv).
     python tools/bench.py --models llama3-8b,llama70b:10,llama70b:20,qwen3moe:8 --work /tmp/bench
     python tools/bench.py --models tiny:4 --device cpu        # a CPU-sized run
     python tools/bench.py --models deepseekv3 --scales max,max@cached --no-cp-above 0 --lc-limit 0
+    python tools/bench.py --models llama70b:10 --scales max --ranks 1,2 --no-cp-above 0 --lc-limit 0
+
+``--ranks 1,2`` runs each (c) step once per world size: N > 1 under ``torchrun --nproc-per-node N``
+(every rank on the host's GPUs by LOCAL_RANK, so on a one-GPU machine the ranks share it and its
+disk; peak RSS is then the largest rank's).
 """
 
 from __future__ import annotations
@@ -168,6 +173,8 @@ def main() -> None:
                     "one ending in '@cached' reads the whole input into the page cache first (the pipeline's own "
                     "ceiling, as on a disk faster than the pipeline), and is compared with a warm cat")
     ap.add_argument("--lc-limit", type=float, default=300, help="stop model_free_ptq after this many seconds (0: skip it)")
+    ap.add_argument("--ranks", default="1", help="world sizes of each (c) step, e.g. 1,2: N > 1 runs shardconv "
+                    "under torchrun --nproc-per-node N (distributed.py)")
     ap.add_argument("--keep", action="store_true", help="keep the last model's input in WORK/src")
     ap.add_argument("--json", metavar="FILE", help="also append every row to FILE as a JSON line")
     args = ap.parse_args()
@@ -210,11 +217,12 @@ def main() -> None:
             cp_s, _, _ = timed(["cp", "-r", str(src), str(work / "copy")])
             add(label, "(b) cp -r", cp_s, gb, None, None)
             shutil.rmtree(work / "copy")
-        for run in args.scales.split(","):
+        for run, ranks in [(r, n) for r in args.scales.split(",") for n in map(int, args.ranks.split(","))]:
             scales, _, warm = run.partition("@")
             scales = None if scales == "default" else scales
             step = f"(c) shardconv --scales {scales or 'default'}" + {
-                "": "", "warm": ", libraries warm", "cached": ", input in page cache"}[warm]
+                "": "", "warm": ", libraries warm", "cached": ", input in page cache"}[warm] + (
+                f", {ranks} ranks" if ranks > 1 else "")
             drop_cache(src)
             if warm == "cached":  # everything in the page cache: what limits is the pipeline, not the disk
                 subprocess.run("cat " + " ".join(shards) + " > /dev/null", shell=True, check=True)
@@ -225,8 +233,10 @@ def main() -> None:
                 subprocess.run([sys.executable, "-c", "import torch, shardconv.cli; torch.cuda.is_available() "
                                 "and torch.zeros(1, device='cuda')"], check=True)
             dst = work / "out"
-            cmd = [sys.executable, "-m", "shardconv", "convert", str(src), str(dst), "--device", args.device,
-                   "--no-progress", *args.extra.split()]
+            launch = [sys.executable, "-m", "shardconv"] if ranks == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                "-m", "shardconv"]
+            cmd = [*launch, "convert", str(src), str(dst), "--device", args.device, "--no-progress", *args.extra.split()]
             if scales:
                 cmd += ["--scales", scales]
             wall, rss, out = timed(cmd)

@@ -1,0 +1,106 @@
+"""``shardconv convert --batch JOBS`` (jobs.py): every job tried, one summary, exit 1 if any failed;
+in one process and across forked gloo ranks (each rank whole models)."""
+
+import contextlib
+import io
+import json
+
+from conftest import run_cli, tree_digest
+from shardconv.cli import main
+from shardconv.synth import write_checkpoint
+from test_distributed import run_ranks
+
+ARGS = ("--device", "cpu", "--scales", "max", "--no-progress", "--threads", "1")
+
+
+def run_main(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = main([str(a) for a in argv])
+    return rc, err.getvalue(), out.getvalue()
+
+
+def output(path):
+    return {k: v for k, v in tree_digest(path).items() if not k.startswith(".shardconv-journal")}
+
+
+def make_jobs(tmp_path):
+    small = write_checkpoint(tmp_path / "small", family="llama", num_layers=2, seed=1)
+    big = write_checkpoint(tmp_path / "big", family="qwen3", num_layers=4, seed=2, shard_size=200_000)
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"src": str(small), "dst": str(tmp_path / "out" / "small")},
+        {"src": str(tmp_path / "no-such-model"), "dst": str(tmp_path / "out" / "missing")},
+        {"src": str(big), "dst": str(tmp_path / "out" / "big"), "max-shard-size": "100KB", "format": "compressed-tensors"},
+    ]
+    jobs.write_text("# three models, one missing\n" + "\n".join(json.dumps(j) for j in lines) + "\n")
+    return small, big, jobs
+
+
+def references(tmp_path, small, big):
+    ref = tmp_path / "ref"
+    assert run_cli("convert", small, ref / "small", *ARGS)[0] == 0
+    assert run_cli("convert", big, ref / "big", *ARGS, "--max-shard-size", "100KB", "--format", "compressed-tensors")[0] == 0
+    return output(ref / "small"), output(ref / "big")
+
+
+def test_a_batch_converts_every_good_job_and_fails_with_one_summary(tmp_path):
+    small, big, jobs = make_jobs(tmp_path)
+    rc, err, out = run_main("convert", "--batch", jobs, *ARGS)
+    assert rc == 1, err
+    assert err.count("\n") == 1 and err.startswith("shardconv: error: job 2 (") and "no-such-model" in err, err
+    assert "3 jobs, 2 finished, 1 failed" in out and out.count("FAILED") == 1, out
+    ref_small, ref_big = references(tmp_path, small, big)
+    assert output(tmp_path / "out" / "small") == ref_small
+    assert output(tmp_path / "out" / "big") == ref_big
+    assert not (tmp_path / "out" / "missing").exists()
+    # the same command again: finished models are "already complete", the bad one still fails
+    rc, err, out = run_main("convert", "--batch", jobs, *ARGS, "--json")
+    report = json.loads(out)
+    assert rc == 1 and not report["ok"]
+    assert [j["ok"] for j in report["jobs"]] == [True, False, True]
+    assert report["jobs"][0]["already_complete"] and report["jobs"][2]["already_complete"]
+
+
+def test_a_batch_across_ranks_gives_each_rank_whole_models(tmp_path):
+    small, big, jobs = make_jobs(tmp_path)
+    results = run_ranks(tmp_path, 2, ["convert", "--batch", jobs, *ARGS, "--json"], stdout=True)
+    assert [rc for rc, _, _ in results] == [1, 1], results
+    assert results[1][1] == "" and results[1][2] == ""  # rank 0 alone reports
+    report = json.loads(results[0][2])
+    by_index = {j["index"]: j for j in report["jobs"]}
+    # largest first onto the least-loaded rank: the big model to rank 0, the small one and the missing one to rank 1
+    assert (by_index[3]["rank"], by_index[1]["rank"], by_index[2]["rank"]) == (0, 1, 1), report
+    assert [by_index[i]["ok"] for i in (1, 2, 3)] == [True, False, True]
+    ref_small, ref_big = references(tmp_path, small, big)
+    assert output(tmp_path / "out" / "small") == ref_small
+    assert output(tmp_path / "out" / "big") == ref_big
+
+
+def test_a_bad_jobs_file_converts_nothing(tmp_path):
+    small = write_checkpoint(tmp_path / "small", family="llama", num_layers=2, seed=1)
+    cases = {
+        '{"src": "%s", "colour": "red"}' % small: "line 1: unknown option 'colour'",
+        '{"dst": "x"}': "line 1: no src",
+        '{"src": "%s", "dst": "a"}\n{"src": "%s", "dst": "./a"}' % (small, small): "line 2: DST",
+        "not json": "line 1: not a JSON object",
+        "": "no jobs",
+    }
+    for text, needle in cases.items():
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text(text)
+        rc, err = run_cli("convert", "--batch", jobs, *ARGS)
+        assert rc == 2 and err.count("\n") == 1 and needle in err, (text, err)
+    assert run_cli("convert", small, tmp_path / "o", "--batch", jobs)[0] == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_yaml_jobs_file(tmp_path):
+    small = write_checkpoint(tmp_path / "small", family="llama", num_layers=2, seed=1)
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"- src: {small}\n  dst: {tmp_path / 'o'}\n  exclude: 'model.layers.0.*'\n")
+    rc, err, out = run_main("convert", "--batch", jobs, *ARGS)
+    assert rc == 0, err
+    assert "1 jobs, 1 finished, 0 failed" in out
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert "model.layers.0.self_attn.k_proj" in json.dumps(config["quantization_config"])  # the job's exclude
