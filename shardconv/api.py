@@ -20,6 +20,7 @@ not with the package. The command line (cli.py) is a thin layer over these funct
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,7 +205,7 @@ def default_dst(p: "Plan | str") -> Path:
 
 def cpu_estimate(p: "Plan", threads: int) -> float:
     """Seconds a CPU conversion of ``p`` should take at :data:`CPU_PARAMS_PER_THREAD` (compute only)."""
-    params = sum(m.weight.nbytes // max(1, m.weight.torch_dtype.itemsize) for m in p.quantized)
+    params = sum(math.prod(m.shape) for m in p.quantized)  # encoded weights: their plain shape
     return params / (CPU_PARAMS_PER_THREAD.get(p.scales, 22e6) * max(1, threads))
 
 

@@ -16,6 +16,7 @@ trusted).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import warnings
@@ -165,7 +166,9 @@ def _quiet():
 
 def _config_kwargs(config: dict) -> dict:
     """config.json without quantization settings: a meta model needs none, and a quantizer must not run."""
-    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    # a deep copy: transformers' config classes write into nested dicts (rope_scaling gains rope_theta),
+    # which would change the source config this run writes into DST
+    out = copy.deepcopy({k: v for k, v in config.items() if k != "quantization_config"})
     for key in ("text_config", "language_config", "llm_config"):
         if isinstance(out.get(key), dict):
             out[key] = {k: v for k, v in out[key].items() if k != "quantization_config"}

@@ -365,3 +365,22 @@ def test_absurd_layer_count_is_not_built(tmp_path, capsys):
     config["num_hidden_layers"] = 10**6
     (src / "config.json").write_text(json.dumps(config))
     assert "by name rules (num_hidden_layers 1000000 is too large to build its model)" in dry_run(src, capsys)
+
+
+def test_the_meta_model_leaves_the_source_config_as_it_is(tmp_path):
+    """transformers' config classes write into nested dicts (llama3 rope_scaling gains rope_theta):
+    DST's config.json must be SRC's, whatever the meta model did (it was, only when not cached)."""
+    import json
+
+    from shardconv import linears
+    from shardconv.source import open_source
+    from shardconv.synth import write_checkpoint
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    src = write_checkpoint(tmp_path / "src", family="llama", num_layers=1, rope_scaling=rope)
+    source = open_source(str(src))
+    before = json.dumps(source.config, sort_keys=True)
+    linears._LAYOUTS.clear()
+    linears.find(source)
+    assert json.dumps(source.config, sort_keys=True) == before
