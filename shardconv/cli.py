@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import __version__, linears_helper, readahead
 from .destination import DEFAULT_MAX_EXTRA
 from .errors import OptionError, ShardconvError
 
@@ -241,10 +241,17 @@ def _describe_lines(plan) -> list[str]:
     return describe(plan)
 
 
+def _start_linears_helper(args):
+    """Find the Linear layers in a helper process while this one imports torch (linears_helper.py)."""
+    helper = linears_helper.start(args.src, args.trust_remote_code)
+    if helper is not None:
+        linears_helper.use(helper)
+    return helper
+
+
 def _start_readahead(args) -> None:
     """Read the input's first bytes while torch and CUDA start (readahead.py); not on a resume, whose
     first shards may already be done, nor where DST is refused anyway."""
-    from . import readahead
     from .destination import is_empty
 
     if args.dry_run or not args.src:
@@ -320,9 +327,11 @@ def _error(message: str, error: BaseException | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args)
+    helper = None
     try:
         if args.command == "convert":
             _start_readahead(args)
+            helper = _start_linears_helper(args)
             return _convert(args)
         if args.command == "verify":
             return _verify(args)
@@ -346,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"unexpected {describe(e)} (a shardconv bug: please report it; SHARDCONV_DEBUG=1 prints the "
                "traceback)", e)
         return 2
+    finally:
+        readahead.stop()  # a failed or finished run reads no further
+        if helper is not None:
+            linears_helper.stop(helper)
     return 1
 
 
