@@ -25,6 +25,10 @@ from pathlib import Path
 
 from . import profile
 
+# Cores this process may use below which no helper is started: on the 2-core development VM the
+# helper's imports competed with the command's own (ready to convert 5.9-13.1 s without it, 10.2-10.9
+# s with it, under other load); on the 16-core H200 machine it ran beside them (README Performance).
+MIN_CORES = 4
 WAIT = 600.0  # seconds: a helper that takes longer is ended, and the model is built in-process
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -101,14 +105,25 @@ class Helper:
             self.proc.wait()
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def start(src: str | None, trust_remote_code: bool) -> Helper | None:
     """A helper for a local SRC folder; None for a hub id or the built-in sample (their folder is
-    known only later), where this process has imported transformers already, with
-    ``SHARDCONV_LINEARS_HELPER=0`` (``=1``: always), or where no process can be started."""
+    known only later), where this process has imported transformers already or may use fewer than
+    MIN_CORES cores, with ``SHARDCONV_LINEARS_HELPER=0`` (``=1``: always), or where no process can be
+    started."""
     if not src or os.environ.get("SHARDCONV_LINEARS_HELPER") == "0" or not Path(src).expanduser().is_dir():
         return None
-    if "transformers" in sys.modules and os.environ.get("SHARDCONV_LINEARS_HELPER") != "1":
-        return None  # imported already (a notebook, the tests): building the model here costs less
+    if os.environ.get("SHARDCONV_LINEARS_HELPER") != "1":
+        if "transformers" in sys.modules:
+            return None  # imported already (a notebook, the tests): building the model here costs less
+        if _cores() < MIN_CORES:
+            return None  # no spare core: the helper would only compete with this process's imports
     try:
         return Helper(src, trust_remote_code)
     except OSError:

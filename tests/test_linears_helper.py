@@ -145,6 +145,13 @@ def test_no_helper_where_it_cannot_help(tmp_path, monkeypatch):
     assert linears_helper.start("meta-llama/Llama-3.1-8B", False) is None  # a hub id
     (tmp_path / "m").mkdir()
     assert linears_helper.start(str(tmp_path / "m"), False) is None  # transformers already imported here
-    monkeypatch.setenv("SHARDCONV_LINEARS_HELPER", "0")
     monkeypatch.delitem(sys.modules, "transformers")
-    assert linears_helper.start(str(tmp_path / "m"), False) is None
+    monkeypatch.setattr(linears_helper, "_cores", lambda: linears_helper.MIN_CORES - 1)
+    assert linears_helper.start(str(tmp_path / "m"), False) is None  # no spare core
+    monkeypatch.setattr(linears_helper, "_cores", lambda: linears_helper.MIN_CORES)
+    monkeypatch.setenv("SHARDCONV_LINEARS_HELPER", "0")
+    assert linears_helper.start(str(tmp_path / "m"), False) is None  # turned off
+    monkeypatch.delenv("SHARDCONV_LINEARS_HELPER")
+    helper = linears_helper.start(str(tmp_path / "m"), False)
+    assert helper is not None
+    helper.close()
