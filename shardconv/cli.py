@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read input this far ahead of the readers into the page cache, on one more thread "
                    "(page cache, not process memory; default: 0, off)")
     c.add_argument("--readahead", type=parse_size_or_zero, default=None, metavar="SIZE",
-                   help="input read into the page cache while shardconv starts (imports, CUDA, planning), so the "
-                   "disk does not idle then (default: 1/8 of available memory, at most 8GiB; 0: off)")
+                   help="input read into the page cache from the moment shardconv starts (imports, CUDA, planning) "
+                   "to the last byte, at most this far ahead of the readers, so the disk does not idle (default: "
+                   "1/8 of available memory, at most 8GiB; 0: off)")
     c.add_argument("--fsync", action="store_true",
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")
@@ -250,8 +251,8 @@ def _start_linears_helper(args):
 
 
 def _start_readahead(args) -> None:
-    """Read the input's first bytes while torch and CUDA start (readahead.py); not on a resume, whose
-    first shards may already be done, nor where DST is refused anyway."""
+    """Read the input from now on, a window ahead of the pipeline's readers (readahead.py); not on a
+    resume, whose first shards may already be done, nor where DST is refused anyway."""
     from .destination import is_empty
 
     if args.dry_run or not args.src:
