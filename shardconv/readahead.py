@@ -126,12 +126,9 @@ class ReadAhead:
     def __init__(self, files: list[Path], window: int):
         self.files, self.window = files, window
         self.sizes = [_size(f) for f in files]
-        self.starts: dict[str, int] = {}
-        pos = 0
-        for f, size in zip(files, self.sizes):
-            self.starts[str(f)] = pos
-            pos += size
-        self.total = pos
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(files))]  # each file's start in the stream
+        self.starts = {str(f): start for f, start in reversed(list(zip(files, self.offsets)))}  # first wins
+        self.total = sum(self.sizes)
         self.done = 0  # bytes read ahead (pieces the readers had passed are skipped, not counted)
         self.position = 0  # where the read-ahead is: the stream offset of its next piece
         self.consumed = 0  # how far the pipeline's readers have asked for
@@ -165,7 +162,7 @@ class ReadAhead:
 
     def _run(self) -> None:
         scratch = memoryview(bytearray(SCRATCH))
-        for path, start, size in zip(self.files, self.starts.values(), self.sizes):
+        for path, start, size in zip(self.files, self.offsets, self.sizes):
             if self.position >= start + size:
                 continue
             try:
@@ -192,7 +189,6 @@ class ReadAhead:
                 os.close(fd)
             if self.stopped:
                 return
-
 
     def summary(self) -> str:
         """One profile line: when the first byte came, and how far it has read."""
