@@ -144,7 +144,7 @@ def test_startup_readahead_reads_the_shards_in_pipeline_order_a_window_ahead(src
                 want.append((str(path), off, n))
                 off, left, first = off + n, left - n, False
         assert calls == want
-        assert ra.first_byte_age is not None and 0 < ra.first_byte_age < 60
+        assert ra.first_byte_age is not None and 0 < ra.first_byte_age <= readahead.process_age()
         # the readers take shard 1 whole: the window moves on past it, and no further
         ra.reached([safetensors_io.TensorInfo("t", shards[1], "BF16", (1,), 0, sizes[1])])
         moved = settle(ra)
