@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import __version__, linears_helper, readahead
 from .destination import DEFAULT_MAX_EXTRA
 from .errors import OptionError, ShardconvError
 
@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read input this far ahead of the readers into the page cache, on one more thread "
                    "(page cache, not process memory; default: 0, off)")
     c.add_argument("--readahead", type=parse_size_or_zero, default=None, metavar="SIZE",
-                   help="input read into the page cache while shardconv starts (imports, CUDA, planning), so the "
-                   "disk does not idle then (default: 1/8 of available memory, at most 8GiB; 0: off)")
+                   help="input read into the page cache from the moment shardconv starts (imports, CUDA, planning) "
+                   "to the last byte, at most this far ahead of the readers, so the disk does not idle (default: "
+                   "1/8 of available memory, at most 8GiB; 0: off)")
     c.add_argument("--fsync", action="store_true",
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")
@@ -274,10 +275,17 @@ def _describe_lines(plan) -> list[str]:
     return describe(plan)
 
 
+def _start_linears_helper(args):
+    """Find the Linear layers in a helper process while this one imports torch (linears_helper.py)."""
+    helper = linears_helper.start(args.src, args.trust_remote_code)
+    if helper is not None:
+        linears_helper.use(helper)
+    return helper
+
+
 def _start_readahead(args) -> None:
-    """Read the input's first bytes while torch and CUDA start (readahead.py); not on a resume, whose
-    first shards may already be done, nor where DST is refused anyway."""
-    from . import readahead
+    """Read the input from now on, a window ahead of the pipeline's readers (readahead.py); not on a
+    resume, whose first shards may already be done, nor where DST is refused anyway."""
     from .destination import is_empty
 
     if args.dry_run or not args.src or args.batch is not None:
@@ -355,9 +363,11 @@ def _error(message: str, error: BaseException | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args)
+    helper = None
     try:
         if args.command == "convert":
             _start_readahead(args)
+            helper = _start_linears_helper(args)
             return _convert(args)
         if args.command == "verify":
             return _verify(args)
@@ -381,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"unexpected {describe(e)} (a shardconv bug: please report it; SHARDCONV_DEBUG=1 prints the "
                "traceback)", e)
         return 2
+    finally:
+        readahead.stop()  # a failed or finished run reads no further
+        if helper is not None:
+            linears_helper.stop(helper)
     return 1
 
 

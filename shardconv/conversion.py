@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import destination, identity, journal, numerics, profile, uncalibrated
+from . import destination, identity, journal, numerics, profile, readahead, uncalibrated
 from .errors import DestinationError
 from .files import INDEX_NAME, REPORT_NAME, write_json
 from .pipeline import Converter, Options
@@ -162,6 +162,7 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         if opts.device.type == "cuda":
             torch.zeros(1, device=opts.device)
         profile.say(f"ready to convert {profile.process_age():.1f} s after process start (imports, CUDA, plan)")
+        profile.say(readahead.describe())
     src = plan.source.root
     dst = Path(dst)
     destination.check_destination(src, dst, overwrite)

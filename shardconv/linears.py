@@ -43,6 +43,10 @@ _MAX_COUNTS = {"num_hidden_layers": 1024, "num_layers": 1024, "n_layer": 1024, "
                "n_routed_experts": 8192, "num_local_experts": 8192}
 
 
+# Helper processes started by the command line (linears_helper.Helper), asked first by find().
+HELPERS: list = []
+
+
 @dataclass
 class Linears:
     """How each checkpoint tensor's module was found, for plan.py and the --dry-run line."""
@@ -91,6 +95,11 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
     Raises SourceError only for a tensor the model expects that no shard holds.
     """
     tensors = source.tensors if tensors is None else tensors
+    if tensors == source.tensors:  # the helper process saw the source's own tensors, not an encoding's view
+        for helper in HELPERS:  # the same answer, found in a helper process (linears_helper.py)
+            found = helper.answer(source, trust_remote_code)
+            if found is not None:
+                return found
     conv1d = source.config.get("model_type") in _CONV1D_MODEL_TYPES
     try:
         layout, name = _layout(source, trust_remote_code)

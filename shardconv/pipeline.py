@@ -400,6 +400,7 @@ class Converter:
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
         prefetcher = readahead.Prefetcher([u.inputs for u in units], self.opts.prefetch)
+        startup = readahead.active()  # the command line's start-up read-ahead: moved on as units are read
         timeline = profile.DiskTimeline() if profile.ENABLED else None
 
         def submit(block: bool) -> None:
@@ -421,6 +422,8 @@ class Converter:
                             self._release_uploads(wait=True)
                         bufs = self.inputs.take(len(u.members), block=True)
                     pending.append((u, self._submit_reads(u, bufs), bufs))
+                if startup is not None:
+                    startup.reached(u.inputs)
                 nxt += 1
 
         # uploaded groups waiting to be quantized together, by batch.structure: a MoE layer's experts
@@ -492,6 +495,9 @@ class Converter:
         finally:
             t0 = time.perf_counter()
             prefetcher.close()
+            if startup is not None:
+                profile.say(startup.summary())
+            readahead.stop()
             self.readers.shutdown(wait=True, cancel_futures=True)
             self.writers.shutdown(wait=True, cancel_futures=True)
             if self.cuda:

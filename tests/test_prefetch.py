@@ -5,6 +5,7 @@ depend on any of them."""
 
 import json
 import os
+import time
 
 import pytest
 
@@ -109,25 +110,105 @@ def test_read_into_asks_for_sequential_read_ahead(src, monkeypatch):
     assert seen == [os.POSIX_FADV_SEQUENTIAL]
 
 
-def test_startup_readahead_reads_the_shards_in_pipeline_order_up_to_the_budget(src, monkeypatch):
+def settle(ra, timeout=20.0) -> int:
+    """Wait until the start-up read-ahead has stopped moving (waiting for the readers, or finished)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        with ra.cond:
+            now = ra.position
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.2)
+    raise AssertionError("the read-ahead never settled")
+
+
+def test_startup_readahead_reads_the_shards_in_pipeline_order_a_window_ahead(src, monkeypatch):
     shards = open_source(src).shards
     assert readahead.input_files(src) == shards  # the order plan.py's units follow
     sizes = [p.stat().st_size for p in shards]
     calls = record_warm(monkeypatch)
     monkeypatch.setattr(readahead, "PIECE", 40_000)
-    budget = sizes[0] + sizes[1] // 2
-    ra = readahead.start(str(src), budget)
-    ra.thread.join()
-    assert ra.done == budget
-    # front to back: shard 0 whole, then shard 1 up to the budget, contiguous pieces
-    want, left = [], budget
-    for path, size in zip(shards, sizes):
-        off = 0
-        while off < size and left > 0:
-            n = min(40_000, size - off, left)
-            want.append((str(path), off, n))
-            off, left = off + n, left - n
-    assert calls == want
+    monkeypatch.setattr(readahead, "SCRATCH", 10_000)
+    window = sizes[0] + sizes[1] // 2
+    ra = readahead.start(str(src), window)
+    try:
+        assert settle(ra) == ra.done == window  # the readers are at 0: one window, then it waits
+        # a small first piece (the profile's first byte), then contiguous pieces, shard 0 whole, then shard 1
+        want, left, first = [], window, True
+        for path, size in zip(shards, sizes):
+            off = 0
+            while off < size and left > 0:
+                n = min(10_000 if first else 40_000, size - off, left)
+                want.append((str(path), off, n))
+                off, left, first = off + n, left - n, False
+        assert calls == want
+        assert ra.first_byte_age is not None and 0 < ra.first_byte_age <= readahead.process_age()
+        # the readers take shard 1 whole: the window moves on past it, and no further
+        ra.reached([safetensors_io.TensorInfo("t", shards[1], "BF16", (1,), 0, sizes[1])])
+        moved = settle(ra)
+        assert moved == min(sum(sizes), sizes[0] + sizes[1] + window)
+        # the rest of shard 1 is the readers': on from shard 2's first byte
+        assert calls[len(want)][:2] == (str(shards[2]), 0)
+        ends = {}
+        for path, off, n in calls:
+            assert off == ends.get(path, 0), "not front to back"
+            ends[path] = off + n
+        assert [p for p in dict.fromkeys(c[0] for c in calls)] == [str(s) for s in shards[: len(ends)]]
+        # readers past the read-ahead: what they passed is skipped, not read again
+        n_calls = len(calls)
+        ra.reached([safetensors_io.TensorInfo("t", shards[-1], "BF16", (1,), 0, 1)])
+        settle(ra)
+        assert all(c[0] == str(shards[-1]) and c[1] >= 1 for c in calls[n_calls:])
+    finally:
+        readahead.stop()
+    ra.thread.join(timeout=10)
+    assert not ra.thread.is_alive() and readahead.active() is None
+
+
+def test_stop_ends_a_waiting_startup_readahead(src, monkeypatch):
+    calls = record_warm(monkeypatch)
+    ra = readahead.start(str(src), 1000)
+    settle(ra)
+    assert ra.done == 1000 and ra.thread.is_alive()  # waiting for readers that never came
+    readahead.stop()
+    ra.thread.join(timeout=10)
+    assert not ra.thread.is_alive()
+    assert sum(n for _, _, n in calls) == 1000
+
+
+def test_cli_readahead_follows_the_readers_to_the_end_and_stops(src, tmp_path, monkeypatch):
+    """A window far smaller than the input: the old start-up read-ahead stopped after it; now the
+    pipeline's readers move it on to the last shard, and it ends with the run, also a failed one."""
+    calls = record_warm(monkeypatch)
+    started, seen = [], []
+    real, real_reached = readahead.start, readahead.ReadAhead.reached
+    monkeypatch.setattr(readahead, "start", lambda s, budget: started.append(real(s, budget)) or started[-1])
+    monkeypatch.setattr(readahead.ReadAhead, "reached",
+                        lambda self, ranges: (real_reached(self, ranges), seen.append(self.consumed)))
+    shards = [str(p) for p in open_source(src).shards]
+    rc, err = run_cli("convert", src, tmp_path / "out", "--device", "cpu", "--scales", "max", "--no-progress",
+                      "--readahead", "20KB")
+    assert rc == 0, err
+    ra = started[-1]
+    ra.thread.join(timeout=10)
+    assert not ra.thread.is_alive() and readahead.active() is None
+    # the pipeline moved the window on, unit by unit, to the input's last byte
+    assert len(seen) > len(shards) and seen == sorted(seen) and seen[-1] == ra.total == sum(
+        os.path.getsize(p) for p in shards)
+    # what it read (the readers may pass it on so small a checkpoint): front to back, 20 KB at most
+    assert calls and {c[0] for c in calls} <= set(shards)
+    assert max(n for _, _, n in calls) <= 20_000
+    positions = [(shards.index(p), off) for p, off, _ in calls]
+    assert positions == sorted(positions)
+    # a run refused after the read-ahead started (an --exclude that matches nothing, --strict)
+    rc, err = run_cli("convert", src, tmp_path / "refused", "--device", "cpu", "--scales", "max",
+                      "--readahead", "1KB", "--exclude", "nothing.*", "--strict")
+    assert rc == 2 and "matches no module" in err
+    ra = started[-1]
+    ra.thread.join(timeout=10)
+    assert not ra.thread.is_alive() and readahead.active() is None and ra.stopped
 
 
 def test_startup_readahead_does_nothing_where_it_cannot_help(src, tmp_path, monkeypatch):
