@@ -197,22 +197,25 @@ def test_a_second_job_on_the_same_dst_is_refused_by_every_rank(src, tmp_path):
     assert not list(dst.glob("*.safetensors"))
 
 
-def test_ranks_that_plan_differently_are_refused(src, tmp_path):
-    dst = tmp_path / "out"
-    argv = ["convert", src, dst, *ARGS]
+def two_ranks(tmp_path, argvs) -> list[dict]:
+    """Run rank 0 and rank 1 with their own command lines; their exit codes and stderr."""
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     outs = [tmp_path / f"r{r}.json" for r in range(2)]
-    # rank 1 asks for other shards than rank 0
-    procs = [ctx.Process(target=_rank_main, args=(0, 2, port, [str(a) for a in argv], outs[0], None)),
-             ctx.Process(target=_rank_main, args=(1, 2, port, [str(a) for a in argv] + ["--max-shard-size", "200KB"],
-                                                  outs[1], None))]
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, [str(a) for a in argv], outs[r], None))
+             for r, argv in enumerate(argvs)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
-    for out in outs:
-        data = json.loads(out.read_text())
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def test_ranks_that_plan_differently_are_refused(src, tmp_path):
+    dst = tmp_path / "out"
+    argv = ["convert", src, dst, *ARGS]
+    # rank 1 asks for other shards than rank 0
+    for data in two_ranks(tmp_path, [argv, [*argv, "--max-shard-size", "200KB"]]):
         assert data["rc"] == 2 and "rank 1 plans another conversion than rank 0" in data["err"], data
     assert not dst.exists() or not list(dst.glob("*.safetensors"))
 
@@ -239,17 +242,7 @@ def test_a_rank_whose_copy_of_src_differs_is_refused(src, tmp_path):
     data[-2:] = bytes([data[-2] ^ 0x40, data[-1]])  # the last bf16 value changes (the samples cover the end)
     shard.write_bytes(bytes(data))
     dst = tmp_path / "out"
-    ctx = multiprocessing.get_context("fork")
-    port = free_port()
-    outs = [tmp_path / f"r{r}.json" for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, [str(a) for a in ("convert", s, dst, *ARGS)], outs[r], None))
-             for r, s in enumerate((src, copy))]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for out in outs:
-        data = json.loads(out.read_text())
+    for data in two_ranks(tmp_path, [("convert", s, dst, *ARGS) for s in (src, copy)]):
         assert data["rc"] == 2 and f"rank 1 reads another {shard.name} than rank 0" in data["err"], data
     assert not dst.exists() or not list(dst.glob("*.safetensors"))
 
