@@ -339,11 +339,11 @@ class Converter:
                     tensors = self.fmt.quantized_tensors(m.module, q)
                     pos, mine = 0, {}
                     for name, t in tensors.items():
-                        t.record_stream(self.d2h)
-                        raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-                        if raw.device.type != "cuda":  # e.g. input_scale built on the CPU
+                        if t.device.type != "cuda":  # e.g. an input_scale built on the CPU
                             mine[name] = t
                             continue
+                        t.record_stream(self.d2h)
+                        raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
                         dst = buf[pos : pos + raw.numel()]
                         dst.copy_(raw, non_blocking=True)
                         mine[name] = dst.view(t.dtype).reshape(t.shape)
