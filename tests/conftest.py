@@ -102,3 +102,19 @@ def private_copy(get, tmp_path: Path):
     import shutil
 
     return lambda name: Path(shutil.copytree(get(name), tmp_path / name))
+
+
+def quantize_on_cuda_without_sync(members, weights, method="max"):
+    """``quantize_group`` of one unit on CUDA with synchronisation reported as an error (the pipeline's
+    call: ``check=False``, results left on the device), and the CPU reference of the same weights."""
+    from shardconv.quantize import quantize_group
+
+    cuda = [w.cuda() for w in weights]
+    want = quantize_group(members, [w.cpu() for w in weights], method, "cpu")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = quantize_group(members, cuda, method, "cuda", to_cpu=False, check=False, chunk=4096)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return want, got

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import load_checkpoint, run_cli, same_bytes
+from conftest import load_checkpoint, quantize_on_cuda_without_sync, run_cli, same_bytes
 from shardconv import numerics, synth_int4
 from shardconv.encodings import int4
 from test_errors import check_fails
@@ -402,19 +402,11 @@ def test_int4_group_on_cuda_never_waits_for_the_gpu(kimi):
     sync (parts are checked on the host before their non-blocking upload), same bytes as the CPU."""
     from shardconv.formats import get_format
     from shardconv.planning import build_plan
-    from shardconv.quantize import quantize_group
     from shardconv.safetensors_io import read_into
     from shardconv.source import open_source
 
     plan = build_plan(open_source(kimi[0]), get_format("modelopt"), scales="max")
     unit = next(u for u in plan.units if len(u.members) == 2 and all(m.encoded for m in u.members))
-    codes = [read_into(m.weight).cuda() for m in unit.members]
-    want = quantize_group(unit.members, [c.cpu() for c in codes], "max", "cpu")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = quantize_group(unit.members, codes, "max", "cuda", to_cpu=False, check=False, chunk=4096)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    want, got = quantize_on_cuda_without_sync(unit.members, [read_into(m.weight) for m in unit.members])
     for a, b in zip(want, got):
         assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu()) and bool(b.ok.cpu())
