@@ -337,3 +337,24 @@ def test_mixed_on_cuda_equals_cpu(tmp_path):
     assert all(same_bytes(a[k], b[k]) for k in a)
     for name in ("config.json", "hf_quant_config.json"):
         assert (tmp_path / "cpu" / name).read_text() == (tmp_path / "gpu" / name).read_text()
+
+
+def test_a_nan_in_an_fp8_layer_is_refused(tmp_path):
+    """An FP8 layer's weight with a NaN: one line naming the tensor and no index, never an FP8 scale of NaN."""
+    import shutil
+
+    from test_hostile_numbers import edit
+
+    src = tmp_path / "src"
+    shutil.copytree(GOLDEN / "source", src)
+    name = "model.layers.0.self_attn.o_proj.weight"
+
+    def poison(t):
+        t = t.clone()
+        t[1, 2] = float("nan")
+        return t
+    edit(src, {name: poison})
+    dst = tmp_path / "out"
+    rc, err = run_cli("convert", src, dst, "--amax", MIXED / "amax.pt", *RECIPE, "--device", "cpu", "--no-progress")
+    assert rc == 2 and name in err and "NaN" in err and err.count("\n") == 1, err
+    assert not (dst / "model.safetensors.index.json").exists()
