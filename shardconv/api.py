@@ -212,7 +212,8 @@ def cpu_estimate(p: "Plan", threads: int) -> float:
 def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | None = None,
             amax: str | Path | None = None, format: str = "modelopt", exclude: Sequence[str] = (),
             device: str = "auto", max_shard_size: int | str = "5GB", export_rounding: str = "cpu",
-            overwrite: bool = False, fsync: bool = False, progress: bool = False, readers: int = 4,
+            overwrite: bool = False, fsync: bool = False, progress: bool = False, readers: int | None = None,
+            writers: int | None = None,
             host_buffer: int | str = "1GiB", gpu_buffer: int | str = "4GiB", prefetch: int | str = 0,
             threads: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
             max_extra_size: int | str = "1GiB", strict: bool = False, strict_amax: bool = False,
@@ -232,7 +233,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         overwrite: replace a previous output in ``dst`` whole.
         fsync: flush every shard before recording it (a resume after a power loss then trusts it).
         progress: a progress bar on stderr.
-        readers, host_buffer, gpu_buffer, prefetch: pipeline sizes (README, Command line).
+        readers, writers: I/O threads (default: pipeline.io_threads(), from the cores).
+        host_buffer, gpu_buffer, prefetch: pipeline sizes (README, Command line).
         threads: torch's CPU threads when quantizing on the CPU (default: the cores this process may
             use less the load other processes put on them).
         max_extra_size: largest total of SRC's other files (tokenizer, code) copied to ``dst``.
@@ -284,7 +286,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
                         f"--scales max about {cpu_estimate_as(p, 'max', n) / 60:.0f} min, a GPU (--device cuda) far less")
                 p.notes.append(note)
                 log.info(note)
-        opts = Options(device=dev, readers=readers, host_buffer=parse_size(host_buffer, "host_buffer"),
+        opts = Options(device=dev, readers=readers, writers=writers, host_buffer=parse_size(host_buffer, "host_buffer"),
                        gpu_buffer=parse_size(gpu_buffer, "gpu_buffer"), progress=progress, fsync=fsync,
                        prefetch=parse_size(prefetch, "prefetch", zero=True))
         how = dict(fmt=get_format(format), opts=opts, overwrite=overwrite,

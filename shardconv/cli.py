@@ -44,7 +44,8 @@ CONVERT_EXAMPLES = """examples:
   shardconv convert ./model --dry-run                 # what would be quantized, kept and written
   shardconv convert ./model out --json -q             # one JSON summary on stdout, nothing else
 
-CPU threads: torch's, for quantizing, with --threads N (default: free cores); reading, with --readers N.
+CPU threads: torch's, for quantizing, with --threads N (default: free cores); reading and copying, with
+--readers N; writing and hashing, with --writers N (defaults from the cores).
 Environment: SHARDCONV_DEBUG=1 (tracebacks), SHARDCONV_PROFILE=1 (stage times)."""
 
 VERIFY_EXAMPLES = """examples:
@@ -90,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "divisions round differently on CUDA (default: cpu)")
     # the defaults repeat pipeline.Options' (a test keeps them equal): pipeline imports torch, which the
     # start-up read-ahead must not wait for
-    c.add_argument("--readers", type=int, default=4, metavar="N", help="reader threads (default: 4)")
+    c.add_argument("--readers", type=int, default=None, metavar="N",
+                   help="reader threads: input read, kept tensors copied (default: half the cores, 4 to 8)")
+    c.add_argument("--writers", type=int, default=None, metavar="N",
+                   help="writer threads: output shards written and hashed (default: a quarter of the cores, 2 to 4)")
     c.add_argument("--host-buffer", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
                    help="host staging budget, pinned with a GPU: buffers the size of the largest weight, at least the "
                    "largest fusion group plus one (default: 1GiB)")
@@ -242,6 +246,7 @@ def _convert(args) -> int:
         rank, world_size = world_from(args.rank, args.world_size)  # the flags, else torchrun's RANK, WORLD_SIZE
         result = api.convert(src, dst, device=args.device, export_rounding=args.export_rounding,
                              overwrite=overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
+                             writers=args.writers,
                              host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
                              threads=args.threads, max_extra_size=args.max_extra_size, rank=rank,
                              world_size=world_size, **common)

@@ -9,7 +9,9 @@ The journal records these digests and ``verify`` and resume recompute them (:fun
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,16 +23,35 @@ def combine_digests(digests: list[bytes]) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
+_local = threading.local()
+READ_BACK = 4 << 20  # bytes per read where the file cannot be mapped
+
+
 def piece_sha256(fd: int, start: int, end: int) -> bytes:
-    """SHA-256 of bytes [start, end) of ``fd``."""
+    """SHA-256 of bytes [start, end) of ``fd`` (``start`` a multiple of the page size).
+
+    Hashed straight from the page cache through a read-only mapping: a third faster than reading
+    into a buffer first, which was one more pass over every output byte. A file that cannot be mapped
+    (some network or FUSE file systems) is read through one reused buffer per thread.
+    """
+    if end > start:
+        try:
+            with mmap.mmap(fd, end - start, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ,
+                           offset=start) as view:
+                return hashlib.sha256(view).digest()
+        except (OSError, ValueError):
+            pass
+    buf = getattr(_local, "buffer", None)
+    if buf is None:
+        buf = _local.buffer = memoryview(bytearray(READ_BACK))
     h = hashlib.sha256()
     pos = start
     while pos < end:
-        chunk = os.pread(fd, min(end - pos, 4 << 20), pos)  # small: several threads hash at once
-        if not chunk:
+        n = os.preadv(fd, [buf[: min(end - pos, READ_BACK)]], pos)
+        if not n:
             raise OSError(f"file ended at byte {pos}, expected {end}")
-        h.update(chunk)
-        pos += len(chunk)
+        h.update(buf[:n])
+        pos += n
     return h.digest()
 
 

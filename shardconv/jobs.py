@@ -26,8 +26,8 @@ from .errors import OptionError
 
 # options a job may set (api.convert's keyword arguments); src and dst are the job's own
 OPTIONS = ("scales", "amax", "format", "exclude", "device", "max_shard_size", "export_rounding", "overwrite",
-           "fsync", "readers", "host_buffer", "gpu_buffer", "prefetch", "threads", "revision", "trust_remote_code",
-           "max_extra_size", "strict")
+           "fsync", "readers", "writers", "host_buffer", "gpu_buffer", "prefetch", "threads", "revision",
+           "trust_remote_code", "max_extra_size", "strict")
 
 
 @dataclass
@@ -178,7 +178,7 @@ def run_cli(args, say, stderr) -> int:
     defaults = dict(scales=args.scales, amax=args.amax, format=args.format, exclude=args.exclude,
                     device=args.device, max_shard_size=args.max_shard_size, export_rounding=args.export_rounding,
                     overwrite=args.overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
-                    host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
+                    writers=args.writers, host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
                     threads=args.threads, revision=args.revision, trust_remote_code=args.trust_remote_code,
                     max_extra_size=args.max_extra_size, strict=args.strict)
     rank, size = world_from(args.rank, args.world_size)

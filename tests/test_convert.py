@@ -1,6 +1,7 @@
 """End-to-end conversions of generated multi-shard checkpoints, checked tensor by tensor."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -184,9 +185,18 @@ def test_cli_defaults_are_the_pipeline_defaults():
     from shardconv.pipeline import Options
 
     args, opts = build_parser().parse_args(["convert", "SRC"]), Options()
-    assert (args.readers, args.host_buffer, args.gpu_buffer, args.prefetch, args.fsync) == (
-        opts.readers, opts.host_buffer, opts.gpu_buffer, opts.prefetch, opts.fsync)
+    assert (args.readers, args.writers, args.host_buffer, args.gpu_buffer, args.prefetch, args.fsync) == (
+        opts.readers, opts.writers, opts.host_buffer, opts.gpu_buffer, opts.prefetch, opts.fsync)
     assert readahead.MAX_AUTO == parse_size("8GiB")  # the --readahead help says "at most 8GiB"
+
+
+def test_io_threads_follow_the_cores():
+    """Readers and writers default to half and a quarter of the cores, within 4-8 and 2-4 (the H200
+    machine's sweep, README Performance); the pipeline uses them unless given."""
+    from shardconv.pipeline import io_threads
+
+    assert [io_threads(n) for n in (1, 2, 8, 10, 16, 64)] == [(4, 2), (4, 2), (4, 2), (5, 2), (8, 4), (8, 4)]
+    assert io_threads() == io_threads(len(os.sched_getaffinity(0)))
 
 
 def test_default_scales_are_mse(llama, tmp_path, capsys):

@@ -120,3 +120,65 @@ def test_a_tensor_copied_in_pieces_on_threads_completes_once(tmp_path):
     w.finish()
     with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("t0"), data)
+
+
+FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@pytest.mark.parametrize("name", sorted(FLOATS))
+def test_kept_tensor_check_finds_the_first_nonfinite_value_anywhere(name, monkeypatch):
+    """The kept-tensor check (numpy, in slices) refuses exactly what torch.isfinite calls NaN/Inf, at any
+    place (first or last element, either side of a slice boundary) and names the first flat index;
+    every finite bit pattern passes."""
+    from shardconv import safetensors_io
+    from shardconv.errors import SourceError
+    from shardconv.safetensors_io import check_finite_bytes
+
+    monkeypatch.setattr(safetensors_io, "_FINITE_SLICE", 64)  # many slices on a small tensor
+    dtype = FLOATS[name]
+    size = torch.empty((), dtype=dtype).element_size()
+    every = torch.arange(2 ** (8 * min(size, 2)), dtype=torch.int64)  # every bit pattern of the low 16 bits
+    raw = every.to(torch.int16 if size == 2 else torch.uint8 if size == 1 else torch.int64)
+    if size >= 4:  # wide types: patterns in the top bits, where sign and exponent live
+        raw = (every << (8 * size - 16)).to(torch.int32 if size == 4 else torch.int64)
+    elems = raw.view(dtype)
+    finite = torch.isfinite(elems.float() if size == 1 else elems)
+    info = TensorInfo(name="t", dtype=name, shape=(len(elems),), offset=0, nbytes=len(elems) * size, path="f")
+    good = elems[finite].contiguous()
+    check_finite_bytes(info, memoryview(good.view(torch.uint8).numpy()), 0)  # all finite patterns pass
+    bad = elems[~finite]
+    assert len(bad) > 0
+    for place in (0, 63 // size, 64 // size, len(good) - 1):
+        t = good.clone()
+        t[place] = bad[place % len(bad)]
+        t[-1] = bad[-1]  # a later one too: the first is named
+        with pytest.raises(SourceError, match=rf"tensor 't' holds NaN/Inf \(first at flat index {place + 7}\)"):
+            check_finite_bytes(info, memoryview(t.view(torch.uint8).numpy()), 7 * size)
+
+
+def test_piece_hash_mapped_and_read_agree(tmp_path, monkeypatch):
+    """A piece is hashed through a mapping of the file, or read where the file system cannot map it:
+    the same SHA-256 either way, at page-aligned and unaligned starts."""
+    import mmap
+    import os
+
+    from shardconv import digest
+
+    data = random.Random(3).randbytes(3 * mmap.PAGESIZE + 123)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        spans = [(0, len(data)), (mmap.PAGESIZE, 2 * mmap.PAGESIZE + 5), (7, 100), (5, 5)]
+        mapped = [digest.piece_sha256(fd, a, b) for a, b in spans]
+
+        def unmappable(*args, **kwargs):
+            raise OSError("no mmap here")
+
+        monkeypatch.setattr(digest.mmap, "mmap", unmappable)
+        monkeypatch.setattr(digest, "READ_BACK", 1000)  # several reads per piece
+        read = [digest.piece_sha256(fd, a, b) for a, b in spans]
+    finally:
+        os.close(fd)
+    assert mapped == read == [hashlib.sha256(data[a:b]).digest() for a, b in spans]
