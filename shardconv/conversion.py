@@ -110,7 +110,7 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
             # rank 0's own shards, then every rank's recorded in the journal
             team.run(lambda: None if done else Converter(plan, dst, fmt, opts, log, team.not_mine(kept)), log)
         elif converter is not None:
-            converter.run()
+            profile.python_profile(converter.run)
         for rel, _ in extras:
             destination.make_dirs(dst, rel.parent)
             written.append(dst / rel)

@@ -13,6 +13,8 @@ import threading
 import time
 
 ENABLED = bool(os.environ.get("SHARDCONV_PROFILE"))
+# SHARDCONV_PROFILE=cprofile: also the main thread's Python profile of the pipeline loop (what issuing costs)
+PYTHON = os.environ.get("SHARDCONV_PROFILE") == "cprofile"
 
 
 def say(message: str) -> None:
@@ -87,3 +89,20 @@ class DiskTimeline:
                 for a, b in zip(self.samples, self.samples[1:])]
         events = ", ".join(f"{what} {t - t0:.1f}s" for t, what in self.events)
         return f"disk in/out GB/s per second: {'  '.join(rows)}\nprofile: events: {events}"
+
+
+def python_profile(run):
+    """``run()``, under cProfile when :data:`PYTHON`: the 25 costliest calls by cumulative time are printed."""
+    if not PYTHON:
+        return run()
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(run)
+    finally:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+        print("profile: main thread\n" + out.getvalue(), flush=True)
