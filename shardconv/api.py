@@ -233,7 +233,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         overwrite: replace a previous output in ``dst`` whole.
         fsync: flush every shard before recording it (a resume after a power loss then trusts it).
         progress: a progress bar on stderr.
-        readers, writers: I/O threads (default: pipeline.io_threads(), from the cores).
+        readers, writers: I/O threads (default: host_buffers.io_threads(), from the cores).
         host_buffer, gpu_buffer, prefetch: pipeline sizes (README, Command line).
         threads: torch's CPU threads when quantizing on the CPU (default: the cores this process may
             use less the load other processes put on them).

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from shardconv import pipeline
+from shardconv import host_buffers
 
 
 def fake_pinning(monkeypatch, fail_at=None, gate=None):
@@ -20,14 +20,14 @@ def fake_pinning(monkeypatch, fail_at=None, gate=None):
         made.append(size)
         return torch.empty(size, dtype=torch.uint8)
 
-    monkeypatch.setattr(pipeline.BufferPool, "_allocate", allocate)
+    monkeypatch.setattr(host_buffers.BufferPool, "_allocate", allocate)
     return made
 
 
 def test_the_first_buffer_is_ready_before_the_others_are_pinned(monkeypatch):
     gate = threading.Event()
     made = fake_pinning(monkeypatch, gate=gate)
-    pool = pipeline.BufferPool(4, 64, pin=True)
+    pool = host_buffers.BufferPool(4, 64, pin=True)
     (first,) = pool.take(1, block=False)  # available at once, while the thread waits at the gate
     assert first.numel() == 64 and pool.take(1, block=False) is None
     gate.set()
@@ -40,12 +40,12 @@ def test_the_first_buffer_is_ready_before_the_others_are_pinned(monkeypatch):
 
 def test_a_failed_pinning_is_raised_not_waited_for(monkeypatch):
     fake_pinning(monkeypatch, fail_at=2)
-    pool = pipeline.BufferPool(4, 64, pin=True)
+    pool = host_buffers.BufferPool(4, 64, pin=True)
     with pytest.raises(MemoryError, match="pinned buffer"):
         pool.take(4)  # two buffers exist; without the error this would wait for ever
     pool.close()
 
 
 def test_without_pinning_every_buffer_exists_at_once():
-    pool = pipeline.BufferPool(3, 32, pin=False)
+    pool = host_buffers.BufferPool(3, 32, pin=False)
     assert pool.filler is None and len(pool.take(3, block=False)) == 3

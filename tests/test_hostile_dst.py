@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import load_checkpoint, run_cli, tree_digest
-from shardconv import pipeline, safetensors_io
+from shardconv import output_shards, pipeline, safetensors_io
 from shardconv.synth import write_checkpoint
 
 ARGS = ("--device", "cpu", "--scales", "max", "--max-shard-size", "120KB", "--no-progress")
@@ -163,16 +163,16 @@ def test_resume_replaces_links_never_writes_through_them(src, tmp_path, outside,
     reference = tmp_path / "reference"
     assert run_cli("convert", src, reference, *ARGS)[0] == 0
     dst = tmp_path / "dst"
-    real = pipeline.Shards._done
+    real = output_shards.Shards._done
 
     def full_after_one(self, shard, n):
         real(self, shard, n)
         if self.remaining[shard] == 0:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline.Shards, "_done", full_after_one)
+    monkeypatch.setattr(output_shards.Shards, "_done", full_after_one)
     assert run_cli("convert", src, dst, *ARGS)[0] == 2
-    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    monkeypatch.setattr(output_shards.Shards, "_done", real)
     finished = json.loads((dst / JOURNAL).read_text())["shards"]
     assert len(finished) == 1
     todo = sorted(p.name for p in reference.glob("model-*.safetensors") if p.name not in finished)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from shardconv import identity, pipeline
+from shardconv import identity, output_shards
 from shardconv.safetensors_io import read_header
 from shardconv.synth import write_checkpoint
 from test_resume import ARGS, interrupted, stamp, without_journal
@@ -154,7 +154,7 @@ def test_a_content_change_is_caught_by_the_samples_where_ctime_is_not_kept(src, 
 def test_a_source_written_during_the_run_fails_it_before_the_index(src, tmp_path, monkeypatch, replace):
     dst = tmp_path / "out"
     victim = source_shards(src)[-1]
-    real = pipeline.Shards._done
+    real = output_shards.Shards._done
     done = {"n": 0}
 
     def change_after_first_shard(self, shard, n):
@@ -164,9 +164,9 @@ def test_a_source_written_during_the_run_fails_it_before_the_index(src, tmp_path
             if done["n"] == 1:
                 replace(victim, negated(victim))
 
-    monkeypatch.setattr(pipeline.Shards, "_done", change_after_first_shard)
+    monkeypatch.setattr(output_shards.Shards, "_done", change_after_first_shard)
     rc, err = run_cli("convert", src, dst, *ARGS)
-    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    monkeypatch.setattr(output_shards.Shards, "_done", real)
     assert rc == 2 and "changed during the conversion" in err and victim.name in err, err
     assert err.count("\n") == 1, err
     assert not (dst / INDEX).exists() and not list(dst.glob("*.partial"))

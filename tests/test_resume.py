@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import run_cli, tree_digest
-from shardconv import pipeline
+from shardconv import output_shards
 from shardconv.synth import write_checkpoint
 
 ARGS = ("--device", "cpu", "--max-shard-size", "120KB", "--no-progress")
@@ -52,7 +52,7 @@ def disk_full_after(n_shards, monkeypatch):
     it (a full disk stays full); returns the undo. The count and the shard's completion happen under one
     lock: writer and copy threads finish shards concurrently, and without it a second shard could be
     finished while the n-th one raises (seen once in CI: 4 recorded shards for 3)."""
-    real = pipeline.Shards._done
+    real = output_shards.Shards._done
     finished = {"n": 0}
     lock = threading.Lock()
 
@@ -65,8 +65,8 @@ def disk_full_after(n_shards, monkeypatch):
             if finished["n"] == n_shards:
                 raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline.Shards, "_done", failing)
-    return lambda: monkeypatch.setattr(pipeline.Shards, "_done", real)
+    monkeypatch.setattr(output_shards.Shards, "_done", failing)
+    return lambda: monkeypatch.setattr(output_shards.Shards, "_done", real)
 
 
 def stamp(path) -> tuple[int, int]:
@@ -178,7 +178,7 @@ def test_sigterm_stops_cleanly_and_resumes(src, reference, tmp_path):
 def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch):
     dst = tmp_path / "out"
 
-    real = pipeline.Shards._done
+    real = output_shards.Shards._done
     lock = threading.Lock()
 
     def boom_when_shard_1_is_finished(self, s, n):
@@ -189,10 +189,10 @@ def test_a_different_plan_is_refused_unless_overwrite(src, tmp_path, monkeypatch
             if s == 1 and self.remaining[s] == 0:
                 raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(pipeline.Shards, "_done", boom_when_shard_1_is_finished)
+    monkeypatch.setattr(output_shards.Shards, "_done", boom_when_shard_1_is_finished)
     rc, err = run_cli("convert", src, dst, *ARGS)
     assert rc == 2 and "I/O error" in err, err
-    monkeypatch.setattr(pipeline.Shards, "_done", real)
+    monkeypatch.setattr(output_shards.Shards, "_done", real)
     rc, err = run_cli("convert", src, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress")
     assert rc == 2 and "different conversion" in err
     rc, err = run_cli("convert", src, dst, "--device", "cpu", "--max-shard-size", "200KB", "--no-progress", "--overwrite")
