@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--readahead", type=parse_size_or_zero, default=None, metavar="SIZE",
                    help="input read into the page cache from the moment shardconv starts (imports, CUDA, planning) "
                    "to the last byte, at most this far ahead of the readers, so the disk does not idle (default: "
-                   "1/8 of available memory, at most 8GiB; 0: off)")
+                   "1/4 of available memory, at most 32GiB; 0: off)")
     c.add_argument("--fsync", action="store_true",
                    help="flush each output shard to disk before recording it as finished (a resume after a power "
                    "loss then trusts it without re-hashing; costs write-back time at each shard)")

@@ -187,7 +187,7 @@ def test_cli_defaults_are_the_pipeline_defaults():
     args, opts = build_parser().parse_args(["convert", "SRC"]), Options()
     assert (args.readers, args.writers, args.host_buffer, args.gpu_buffer, args.prefetch, args.fsync) == (
         opts.readers, opts.writers, opts.host_buffer, opts.gpu_buffer, opts.prefetch, opts.fsync)
-    assert readahead.MAX_AUTO == parse_size("8GiB")  # the --readahead help says "at most 8GiB"
+    assert readahead.MAX_AUTO == parse_size("32GiB")  # the --readahead help says "at most 32GiB"
 
 
 def test_io_threads_follow_the_cores():
