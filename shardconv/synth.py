@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import save_file
 
-from .synth_layout import (DTYPE_NAMES, TRANSFORMERS_VERSION, check_dtype, checkpoint_size_for, make_config,
-                           tensor_dtype, tensor_specs)
+from .synth_layout import (CONFIG_DTYPE_NAMES, TRANSFORMERS_VERSION, check_dtype, checkpoint_size_for,
+                           make_config, tensor_dtype, tensor_specs)
 
 _STD = 0.02
 SHARD_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
@@ -154,7 +154,7 @@ def write_checkpoint(
     elif config_kwargs:
         raise ValueError("pass either config or make_config keyword arguments, not both")
     config = dict(config)
-    config["torch_dtype"] = config["dtype"] = DTYPE_NAMES[dtype]
+    config["torch_dtype"] = config["dtype"] = CONFIG_DTYPE_NAMES[dtype]
     specs = tensor_specs(config)
     sizes = [math.prod(s) * tensor_dtype(n, dtype).itemsize for n, s in specs]
     shard_of = plan_shards(sizes, shard_size)

@@ -23,7 +23,8 @@ _ARCH = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
 }
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# the config.json spelling of each weight dtype synthetic checkpoints are written in
+CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 TRANSFORMERS_VERSION = "4.57.1"  # what the config claims to be written by; informational only
 
 
@@ -279,8 +280,8 @@ def tensor_dtype(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.dtype:
 
 def check_dtype(dtype: torch.dtype) -> None:
     """Refuse a weight dtype synthetic checkpoints are not written in (ValueError)."""
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {dtype}")
+    if dtype not in CONFIG_DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(CONFIG_DTYPE_NAMES)}, got {dtype}")
 
 
 def checkpoint_size_for(config: dict, dtype: torch.dtype = torch.bfloat16) -> int:
