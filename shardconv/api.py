@@ -136,7 +136,8 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
     from . import identity
     from .amax import load_amax
     from .formats import get_format
-    from .planning import build_plan, unmatched_excludes
+    from .module_rules import unmatched_excludes
+    from .planning import build_plan
     from .recipes import parse as parse_recipe
     from .source import open_source
 

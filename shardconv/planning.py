@@ -4,12 +4,11 @@ and the exact output shard layout, before any tensor data is read.
 Fusion groups (FORMAT.md §3) are formed by module name, so members may sit in different input
 shards; a group is quantized whole or excluded whole. Units are ordered by where their first member
 sits in the input, so reads stay close to sequential, and output shards are filled in that order.
+The rules it applies per module are in module_rules.py; a saved amax file is checked by amax_checks.py.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,101 +16,16 @@ import torch
 
 from . import encodings, mixed, uncalibrated
 from .amax import AmaxFile, ModuleAmax
-from .errors import AmaxError, OptionError, SourceError
+from .amax_checks import check_amax, check_amax_modules, check_kv_amax
+from .errors import OptionError, SourceError
 from .linears import Linears
 from .linears import find as find_linears
+from .module_rules import (QUANTIZABLE_DTYPES, STACKED_EXPERT_MODEL_TYPES, STACKED_EXPERT_TENSOR, default_exclusion,
+                           excluded_subtree, fusion_key, fusion_rank, matches, model_types)
+from .numerics import BLOCK
 from .recipes import Recipe
-from .numerics import BLOCK, FP8_MAX
 from .safetensors_io import PlannedTensor, TensorInfo
 from .source import Source
-
-QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
-FUSION_SETS = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("w1", "w3"),
-    ("q_a_proj", "kv_a_proj_with_mqa"),
-)
-# embeddings by name (the fallback when no meta model says so): BERT's position/token_type_embeddings too
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|\w*embeddings?|embed_positions|tok_embeddings|wte|wpe)$")
-_ROUTER_LEAVES = {"gate", "router", "shared_expert_gate"}
-_TOWERS = {"visual", "vision_tower", "vision_model", "vision_encoder", "multi_modal_projector", "mm_projector",
-           "audio_tower", "audio_model"}
-# Stacked ("BMM-style") experts ModelOpt exports transposed (FORMAT.md §5): [E, in, out] on disk.
-STACKED_EXPERT_MODEL_TYPES = {"gpt_oss", "llama4", "llama4_text"}
-_STACKED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
-
-
-def _model_types(config: dict) -> set:
-    types = {config.get("model_type")}
-    for key in ("text_config", "language_config", "llm_config"):
-        if isinstance(config.get(key), dict):
-            types.add(config[key].get("model_type"))
-    return types
-
-
-def excluded_subtree(module: str, config: dict) -> str | None:
-    """The root of the MTP layer or vision/audio tower holding ``module``: a subtree kept whole.
-
-    Exclusion lists name such a subtree as ``root.*`` (FORMAT.md §4): engines rename modules inside
-    it (vLLM's DeepSeek MTP adds ``mtp_block``), so exact names would miss, and a bare prefix would
-    also hit ``model.layers.10`` when excluding ``model.layers.1``.
-    """
-    parts = module.split(".")
-    for i, p in enumerate(parts):
-        if p in _TOWERS or p == "mtp":
-            return ".".join(parts[: i + 1])
-    num_layers = config.get("num_hidden_layers")
-    if (config.get("num_nextn_predict_layers") or 0) and num_layers is not None:
-        for i, p in enumerate(parts[:-1]):
-            if p == "layers" and parts[i + 1].isdigit() and int(parts[i + 1]) >= num_layers:
-                return ".".join(parts[: i + 2])
-    return None
-
-
-def default_exclusion(module: str, config: dict) -> str | None:
-    """Why a Linear module is kept in source precision by default (FORMAT.md §4), or None."""
-    parts = module.split(".")
-    if parts[-1] == "lm_head" or module == "lm_head":
-        return "lm_head"
-    if _EMBEDDING.search(module):
-        return "embedding"
-    if parts[-1] in _ROUTER_LEAVES:
-        return "router"
-    if _TOWERS.intersection(parts):
-        return "vision/audio tower"
-    if "mtp" in parts:
-        return "MTP layer"
-    num_layers = config.get("num_hidden_layers")
-    mtp_layers = config.get("num_nextn_predict_layers") or 0
-    for i, p in enumerate(parts[:-1]):
-        if p == "layers" and parts[i + 1].isdigit() and mtp_layers and num_layers is not None:
-            if int(parts[i + 1]) >= num_layers:
-                return "MTP layer"
-    return None
-
-
-def matches(module: str, patterns: list[str]) -> bool:
-    """``--exclude`` patterns: globs over module names; a plain name also covers its subtree."""
-    return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*") for p in patterns)
-
-
-def fusion_rank(module: str) -> tuple[str, int]:
-    """Sort key putting group members in their conventional order (q, k, v; gate, up)."""
-    parent, _, leaf = module.rpartition(".")
-    for members in FUSION_SETS:
-        if leaf in members:
-            return (parent, members.index(leaf))
-    return (module, 0)
-
-
-def fusion_key(module: str) -> str | None:
-    parent, _, leaf = module.rpartition(".")
-    for members in FUSION_SETS:
-        if leaf in members:
-            return f"{parent}.{{{','.join(members)}}}"
-    return None
-
 
 @dataclass
 class Member:
@@ -278,13 +192,13 @@ def build_plan(
              for name, info in source.tensors.items() if name not in dropped}
     found = find_linears(source, trust_remote_code, plain)  # refuses a checkpoint missing a tensor of its model
     notes: list[str] = []
-    stack_types = _model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
+    stack_types = model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
     fmt_stacked = getattr(fmt, "supports_stacked_experts", True)
 
     excluded: dict[str, str] = {}
     candidates: list[Member] = []
     for name, info in plain.items():
-        stacked = len(info.shape) == 3 and bool(_STACKED.search(info.name))
+        stacked = len(info.shape) == 3 and bool(STACKED_EXPERT_TENSOR.search(info.name))
         if not (_is_linear_weight(info) or stacked):
             if info.name.endswith(".weight") and fusion_key(info.name[: -len(".weight")]):
                 # a fusion-group member that is no 2-D Linear weight: its partners stay unquantized too
@@ -335,7 +249,7 @@ def build_plan(
     if not groups:
         notes.append("nothing to quantize: a conversion is refused (its output would be no NVFP4 checkpoint)")
     if amax is not None:
-        _check_amax_modules(source, amax)
+        check_amax_modules(source, amax)
 
     # Saved amax: every quantized module needs what the chosen method reads from the file.
     for members in groups.values():
@@ -350,7 +264,7 @@ def build_plan(
                          f"in the file), e.g. {synthesized[0].module}; --strict-amax refuses instead")
     for members in groups.values():
         for m in members:
-            _check_amax(m, amax, scales, w4a4)
+            check_amax(m, amax, scales, w4a4)
 
     quantized_names = {m.weight.name for ms in groups.values() for m in ms}
     by_codes = {w.data.name: w for w in encoded.values()}
@@ -375,7 +289,7 @@ def build_plan(
         notes.append(f"the amax file's k/v cache amax are not used: the {fmt.name} output has no FP8 KV-cache scales")
     elif amax is not None and amax.kv:
         by_module = {m.module: u for u in units for m in u.members}
-        kv_attentions, attentions = _check_kv_amax(source, amax)
+        kv_attentions, attentions = check_kv_amax(source, amax)
         kv_cache = bool(kv_attentions)
         kv_missing = sorted(attentions - set(kv_attentions))
         if kv_missing:
@@ -436,84 +350,6 @@ def _check_output_names(units: list[Unit]) -> None:
                 raise SourceError(f"{src.path}: tensor {t.name!r} would be written twice: the source holds it and "
                                   "shardconv also writes it for a quantized module (a stray tensor of an earlier "
                                   "quantization?)")
-
-
-def _check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> None:
-    where = f"{amax.path}: module {m.module}" if amax else m.module
-    a = m.amax
-    if w4a4 and (a is None or a.input is None):
-        raise AmaxError(f"{where}: no input_quantizer._amax (the file has activation amax for other modules)")
-    if scales != "amax":
-        return
-    if a is not None and a.from_weights:  # an uncalibrated expert's, made from its weights (uncalibrated.py)
-        return
-    if a is None or a.weight is None:
-        raise AmaxError(f"{where}: no weight_quantizer._amax")
-    n_blocks = m.out_features * (m.in_features // BLOCK) * (m.experts or 1)
-    if a.static:
-        if a.weight.numel() != n_blocks:
-            raise AmaxError(
-                f"{where}: weight_quantizer._amax has {a.weight.numel()} values, expected {n_blocks} "
-                f"(one per 16-element block of {m.weight.name} {list(m.weight.shape)})"
-            )
-        # ModelOpt's static block amax never exceed the global amax (beyond fp32 rounding); one that does
-        # would be clamped to the e4m3 maximum and its block written with the wrong scale
-        if bool(a.weight.max() > a.global_amax * (1 + 2.0**-16)):
-            raise AmaxError(f"{amax.path}: entry {amax.key(m.module)!r}: a static block amax "
-                                 f"({float(a.weight.max()):.6g}) is above the module's global amax "
-                                 f"({float(a.global_amax):.6g})")
-    elif a.weight.numel() != 1:
-        if a.weight.numel() == n_blocks:
-            raise AmaxError(f"{where}: per-block weight_quantizer._amax without _global_amax")
-        raise AmaxError(f"{where}: weight_quantizer._amax has shape {list(a.weight.shape)}, expected a scalar")
-
-
-def _check_amax_modules(source: Source, amax: AmaxFile) -> None:
-    """Every module the amax file names must be in the checkpoint (under the names checkpoints or
-    transformers-5 models give it): a file of another model, or of more layers, is refused."""
-    known: set[str] = set()
-    for name in source.tensors:
-        parts = name.split(".")
-        known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    unknown = amax.unknown(known)
-    if unknown is not None:
-        raise AmaxError(f"{amax.path}: entry {amax.key(unknown)!r} is for module {unknown}, which "
-                             f"{source.root} does not have (an amax file of another model?)")
-
-
-def _attention_modules(source: Source) -> set[str]:
-    """Attention modules that hold a KV cache: parents of ``k_proj`` weights, outside kept subtrees."""
-    return {n[: -len(".k_proj.weight")] for n in source.tensors
-            if n.endswith(".k_proj.weight") and excluded_subtree(n, source.config) is None}
-
-
-def _check_kv_amax(source: Source, amax: AmaxFile) -> tuple[list[str], set[str]]:
-    """KV-cache scales only for attention modules that exist, and usable: returns the attention
-    modules whose k and v amax give FP8 scales, sorted, and every attention module of the model. A
-    zero k or v amax (an attention the calibration never ran) gives none: that module is left out."""
-    attentions = _attention_modules(source)
-    usable = []
-    for attention, kv in sorted(amax.kv.items()):
-        key = amax.key(attention)
-        if set(kv) != {"k", "v"}:
-            raise AmaxError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
-        if attention not in attentions:
-            raise AmaxError(f"{amax.path}: entry {key!r}: {attention} is not an attention module of "
-                                 f"{source.root} (no {attention}.k_proj.weight)")
-        # a zero amax (an attention that saw no tokens) would divide by zero: no scale for it
-        if all(float(value) / FP8_MAX >= 2.0**-126 for value in kv.values()):
-            usable.append(attention)
-    return usable, attentions
-
-
-def unmatched_excludes(source: Source, patterns: list[str]) -> list[str]:
-    """The ``--exclude`` patterns that match no module of the checkpoint (a typo keeps nothing)."""
-    modules: set[str] = set()
-    for name in source.tensors:
-        parts = name.split(".")
-        modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
-        modules.add(name)  # a stacked expert tensor is a module of its own
-    return [p for p in patterns if not any(matches(m, [p]) for m in modules)]
 
 
 def check_quantizes(plan: Plan) -> None:

@@ -111,7 +111,7 @@ def describe(plan) -> list[str]:
             lines.append(f"  {n:5d} x {common}.{{{leaves}}}")
     if plan.excluded:
         lines.append("excluded (kept in source precision):")
-        from .planning import excluded_subtree
+        from .module_rules import excluded_subtree
 
         rows: Counter = Counter()
         numbers: dict[tuple[str, str], set[int]] = {}

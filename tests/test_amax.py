@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import load_checkpoint, run_cli, same_bytes
 from shardconv import numerics as nx
 from shardconv.amax import load_amax
-from shardconv.planning import fusion_key
+from shardconv.module_rules import fusion_key
 from shardconv.synth import write_checkpoint
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import load_checkpoint, run_cli, same_bytes, tree_digest
 from shardconv import numerics as nx
 from shardconv import quantize as qmod
-from shardconv.planning import FUSION_SETS, fusion_key
+from shardconv.module_rules import FUSION_SETS, fusion_key
 from shardconv.synth import write_checkpoint
 
 

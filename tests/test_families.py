@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import load_checkpoint, run_cli, same_bytes
 from shardconv import numerics as nx
-from shardconv.planning import fusion_key
+from shardconv.module_rules import fusion_key
 from shardconv.synth import write_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden"

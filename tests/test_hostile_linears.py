@@ -18,7 +18,8 @@ from shardconv import linears
 from shardconv.formats import get_format
 from shardconv.planning import build_plan
 from shardconv.source import open_source
-from shardconv.synth import FAMILIES, write_checkpoint
+from shardconv.synth import write_checkpoint
+from shardconv.synth_layout import FAMILIES
 from test_errors import check_fails
 
 BERT_EMBEDDINGS = ("bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shardconv import synth
+from shardconv import synth, synth_layout
 
 SMALL_SHARD = 100_000
 
@@ -40,7 +40,7 @@ def read_all(path):
     return out
 
 
-@pytest.fixture(scope="module", params=synth.FAMILIES)
+@pytest.fixture(scope="module", params=synth_layout.FAMILIES)
 def family_ckpt(request, tmp_path_factory):
     family = request.param
     path = tmp_path_factory.mktemp(family) / "ckpt"
@@ -51,7 +51,7 @@ def family_ckpt(request, tmp_path_factory):
 def test_index_shards_and_tensors_match_specs(family_ckpt):
     family, path = family_ckpt
     config = json.loads((path / "config.json").read_text())
-    specs = synth.tensor_specs(config)
+    specs = synth_layout.tensor_specs(config)
     assert len({n for n, _ in specs}) == len(specs), "duplicate names in specs"
     files = shard_files(path)
     assert len(files) >= 2
@@ -68,9 +68,9 @@ def test_index_shards_and_tensors_match_specs(family_ckpt):
     for name, shape in specs:
         t = tensors[name][0]
         assert tuple(t.shape) == shape, name
-        assert t.dtype == synth.tensor_dtype(name, torch.bfloat16), name
+        assert t.dtype == synth_layout.tensor_dtype(name, torch.bfloat16), name
         total += t.numel() * t.element_size()
-    assert index["metadata"]["total_size"] == total == synth.checkpoint_size_for(config)
+    assert index["metadata"]["total_size"] == total == synth_layout.checkpoint_size_for(config)
     # every shard except one holding a single oversized tensor respects shard_size
     per_shard = {}
     for t, f in tensors.values():
@@ -84,7 +84,7 @@ def test_config_has_key_fields(family_ckpt):
     family, path = family_ckpt
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == family
-    assert config["architectures"] == [synth._ARCH[family]]
+    assert config["architectures"] == [synth_layout._ARCH[family]]
     assert config["torch_dtype"] == config["dtype"] == "bfloat16"
     for key in ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
                 "tie_word_embeddings", "rope_theta", *KEY_FIELDS[family]]:
@@ -110,7 +110,7 @@ def test_transformers_accepts_config(family_ckpt):
 
 def test_family_specific_names():
     def names(family, **kw):
-        return dict(synth.tensor_specs(synth.make_config(family, **kw)))
+        return dict(synth_layout.tensor_specs(synth_layout.make_config(family, **kw)))
 
     m = names("mixtral")
     assert m["model.layers.0.block_sparse_moe.gate.weight"] == (4, 128)
@@ -151,12 +151,12 @@ def test_family_specific_names():
     assert g["model.layers.0.mlp.router.weight"] == (4, 128) and g["model.layers.0.mlp.router.bias"] == (4,)
     assert g["model.layers.0.self_attn.sinks"] == (4,) and g["model.layers.0.self_attn.o_proj.bias"] == (128,)
 
-    for fam in synth.FAMILIES:
+    for fam in synth_layout.FAMILIES:
         tied = names(fam, tie_word_embeddings=True)
         assert "lm_head.weight" not in tied and "model.embed_tokens.weight" in tied
         assert "lm_head.weight" in names(fam)
     with pytest.raises(ValueError):
-        synth.make_config("gpt2")
+        synth_layout.make_config("gpt2")
 
 
 def test_deterministic_and_independent_of_sharding(tmp_path):
@@ -225,7 +225,7 @@ def test_other_dtypes(tmp_path, dtype):
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"][0].dtype == torch.float32
     assert tensors["model.embed_tokens.weight"][0].dtype == dtype
     index = json.loads((path / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == synth.checkpoint_size_for(config, dtype)
+    assert index["metadata"]["total_size"] == synth_layout.checkpoint_size_for(config, dtype)
     with pytest.raises(ValueError):
         synth.write_checkpoint(tmp_path / "y", dtype=torch.int8)
 
@@ -273,12 +273,16 @@ def test_streaming_holds_one_shard(tmp_path, monkeypatch):
 
 def test_size_helpers():
     target = 5 * 2**20
-    n = synth.layers_for_size("qwen3_moe", target, hidden_size=256)
-    size = synth.checkpoint_size_for(synth.make_config("qwen3_moe", num_layers=n, hidden_size=256))
-    per_layer = synth.checkpoint_size_for(synth.make_config("qwen3_moe", num_layers=2, hidden_size=256)) - \
-        synth.checkpoint_size_for(synth.make_config("qwen3_moe", num_layers=1, hidden_size=256))
+    n = synth_layout.layers_for_size("qwen3_moe", target, hidden_size=256)
+
+    def size_of(layers):
+        return synth_layout.checkpoint_size_for(synth_layout.make_config("qwen3_moe", num_layers=layers,
+                                                                         hidden_size=256))
+
+    size = size_of(n)
+    per_layer = size_of(2) - size_of(1)
     assert abs(size - target) <= per_layer / 2 + 1
-    assert synth.layers_for_size("llama", 1) == 1
+    assert synth_layout.layers_for_size("llama", 1) == 1
     assert synth.plan_shards([5, 5, 20, 1, 1], 10) == [0, 0, 1, 2, 2]
 
 
@@ -291,7 +295,7 @@ def test_sample_checkpoint(tmp_path):
     assert 1 * 2**20 < total < 8 * 2**20
     w = read_all(path)["model.layers.0.self_attn.q_proj.weight"][0]
     assert (w.view(w.shape[0], -1, 16) == 0).all(-1).any()  # structured: has zero blocks
-    assert math.isclose(total, synth.checkpoint_size_for(config))
+    assert math.isclose(total, synth_layout.checkpoint_size_for(config))
 
 
 def test_names_match_transformers_models(tmp_path):
@@ -301,14 +305,14 @@ def test_names_match_transformers_models(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    for family in synth.FAMILIES:
+    for family in synth_layout.FAMILIES:
         if family not in CONFIG_MAPPING:
             continue
-        config = synth.make_config(family, num_layers=2, vocab_size=64, num_experts=2)
+        config = synth_layout.make_config(family, num_layers=2, vocab_size=64, num_experts=2)
         if family == "deepseek_v3":
             config["num_nextn_predict_layers"] = 0
         src = synth.write_checkpoint(tmp_path / family, config, shard_size=50_000, extra_files=False)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), dtype=torch.bfloat16)
         model.save_pretrained(str(tmp_path / f"{family}-hf"))
         got = {n: tuple(t.shape) for n, (t, _) in read_all(tmp_path / f"{family}-hf").items()}
-        assert got == dict(synth.tensor_specs(config)), family
+        assert got == dict(synth_layout.tensor_specs(config)), family

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from shardconv.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter
-from shardconv.synth import make_config, make_tensor, plan_shards, tensor_dtype, tensor_specs
+from shardconv.synth import make_tensor, plan_shards
+from shardconv.synth_layout import make_config, tensor_dtype, tensor_specs
 
 MODELS = {  # name -> (family, config kwargs, default layers)
     "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from shardconv.synth import layers_for_size, write_checkpoint
+from shardconv.synth import write_checkpoint
+from shardconv.synth_layout import layers_for_size
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_heads=16, num_kv_heads=4, head_dim=128, vocab_size=32000)
 

@@ -14,7 +14,7 @@ Checks, one module per family (every problem is collected, then reported one lin
    shard's data exactly (no gap, no trailing bytes);
 2. journal.py: each shard's digest against ``DST/.shardconv-journal.json``; without one, says so;
 3. modules.py: dtypes and shapes of packed weight / block scales / global scales, finite positive global
-   scales, finite non-negative block scales, fusion groups (plan.FUSION_SETS) quantized whole with
+   scales, finite non-negative block scales, fusion groups (module_rules.FUSION_SETS) quantized whole with
    bit-identical ``weight_scale_2`` and ``input_scale``;
 4. config.py: NVFP4 declared (quant_algo, num_bits 4, group_size 16), W4A4 / W4A16 as the tensors are,
    no quant_algo without quantized tensors, FP8 KV-cache scales declared, finite, positive, on

@@ -8,7 +8,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from ..planning import _EMBEDDING, _STACKED
+from ..module_rules import EMBEDDING_NAME, STACKED_EXPERT_TENSOR
 from ..safetensors_io import TensorInfo
 from .report import QModule, Report
 
@@ -49,9 +49,10 @@ def check_exclusions(lists: dict[str, list], convention: str, mods: dict[str, QM
     for name, info in tensors.items():
         if name.endswith(".weight") and len(info.shape) == 2 and name[: -len(".weight")] not in mods:
             module = name[: -len(".weight")]
-            if not _EMBEDDING.search(module):  # embeddings are not Linear (llm-compressor does not list them)
+            if not EMBEDDING_NAME.search(module):  # embeddings are not Linear (llm-compressor does not list them)
                 kept.add(module)
-        elif len(info.shape) == 3 and _STACKED.search(name) and name not in mods and info.dtype in ("BF16", "F16", "F32"):
+        elif (len(info.shape) == 3 and STACKED_EXPERT_TENSOR.search(name) and name not in mods
+              and info.dtype in ("BF16", "F16", "F32")):
             kept.add(name.rpartition(".")[0])
     for where, entries in lists.items():
         matchers = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..planning import excluded_subtree
+from ..module_rules import excluded_subtree
 from ..safetensors_io import TensorInfo
 from .config import kv_attention
 from .report import Report

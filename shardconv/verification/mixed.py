@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..numerics import BLOCK
-from ..planning import _EMBEDDING
+from ..module_rules import EMBEDDING_NAME
 from ..recipes import expert_parent
 from ..safetensors_io import TensorInfo, read_into
 from .report import QModule, Report
@@ -102,7 +102,7 @@ def check_mixed(config: dict, hf_quant: object, mods: dict[str, QModule], tensor
                         "MIXED_PRECISION")
     kept = {n[: -len(".weight")] for n, t in tensors.items()
             if n.endswith(".weight") and len(t.shape) == 2 and n[: -len(".weight")] not in mods
-            and not _EMBEDDING.search(n[: -len(".weight")])}
+            and not EMBEDDING_NAME.search(n[: -len(".weight")])}
     maps = {}
     for fname, q in files.items():
         layers = q.get("quantized_layers")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..planning import FUSION_SETS, fusion_key
+from ..module_rules import FUSION_SETS, fusion_key
 from ..safetensors_io import TensorInfo, read_into
 from .mixed import check_fp8_shapes, check_fp8_values, fp8_module
 from .report import QModule, Report

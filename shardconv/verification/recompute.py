@@ -24,7 +24,8 @@ from .. import encodings, numerics, uncalibrated
 from ..amax import AmaxFile, ModuleAmax
 from ..errors import OptionError
 from ..formats import get_format
-from ..planning import Member, Unit, build_plan, default_exclusion
+from ..module_rules import default_exclusion
+from ..planning import Member, Unit, build_plan
 from ..quantize import CHUNK_ELEMENTS, quantize_group
 from ..safetensors_io import DTYPE_NAMES, TensorInfo, read_into
 from .config import kv_attention
