@@ -193,8 +193,8 @@ class Converter:
     @_in_context
     def _quantize_cuda(self, unit: Unit, batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]):
         """Quantize uploaded groups (``unit`` is the first; several only when they share a
-        batch.structure) on the compute stream and download each into pinned output buffers on the
-        third stream, without waiting; returns (unit, host tensors, state for the writer) per group."""
+        batch.structure) on the compute stream, without waiting; returns each group's results, its
+        device ``ok`` flag (finite input, usable scales) and the event that ends the compute."""
         dev = self.opts.device
         with torch.cuda.stream(self.compute):
             for _, on_dev, uploaded in batch:
@@ -207,39 +207,52 @@ class Converter:
             else:
                 results = [quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
                                           chunk=self.chunk, check=False)]
-            oks = [torch.stack([q.ok for q in r]).all() for r in results]  # finite input, usable scales
+            oks = [torch.stack([q.ok for q in r]).all() for r in results]
             self.requantized += sum(q.requantized for r in results for q in r)  # host ints: no sync
             done = torch.cuda.Event()
             done.record(self.compute)
+        return results, oks, done
+
+    def _downloads(self, batch, results, oks, done):
+        """Download each group into pinned output buffers on the third stream, without waiting; yields
+        (unit, host tensors, state for the writer) per group.
+
+        A generator, so that the caller hands each group to a writer before the next group takes
+        output buffers: a batch may need more of them than the pool holds (DeepSeek-V3's shapes: 14
+        buffers sized for a dense layer-0 MLP, a batch of ~12 expert groups of 2), and taking them all
+        first waited for ever on buffers only the not-yet-started writers give back.
+        """
         self.d2h.wait_event(done)
-        out = []
         for (u, _, _), res, ok in zip(batch, results, oks):
-            t0 = time.perf_counter()
-            out_bufs = self.outputs.take(len(u.members))
-            self.clock.add("main-wait-output", t0)
-            host: list[dict[str, torch.Tensor]] = []
-            with torch.cuda.stream(self.d2h):
-                ok_host = torch.empty((), dtype=torch.bool, pin_memory=True)
-                ok.record_stream(self.d2h)
-                ok_host.copy_(ok, non_blocking=True)
-                for m, q, buf in zip(u.members, res, out_bufs):
-                    tensors = self.fmt.quantized_tensors(m.module, q)
-                    pos, mine = 0, {}
-                    for name, t in tensors.items():
-                        if t.device.type != "cuda":  # e.g. an input_scale built on the CPU
-                            mine[name] = t
-                            continue
-                        t.record_stream(self.d2h)
-                        raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-                        dst = buf[pos : pos + raw.numel()]
-                        dst.copy_(raw, non_blocking=True)
-                        mine[name] = dst.view(t.dtype).reshape(t.shape)
-                        pos += _aligned(raw.numel())
-                    host.append(mine)
-                downloaded = torch.cuda.Event()
-                downloaded.record(self.d2h)
-            out.append((u, host, (downloaded, ok_host, out_bufs)))
-        return out
+            with working_on(u.first.path, u.first.name):
+                t0 = time.perf_counter()
+                out_bufs = self.outputs.take(len(u.members))
+                self.clock.add("main-wait-output", t0)
+                host: list[dict[str, torch.Tensor]] = []
+                with torch.cuda.stream(self.d2h):
+                    ok_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+                    ok.record_stream(self.d2h)
+                    ok_host.copy_(ok, non_blocking=True)
+                    for m, q, buf in zip(u.members, res, out_bufs):
+                        host.append(self._download_member(m, q, buf))
+                    downloaded = torch.cuda.Event()
+                    downloaded.record(self.d2h)
+            yield u, host, (downloaded, ok_host, out_bufs)
+
+    def _download_member(self, m, q, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One member's output tensors, those on the device copied into ``buf`` (on the current stream)."""
+        pos, mine = 0, {}
+        for name, t in self.fmt.quantized_tensors(m.module, q).items():
+            if t.device.type != "cuda":  # e.g. an input_scale built on the CPU
+                mine[name] = t
+                continue
+            t.record_stream(self.d2h)
+            raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+            dst = buf[pos : pos + raw.numel()]
+            dst.copy_(raw, non_blocking=True)
+            mine[name] = dst.view(t.dtype).reshape(t.shape)
+            pos += _aligned(raw.numel())
+        return mine
 
     @_in_context
     def _write_cuda(self, unit: Unit, host, state) -> None:
@@ -325,7 +338,7 @@ class Converter:
                 batch = batches.pop(k, [])
                 if batch:
                     open_bytes -= sum(u.in_bytes for u, _, _ in batch)
-                    for u, host, state in self._quantize_cuda(batch[0][0], batch):
+                    for u, host, state in self._downloads(batch, *self._quantize_cuda(batch[0][0], batch)):
                         jobs.append(self.writers.submit(self._write_cuda, u, host, state))
 
         try:
@@ -347,7 +360,8 @@ class Converter:
                     key = structure(unit.members) if self.batch_bytes else None
                     on_dev, uploaded = self._upload(unit, weights, bufs)
                     if key is None:
-                        for u, host, state in self._quantize_cuda(unit, [(unit, on_dev, uploaded)]):
+                        one = [(unit, on_dev, uploaded)]
+                        for u, host, state in self._downloads(one, *self._quantize_cuda(unit, one)):
                             jobs.append(self.writers.submit(self._write_cuda, u, host, state))
                     else:
                         batches.setdefault(key, []).append((unit, on_dev, uploaded))

@@ -106,3 +106,38 @@ def test_max_quantization_of_a_batch_never_waits_for_the_gpu(tmp_path):
         for a, b in zip(want, res):
             assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu())
             assert same_bytes(a.scale_2, b.scale_2.cpu()) and bool(b.ok.cpu())
+
+
+def test_batch_larger_than_the_output_pool_does_not_hang(tmp_path, monkeypatch):
+    """DeepSeek-V3's layout on CUDA: output buffers sized for the dense layer-0 MLP are few, and a batch
+    of small experts needs more of them than the pool holds. Each group must go to a writer before the
+    next takes buffers (pipeline._downloads); taking them all first waited for ever on the H200. The
+    run must finish, in the same bytes as the CPU's."""
+    import threading
+
+    from shardconv import pipeline
+
+    src = tmp_path / "src"
+    write_checkpoint(src, family="deepseek_v3", weights="structured", num_layers=2, num_experts=32,
+                     hidden_size=256, intermediate_size=4096, moe_intermediate_size=64, shard_size=2_000_000)
+    seen = {"members": 0, "pool": None}
+    real = pipeline.Converter._downloads
+
+    def recording(self, batch, *rest):
+        seen["pool"] = self.outputs.count
+        seen["members"] = max(seen["members"], sum(len(u.members) for u, _, _ in batch))
+        return real(self, batch, *rest)
+
+    monkeypatch.setattr(pipeline.Converter, "_downloads", recording)
+    args = ("--scales", "max", "--no-progress", "--host-buffer", "4MiB")
+    assert run_cli("convert", src, tmp_path / "cpu", "--device", "cpu", *args)[0] == 0
+    result = []
+    t = threading.Thread(target=lambda: result.append(run_cli("convert", src, tmp_path / "gpu", "--device", "cuda",
+                                                              *args)[0]), daemon=True)
+    t.start()
+    t.join(300)
+    assert not t.is_alive(), "the CUDA conversion hung"
+    assert result == [0]
+    assert seen["members"] > seen["pool"], seen  # the case in question: a batch needs more buffers than exist
+    a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "gpu")
+    assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
