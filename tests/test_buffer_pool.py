@@ -49,3 +49,86 @@ def test_a_failed_pinning_is_raised_not_waited_for(monkeypatch):
 def test_without_pinning_every_buffer_exists_at_once():
     pool = host_buffers.BufferPool(3, 32, pin=False)
     assert pool.filler is None and len(pool.take(3, block=False)) == 3
+
+
+class _Event:
+    """A CUDA event that is always complete (the simulation below has no GPU)."""
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _Stream:
+    def wait_event(self, event):
+        pass
+
+
+@pytest.mark.parametrize("order", ["pipeline", "take-all-first"])
+def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever(order, tmp_path, monkeypatch):
+    """The GPU path's hand-off, simulated on the CPU (CUDA streams and events stubbed): a batch of 32
+    DeepSeek-V3-shaped expert groups and 7 output buffers sized for the dense layer-0 MLP. The
+    pipeline hands each downloaded group to a writer before the next takes buffers, so the batch is
+    written and every buffer comes back; taking every group's buffers first (the code before effa587,
+    which the H200's DeepSeek-V3 run never finished) waits for ever."""
+    import contextlib
+
+    from shardconv import pipeline
+    from shardconv.batch import quantize_batch, structure
+    from shardconv.formats import get_format
+    from shardconv.planning import build_plan
+    from shardconv.safetensors_io import read_into
+    from shardconv.source import open_source
+    from shardconv.synth import write_checkpoint
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+
+    src = write_checkpoint(tmp_path / "src", family="deepseek_v3", weights="structured", num_layers=2, num_experts=32,
+                           hidden_size=256, intermediate_size=4096, moe_intermediate_size=64, shard_size=2_000_000)
+    fmt = get_format("modelopt")
+    plan = build_plan(open_source(src), fmt, scales="max")
+    (tmp_path / "dst").mkdir()
+    conv = pipeline.Converter(plan, tmp_path / "dst", fmt, pipeline.Options(host_buffer=4 * 2**20, progress=False))
+    conv.outputs = host_buffers.BufferPool(7, pipeline._largest_output(plan, fmt), pin=False)
+    conv.d2h = _Stream()
+    same: dict = {}
+    for u in plan.units:
+        if u.members and ".experts." in u.members[0].module:
+            same.setdefault(structure(u.members), []).append(u)
+    units = max(same.values(), key=len)
+    assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
+    batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
+    results = quantize_batch([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
+    oks = [torch.stack([q.ok for q in r]).all() for r in results]
+    jobs = []
+
+    def run():
+        downloads = conv._downloads(batch, results, oks, _Event())
+        for u, host, state in (list(downloads) if order == "take-all-first" else downloads):
+            jobs.append(conv.writers.submit(conv._write_cuda, u, host, state))
+        for job in jobs:
+            job.result()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(3 if order == "take-all-first" else 120)
+    try:
+        if order == "take-all-first":
+            assert worker.is_alive() and not jobs  # the old order: stuck taking buffers
+        else:
+            assert not worker.is_alive() and len(jobs) == len(units)
+            assert len(conv.outputs.free) == conv.outputs.count  # every buffer given back
+    finally:
+        conv.outputs.give([torch.empty(1)] * conv.outputs.count)  # release a stuck taker, if any
+        worker.join(10)
+        conv.readers.shutdown()
+        conv.writers.shutdown()
