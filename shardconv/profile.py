@@ -13,7 +13,8 @@ import threading
 import time
 
 ENABLED = bool(os.environ.get("SHARDCONV_PROFILE"))
-# SHARDCONV_PROFILE=cprofile: also the main thread's Python profile of the pipeline loop (what issuing costs)
+# SHARDCONV_PROFILE=cprofile: also a Python profile of the pipeline loop (what issuing costs); on the H200
+# machine's Python 3.12 it also held the reader and writer threads' calls, so read it as the whole process's
 PYTHON = os.environ.get("SHARDCONV_PROFILE") == "cprofile"
 
 
@@ -105,4 +106,4 @@ def python_profile(run):
     finally:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-        print("profile: main thread\n" + out.getvalue(), flush=True)
+        print("profile: pipeline loop (cProfile)\n" + out.getvalue(), flush=True)

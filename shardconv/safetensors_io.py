@@ -258,8 +258,7 @@ def check_finite_bytes(info: TensorInfo, data: memoryview, start: int) -> None:
         part = values[at: at + step]
         bits = np.bitwise_and(part, no_sign, out=scratch[: len(part)])
         if bits.max() >= mask:  # the exponent bits all ones (e4m3fn: every bit but the sign, its NaN)
-            bad = nonfinite(torch.from_numpy(part.copy()).view(torch.uint8), info.dtype)
-            index = (start + lead) // size + at + int(bad.nonzero()[0, 0])
+            index = (start + lead) // size + at + int(np.flatnonzero(bits >= mask)[0])
             raise SourceError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (first at flat index {index}); "
                               "a finished output must be finite (use a repaired source checkpoint)")
 
