@@ -87,9 +87,15 @@ def apply(recipe: Recipe, groups: dict[str, list], excluded: dict[str, str], w4a
         if len(targets) > 1:
             raise OptionError(f"--format-for: the experts of {parent} would get formats {sorted(targets)}; "
                               "engines run a MoE layer as one kernel, so give all its experts one format")
-    # experts kept by a rule while some of the layer were already excluded for another reason are fine
     members = [m for ms in groups.values() for m in ms]
     fp8 = [m for m in members if m.target == "fp8"]
+    if fp8:  # MIXED_PRECISION lists a MoE layer as one ...experts entry: it covers every expert in it
+        for mod, why in sorted(excluded.items()):
+            parent = expert_parent(mod)
+            if parent is not None and by_expert_layer.get(parent, {"keep"}) != {"keep"}:
+                raise OptionError(f"--recipe {recipe.describe()}: {mod} is kept ({why}) but the other experts of "
+                                  f"{parent} are quantized; the MIXED_PRECISION config names a MoE layer as one "
+                                  "entry, so engines would load it as quantized: keep all of its experts or none")
     if fp8 and not any(m.target == "nvfp4" for m in members):
         raise OptionError(f"--recipe {recipe.describe()}: no module would be NVFP4 (a dense model has no experts?); "
                           "nothing here makes an NVFP4 checkpoint")

@@ -358,3 +358,33 @@ def test_a_nan_in_an_fp8_layer_is_refused(tmp_path):
     rc, err = run_cli("convert", src, dst, "--amax", MIXED / "amax.pt", *RECIPE, "--device", "cpu", "--no-progress")
     assert rc == 2 and name in err and "NaN" in err and err.count("\n") == 1, err
     assert not (dst / "model.safetensors.index.json").exists()
+
+
+def test_refuses_an_expert_excluded_from_a_quantized_mixed_layer(tmp_path):
+    """--exclude of one expert: MIXED_PRECISION's quantized_layers names the layer's ...experts module as
+    a whole, so its kept bf16 weights would be loaded as NVFP4. Refused (with --recipe nvfp4 the
+    exclusion list carries it and it is fine)."""
+    check_fails(GOLDEN / "source", tmp_path / "out", "model.layers.0.mlp.experts.1", "keep all of its experts",
+                args=(*RECIPE, "--amax", MIXED / "amax.pt", "--exclude", "model.layers.0.mlp.experts.1"))
+
+
+def test_partial_kv_amax_in_a_mixed_output_is_declared_per_layer(tmp_path):
+    """k/v amax for only some attention layers: the MIXED_PRECISION configs list the layers with scales
+    (kv_cache_quantized_layers) as the NVFP4 configs do, never a global FP8 claim; verify passes it."""
+    amax = torch.load(MIXED / "amax.pt", weights_only=True)
+    config = json.loads((GOLDEN / "source" / "config.json").read_text())
+    assert config["num_hidden_layers"] >= 2 and not any("bmm" in k for k in amax)
+    amax["model.layers.0.self_attn.k_bmm_quantizer._amax"] = torch.tensor(3.0)  # layer 0 only
+    amax["model.layers.0.self_attn.v_bmm_quantizer._amax"] = torch.tensor(2.0)
+    torch.save(amax, tmp_path / "amax.pt")
+    dst = tmp_path / "out"
+    rc, err = run_cli("convert", GOLDEN / "source", dst, "--amax", tmp_path / "amax.pt", *RECIPE, "--device", "cpu",
+                      "--no-progress")
+    assert rc == 0, err
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    hq = json.loads((dst / "hf_quant_config.json").read_text())["quantization"]
+    assert qc["quant_algo"] == hq["quant_algo"] == "MIXED_PRECISION"
+    for doc in (qc, hq):
+        assert "model.layers.0.self_attn" in json.dumps(doc["kv_cache_quantized_layers"])
+        assert "model.layers.1.self_attn" not in json.dumps(doc["kv_cache_quantized_layers"])
+    assert run_cli("verify", dst, "--source", GOLDEN / "source", "--amax", tmp_path / "amax.pt")[0] == 0

@@ -103,9 +103,6 @@ class ModelOptFormat:
                 "exclude_modules": exclude,
             },
         }
-        layers = kv_layers(plan)
-        if layers is not None:
-            hf_quant["quantization"].update(layers)
         fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK}
         group: dict[str, object] = {}
         if plan.w4a4:
@@ -117,15 +114,25 @@ class ModelOptFormat:
             "ignore": exclude,
             "quant_algo": plan.quant_algo,
         }
-        if plan.kv_cache:
-            qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
-            if layers is not None:
-                qc.update(layers)
-        qc["producer"] = dict(PRODUCER)
-        qc["quant_method"] = "modelopt"
-        new_config = dict(config)
-        new_config["quantization_config"] = qc
-        return {"config.json": new_config, "hf_quant_config.json": hf_quant}
+        return _config_files(plan, config, hf_quant, qc)
+
+
+def _config_files(plan, config: dict, hf_quant: dict, qc: dict) -> dict[str, dict]:
+    """What every ModelOpt quantization config ends with, NVFP4 or mixed: the KV cache scheme and, when
+    only some attention layers have k/v scales, their list (verification/kv_layers.py; without it a
+    global FP8 KV claim would cover layers that have none), then the producer and ``quant_method``."""
+    layers = kv_layers(plan)
+    if layers is not None:
+        hf_quant["quantization"].update(layers)
+    if plan.kv_cache:
+        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+        if layers is not None:
+            qc.update(layers)
+    qc["producer"] = dict(PRODUCER)
+    qc["quant_method"] = "modelopt"
+    new_config = dict(config)
+    new_config["quantization_config"] = qc
+    return {"config.json": new_config, "hf_quant_config.json": hf_quant}
 
 
 def _group_config(algo: str) -> dict:
@@ -160,10 +167,4 @@ def mixed_config_files(plan, config: dict) -> dict[str, dict]:
         groups[f"group_{i}"] = group
     qc: dict[str, object] = {"config_groups": groups, "quantized_layers": layers, "ignore": [],
                              "quant_algo": "MIXED_PRECISION"}
-    if plan.kv_cache:
-        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
-    qc["producer"] = dict(PRODUCER)
-    qc["quant_method"] = "modelopt"
-    new_config = dict(config)
-    new_config["quantization_config"] = qc
-    return {"config.json": new_config, "hf_quant_config.json": hf_quant}
+    return _config_files(plan, config, hf_quant, qc)
