@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .amax import AmaxFile
 from .errors import AmaxError
-from .module_rules import excluded_subtree
+from .module_rules import attention_modules
 from .numerics import BLOCK, FP8_MAX
 from .source import Source
 
@@ -64,17 +64,11 @@ def check_amax_modules(source: Source, amax: AmaxFile) -> None:
                              f"{source.root} does not have (an amax file of another model?)")
 
 
-def _attention_modules(source: Source) -> set[str]:
-    """Attention modules that hold a KV cache: parents of ``k_proj`` weights, outside kept subtrees."""
-    return {n[: -len(".k_proj.weight")] for n in source.tensors
-            if n.endswith(".k_proj.weight") and excluded_subtree(n, source.config) is None}
-
-
 def check_kv_amax(source: Source, amax: AmaxFile) -> tuple[list[str], set[str]]:
     """KV-cache scales only for attention modules that exist, and usable: returns the attention
     modules whose k and v amax give FP8 scales, sorted, and every attention module of the model. A
     zero k or v amax (an attention the calibration never ran) gives none: that module is left out."""
-    attentions = _attention_modules(source)
+    attentions = attention_modules(source.tensors, source.config)
     usable = []
     for attention, kv in sorted(amax.kv.items()):
         key = amax.key(attention)
@@ -82,7 +76,7 @@ def check_kv_amax(source: Source, amax: AmaxFile) -> tuple[list[str], set[str]]:
             raise AmaxError(f"{amax.path}: {attention}: has only {sorted(kv)} bmm amax, needs k and v")
         if attention not in attentions:
             raise AmaxError(f"{amax.path}: entry {key!r}: {attention} is not an attention module of "
-                                 f"{source.root} (no {attention}.k_proj.weight)")
+                                 f"{source.root} (no {attention}.k_proj weight)")
         # a zero amax (an attention that saw no tokens) would divide by zero: no scale for it
         if all(float(value) / FP8_MAX >= 2.0**-126 for value in kv.values()):
             usable.append(attention)

@@ -113,3 +113,15 @@ def unmatched_excludes(source: Source, patterns: list[str]) -> list[str]:
         modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
         modules.add(name)  # a stacked expert tensor is a module of its own
     return [p for p in patterns if not any(matches(m, [p]) for m in modules)]
+
+
+# a k_proj weight as a checkpoint stores it: plain (bf16, FP8, NVFP4) or packed INT4 (compressed-tensors)
+_K_PROJ_WEIGHTS = (".k_proj.weight", ".k_proj.weight_packed")
+
+
+def attention_modules(names, config: dict) -> set[str]:
+    """Attention modules that hold a KV cache: parents of a ``k_proj`` weight among ``names`` (tensor
+    names, of a source or an output), outside kept subtrees (MTP layers, towers)."""
+    return {n[: -len(suffix)] for n in names for suffix in _K_PROJ_WEIGHTS
+            if n.endswith(suffix) and excluded_subtree(n, config) is None}
+

@@ -410,3 +410,21 @@ def test_int4_group_on_cuda_never_waits_for_the_gpu(kimi):
     want, got = quantize_on_cuda_without_sync(unit.members, [read_into(m.weight) for m in unit.members])
     for a, b in zip(want, got):
         assert same_bytes(a.packed, b.packed.cpu()) and same_bytes(a.scale, b.scale.cpu()) and bool(b.ok.cpu())
+
+
+def test_int4_attention_with_kv_amax_equals_its_bf16_dequantization(tmp_path):
+    """An amax file with k/v amax over an INT4 source whose attention is INT4 (llm-compressor W4A16,
+    k_proj stored as weight_packed): the attention modules are found, and the output (KV scales
+    included) is what the bf16 dequantization gives."""
+    from test_amax import make_amax, weights
+
+    src, deq = write_int4(tmp_path, 32, "llama")
+    amax = make_amax(weights(deq))
+    assert any(k.endswith("k_bmm_quantizer._amax") for k in amax)
+    torch.save(amax, tmp_path / "amax.pt")
+    for s, out in ((src, "a"), (deq, "b")):
+        rc, err = run_cli("convert", s, tmp_path / out, "--device", "cpu", "--no-progress", "--amax", tmp_path / "amax.pt")
+        assert rc == 0, err
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert "model.layers.0.self_attn.k_proj.k_scale" in a and sorted(a) == sorted(b)
+    assert all(same_bytes(a[n], b[n]) for n in a)

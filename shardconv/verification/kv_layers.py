@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..module_rules import excluded_subtree
+from ..module_rules import attention_modules
 from ..safetensors_io import TensorInfo
 from .config import kv_attention
 from .report import Report
@@ -30,16 +30,6 @@ def _declarations(config: dict, hf_quant: object, dst: Path) -> dict[Path, tuple
     return out
 
 
-def _attentions(tensors: dict[str, TensorInfo], config: dict) -> set[str]:
-    """Attention modules with a KV cache: parents of a ``k_proj`` weight, outside MTP layers and towers."""
-    out = set()
-    for n in tensors:
-        for suffix in (".k_proj.weight", ".k_proj.weight_packed"):
-            if n.endswith(suffix) and excluded_subtree(n, config) is None:
-                out.add(n[: -len(suffix)])
-    return out
-
-
 def check_kv_layers(config: dict, hf_quant: object, tensors: dict[str, TensorInfo], report: Report,
                     dst: Path) -> None:
     scaled: dict[str, set[str]] = {}
@@ -50,7 +40,7 @@ def check_kv_layers(config: dict, hf_quant: object, tensors: dict[str, TensorInf
     for where, (declared, layers) in _declarations(config, hf_quant, dst).items():
         if layers is None:
             if declared:  # a global claim: every attention module carries both scales
-                bare = sorted(a for a in _attentions(tensors, config) if scaled.get(a) != {"k_scale", "v_scale"})
+                bare = sorted(a for a in attention_modules(tensors, config) if scaled.get(a) != {"k_scale", "v_scale"})
                 if bare:
                     report.fail(f"{where}: declares an FP8 KV cache for every layer but {len(bare)} attention modules "
                                 f"have no k_scale / v_scale (first {bare[0]}); engines would use scale 1.0 there")
