@@ -225,10 +225,10 @@ def _convert(args) -> int:
         _note(f"no model given: converting the built-in sample checkpoint ({src})")
         if dst is None:
             dst, overwrite = SAMPLE_DST, True
-    common = dict(scales=args.scales, amax=args.amax, format=args.format, exclude=args.exclude,
-                  max_shard_size=args.max_shard_size, revision=args.revision,
-                  trust_remote_code=args.trust_remote_code, strict=args.strict, strict_amax=args.strict_amax,
-                  recipe=args.recipe, format_for=args.format_for)
+    from .jobs import PLAN_OPTIONS, command_options
+
+    options = dict(command_options(args), overwrite=overwrite)
+    common = {k: options[k] for k in PLAN_OPTIONS}
     try:
         if args.dry_run or args.verbose:
             plan = api.plan(src, **common)
@@ -244,12 +244,7 @@ def _convert(args) -> int:
         from .ranks import world_from
 
         rank, world_size = world_from(args.rank, args.world_size)  # the flags, else torchrun's RANK, WORLD_SIZE
-        result = api.convert(src, dst, device=args.device, export_rounding=args.export_rounding,
-                             overwrite=overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
-                             writers=args.writers,
-                             host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
-                             threads=args.threads, max_extra_size=args.max_extra_size, rank=rank,
-                             world_size=world_size, **common)
+        result = api.convert(src, dst, progress=progress, rank=rank, world_size=world_size, **options)
         if result.rank > 0:  # rank 0 says what the whole run did
             if not (args.quiet or args.json):
                 say(f"rank {result.rank} of {result.world_size}: its shards of {result.dst} written "

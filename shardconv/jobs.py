@@ -3,10 +3,11 @@
 A queue of models converted overnight should not stop at the first bad one, nor leave the user to
 read a hundred summaries. JOBS is ``.jsonl`` (one JSON object per line) or ``.yaml``/``.yml`` (a
 list of mappings); each job names ``src`` and optionally ``dst`` and any option of
-:func:`shardconv.api.convert` (``scales``, ``max_shard_size``, ...; dashes or underscores), which
-override the command's own options. Paths are taken as the command line takes them (relative to
-the working folder). The whole file is checked before anything is converted: an unknown option, a
-missing ``src`` or two jobs with one DST refuse the batch.
+:func:`shardconv.api.convert` (``scales``, ``max_shard_size``, ``recipe``, ...; dashes or underscores),
+which override the command's own options. Paths are taken as the command line takes them (relative
+to the working folder). The whole file is checked before anything is converted: an unknown option,
+a flag that is not true/false, a format, scales, recipe or rounding that does not exist, a missing
+``src`` or two jobs with one DST refuse the batch.
 
 Across ranks (torchrun, ``--rank/--world-size``) each rank converts whole models, assigned largest
 input first onto the least-loaded rank (ranks.assign), each model on one process with the
@@ -24,10 +25,21 @@ from pathlib import Path
 
 from .errors import OptionError
 
-# options a job may set (api.convert's keyword arguments); src and dst are the job's own
-OPTIONS = ("scales", "amax", "format", "exclude", "device", "max_shard_size", "export_rounding", "overwrite",
-           "fsync", "readers", "writers", "host_buffer", "gpu_buffer", "prefetch", "threads", "revision",
-           "trust_remote_code", "max_extra_size", "strict")
+# options a job may set: api.convert's keyword arguments (a test keeps them equal), the command's too;
+# src and dst are the job's own. Those of planning first (api.plan takes them as well).
+PLAN_OPTIONS = ("scales", "amax", "format", "exclude", "max_shard_size", "revision", "trust_remote_code", "strict",
+                "strict_amax", "recipe", "format_for")
+OPTIONS = (*PLAN_OPTIONS, "device", "export_rounding", "overwrite", "fsync", "readers", "writers", "host_buffer",
+           "gpu_buffer", "prefetch", "threads", "max_extra_size")
+_FLAGS = ("overwrite", "fsync", "trust_remote_code", "strict", "strict_amax")
+_CHOICES = {"format": ("modelopt", "compressed-tensors"), "export_rounding": ("cpu", "cuda"),
+            "recipe": ("nvfp4", "nvfp4-experts-fp8"), "scales": ("max", "amax", "mse", "four-over-six", "cast")}
+
+
+def command_options(args) -> dict:
+    """The api.convert options the command line gives (parsed ``args``): one place for the single
+    conversion and each job's defaults, so an option added to one is not lost in the other."""
+    return {k: getattr(args, k) for k in OPTIONS}
 
 
 @dataclass
@@ -99,10 +111,17 @@ def _check(path: Path, where: str, doc) -> dict:
         raise OptionError(f"{path}: {where}: no src (a checkpoint folder or hub repo id)")
     if job.get("dst") is not None and not isinstance(job["dst"], str):
         raise OptionError(f"{path}: {where}: dst must be a path")
-    if isinstance(job.get("exclude"), str):
-        job["exclude"] = [job["exclude"]]
-    if "exclude" in job and not (isinstance(job["exclude"], list) and all(isinstance(p, str) for p in job["exclude"])):
-        raise OptionError(f"{path}: {where}: exclude must be a pattern or a list of patterns")
+    for key in ("exclude", "format_for"):
+        if isinstance(job.get(key), str):
+            job[key] = [job[key]]
+        if key in job and not (isinstance(job[key], list) and all(isinstance(p, str) for p in job[key])):
+            raise OptionError(f"{path}: {where}: {key} must be a pattern or a list of patterns")
+    for key in _FLAGS:  # "false" is a true string: refused, not taken as true
+        if key in job and not isinstance(job[key], bool):
+            raise OptionError(f"{path}: {where}: {key} must be true or false, not {job[key]!r}")
+    for key, choices in _CHOICES.items():
+        if job.get(key) is not None and job[key] not in choices:
+            raise OptionError(f"{path}: {where}: {key} must be one of {', '.join(choices)}, not {job[key]!r}")
     return job
 
 
@@ -175,12 +194,7 @@ def run_cli(args, say, stderr) -> int:
         raise OptionError("--dry-run does not take --batch: run it per model")
     jobs = load(args.batch)
     progress = not (args.no_progress or args.quiet or args.json) and sys.stderr.isatty()
-    defaults = dict(scales=args.scales, amax=args.amax, format=args.format, exclude=args.exclude,
-                    device=args.device, max_shard_size=args.max_shard_size, export_rounding=args.export_rounding,
-                    overwrite=args.overwrite, fsync=args.fsync, progress=progress, readers=args.readers,
-                    writers=args.writers, host_buffer=args.host_buffer, gpu_buffer=args.gpu_buffer, prefetch=args.prefetch,
-                    threads=args.threads, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                    max_extra_size=args.max_extra_size, strict=args.strict)
+    defaults = dict(command_options(args), progress=progress)
     rank, size = world_from(args.rank, args.world_size)
     if size == 1:
         results = run(jobs, defaults)

@@ -84,6 +84,12 @@ def test_a_bad_jobs_file_converts_nothing(tmp_path):
         '{"dst": "x"}': "line 1: no src",
         '{"src": "%s", "dst": "a"}\n{"src": "%s", "dst": "./a"}' % (small, small): "line 2: DST",
         "not json": "line 1: not a JSON object",
+        # a string is not a flag: "false" would be taken as true (and trust_remote_code run model code)
+        '{"src": "%s", "dst": "%s", "overwrite": "false"}' % (small, tmp_path / "b"): "line 1: overwrite must be true or false, not 'false'",
+        '{"src": "%s", "dst": "%s", "trust-remote-code": "no"}' % (small, tmp_path / "b"): "line 1: trust_remote_code must be true or false",
+        '{"src": "%s", "dst": "%s", "format": "nvfp5"}' % (small, tmp_path / "b"): "line 1: format must be one of modelopt, compressed-tensors",
+        '{"src": "%s", "dst": "%s", "recipe": "fp8-everything"}' % (small, tmp_path / "b"): "line 1: recipe must be one of",
+        '{"src": "%s", "dst": "%s", "format-for": [1]}' % (small, tmp_path / "b"): "line 1: format_for must be a pattern or a list of patterns",
         "": "no jobs",
     }
     for text, needle in cases.items():
@@ -91,7 +97,10 @@ def test_a_bad_jobs_file_converts_nothing(tmp_path):
         jobs.write_text(text)
         rc, err = run_cli("convert", "--batch", jobs, *ARGS)
         assert rc == 2 and err.count("\n") == 1 and needle in err, (text, err)
-    assert run_cli("convert", small, tmp_path / "o", "--batch", jobs)[0] == 2
+    jobs.write_text('{"src": "%s", "dst": "%s"}' % (small, tmp_path / "j"))  # a good file: the refusal is SRC's
+    rc, err = run_cli("convert", small, tmp_path / "o", "--batch", jobs)
+    assert rc == 2 and "takes no SRC or DST" in err, err
+    assert not (tmp_path / "j").exists() and not (tmp_path / "b").exists()
     assert not (tmp_path / "a").exists() and not (tmp_path / "o").exists()
 
 
@@ -104,3 +113,29 @@ def test_a_yaml_jobs_file(tmp_path):
     assert "1 jobs, 1 finished, 0 failed" in out
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert "model.layers.0.self_attn.k_proj" in json.dumps(config["quantization_config"])  # the job's exclude
+
+
+def test_job_options_are_the_api_options_and_the_command_options_reach_every_job(tmp_path):
+    """Every keyword of api.convert (but the run's own) is a job option and comes from the command
+    line's options into each job: --recipe, --format-for and --strict-amax were once left out of
+    --batch, which converted without them."""
+    import inspect
+
+    from shardconv import api
+    from shardconv.jobs import OPTIONS
+
+    own = {"src", "dst", "progress", "rank", "world_size"}
+    assert set(OPTIONS) == set(inspect.signature(api.convert).parameters) - own
+    src = write_checkpoint(tmp_path / "moe", family="qwen3_moe", num_layers=1, shard_size=200_000)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"src": str(src), "dst": str(tmp_path / "o")}) + "\n")
+    # the recipe's FP8 layers need activation amax, which no file gives: refused, in the batch as alone
+    alone = run_cli("convert", src, tmp_path / "alone", *ARGS, "--recipe", "nvfp4-experts-fp8")
+    rc, err, _ = run_main("convert", "--batch", jobs, *ARGS, "--recipe", "nvfp4-experts-fp8")
+    assert alone[0] == 2 and "FP8 layers" in alone[1]
+    assert rc == 1 and "FP8 layers" in err, err
+    jobs.write_text(json.dumps({"src": str(src), "dst": str(tmp_path / "o"), "format-for": "*.experts.*=keep"}))
+    rc, err, _ = run_main("convert", "--batch", jobs, *ARGS)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert "model.layers.0.mlp.experts.0.gate_proj" in config["quantization_config"]["ignore"]
