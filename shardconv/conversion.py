@@ -57,6 +57,7 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     converters run in other processes). ``team`` (distributed.Team, rank 0 of several) shares the
     shards out and collects the others'."""
     src = plan.source.root
+    destination.no_rank_still_writing(dst)  # before anything here is pruned, by any run
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
     old = journal.fold_ranks(dst, journal.Journal.read(dst))  # shards a failed distributed run's ranks finished
     if old is not None and old.get("fingerprint") != run and not overwrite:

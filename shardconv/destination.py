@@ -195,6 +195,22 @@ class DstLock:
         self.release()
 
 
+RANK_LOCK = ".shardconv.lock.rank-{}"  # held by a rank other than 0 while it writes (distributed.py)
+
+
+def no_rank_still_writing(dst: Path) -> None:
+    """Refuse DST while a rank of an earlier distributed run still writes there (its rank 0 died, it
+    did not): its shards, of another plan maybe, could replace this run's after they are recorded, and
+    a run that pruned DST would delete its lock. Checked by every run, one process or many, with DST
+    locked and before anything in it is touched."""
+    for path in sorted(Path(dst).glob(RANK_LOCK.format("*"))):
+        try:
+            DstLock(path.parent, path.name).acquire().release()
+        except DestinationError:
+            raise DestinationError(f"{path.parent}: a rank of an earlier run is still writing here ({path.name} is "
+                                   "locked); stop it and run again") from None
+
+
 def _mount_points() -> set[str]:
     """Every mount point of this process (``/proc/self/mountinfo``; empty where there is none)."""
     try:

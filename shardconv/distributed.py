@@ -44,11 +44,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .destination import DstLock
+from .destination import RANK_LOCK, DstLock
 from .errors import OptionError
 from .ranks import RankError, World, assign, cause
 
-RANK_LOCK = ".shardconv.lock.rank-{}"  # held by a rank other than 0 while it writes (destination.DstLock)
 
 
 def shard_bytes(plan) -> list[int]:
@@ -149,20 +148,6 @@ class Team:
                                        "journal or on disk); run the same command again to resume")
 
 
-def _no_rank_still_writing(dst: Path) -> None:
-    """Refuse DST while a rank of an earlier job still writes there (its rank 0 died, it did not):
-    its shards, of another plan maybe, could replace this job's after they are recorded. Each rank
-    other than 0 holds ``.shardconv.lock.rank-R`` (flock) while it writes."""
-    from .errors import DestinationError
-
-    for path in sorted(Path(dst).glob(RANK_LOCK.format("*"))):
-        try:
-            DstLock(path.parent, path.name).acquire().release()
-        except DestinationError:
-            raise DestinationError(f"{path.parent}: a rank of an earlier run is still writing here ({path.name} is "
-                                   "locked); stop it and run again") from None
-
-
 def _opened_size(path: Path) -> int | None:
     """The size of a file another node wrote, from an open file (NFS revalidates on open, not on stat)."""
     try:
@@ -187,7 +172,6 @@ def convert(world: World, plan, dst: Path, *, fmt, opts, overwrite: bool, finger
         team = Team(world, plan)
         error = None
         try:
-            _no_rank_still_writing(Path(dst))  # before conversion.convert prunes DST of files it does not know
             summary = conversion.convert(plan, dst, fmt=fmt, opts=opts, overwrite=overwrite,
                                          fingerprint_extra=fingerprint_extra, max_extra_size=max_extra_size, team=team)
         except BaseException as e:  # noqa: BLE001
@@ -240,7 +224,7 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
     log.path = Path(dst) / journal.rank_name(world.rank)
     start = time.perf_counter()
     error, converter = None, None
-    lock = DstLock(dst, RANK_LOCK.format(world.rank))  # held while this rank writes: see _no_rank_still_writing
+    lock = DstLock(dst, RANK_LOCK.format(world.rank))  # held while this rank writes: see destination.no_rank_still_writing
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, conversion._raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}

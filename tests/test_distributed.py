@@ -16,7 +16,7 @@ import pytest
 from conftest import run_cli, tree_digest
 from shardconv import distributed, journal, ranks
 from shardconv.cli import main
-from shardconv.destination import DstLock
+from shardconv.destination import RANK_LOCK, DstLock
 from shardconv.synth import write_checkpoint
 
 ARGS = ("--device", "cpu", "--scales", "max", "--max-shard-size", "120KB", "--no-progress", "--threads", "1")
@@ -265,7 +265,7 @@ def test_a_rank_of_an_earlier_run_still_writing_is_refused(src, reference, tmp_p
     results = run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS], fault=(1, "raise"))
     assert [rc for rc, _ in results] == [2, 2]
     assert not list(dst.glob(".shardconv.lock*"))  # the ranks' locks went with them
-    zombie = DstLock(dst, distributed.RANK_LOCK.format(1)).acquire()
+    zombie = DstLock(dst, RANK_LOCK.format(1)).acquire()
     try:
         results = run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS])
     finally:
@@ -275,3 +275,20 @@ def test_a_rank_of_an_earlier_run_still_writing_is_refused(src, reference, tmp_p
     assert [rc for rc, _ in run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS])] == [0, 0]
     assert output(dst) == reference
     assert not list(dst.glob(".shardconv.lock*"))
+
+
+@pytest.mark.parametrize("extra", [(), ("--overwrite",)])
+def test_a_one_process_run_is_refused_while_a_rank_of_an_earlier_run_writes(src, reference, tmp_path, extra):
+    """Not only a distributed run: a one-process re-run (or --overwrite) into that DST would prune the
+    rank's lock and record shards the rank may still replace."""
+    dst = tmp_path / "out"
+    assert run_cli("convert", src, dst, *ARGS)[0] == 0
+    zombie = DstLock(dst, RANK_LOCK.format(1)).acquire()
+    before = output(dst)
+    try:
+        rc, err = run_cli("convert", src, dst, *ARGS, *extra)
+        assert rc == 2 and "a rank of an earlier run is still writing here" in err and err.count("\n") == 1, err
+        assert (dst / RANK_LOCK.format(1)).exists() and output(dst) == before
+    finally:
+        zombie.release()
+    assert run_cli("convert", src, dst, *ARGS, *extra)[0] == 0 and output(dst) == reference
