@@ -129,7 +129,9 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
             converter.shards.abort()
         for path in written:
             path.unlink(missing_ok=True)
-        if not log.shards:  # nothing worth resuming: leave DST as we found it
+        # nothing worth resuming: leave DST as we found it; not with several ranks, which may still be
+        # writing there (the journal then lets the next run, or --overwrite, take DST over)
+        if not log.shards and team is None:
             (dst / journal.NAME).unlink(missing_ok=True)
             if created_dir:
                 shutil.rmtree(dst, ignore_errors=True)
