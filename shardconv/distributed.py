@@ -13,8 +13,11 @@ The ranks themselves, their gloo group and the assignment rule are ranks.py's.
 Decisions:
 
 * **DST lock**: rank 0 alone takes ``DST/.shardconv.lock`` (flock) for the whole job, before any rank
-  writes, and holds it until the index is written; the other ranks never lock, so they cannot refuse
-  each other, and a second job is refused by its rank 0 (and all its ranks stop with that line).
+  writes, and holds it until the index is written; the other ranks never take that lock, so they
+  cannot refuse each other, and a second job is refused by its rank 0 (and all its ranks stop with
+  that line). Each other rank holds its own ``.shardconv.lock.rank-R`` while it writes, so that no
+  later run, of one process or many, takes DST over while it still writes
+  (destination.no_rank_still_writing).
   On a file system without working ``flock`` across nodes (some NFS setups) two jobs on different
   nodes are not kept apart.
 * **Journal**: rank 0 writes DST's journal (journal.py) as in one process. Each other rank records the

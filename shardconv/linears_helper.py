@@ -3,7 +3,9 @@
 Why: importing transformers and building the config's model on the meta device took 13-20 s of a
 fresh H200 machine's 14-25 s start-up (README Performance), after torch's import and before the plan.
 In a second process it runs beside torch's import, CUDA's start and the header reads (a thread would
-not: both hold the GIL), and the command's own process never imports transformers.
+not: both hold the GIL), and the command's own process does not import transformers unless the
+helper is not started or its answer is not for the headers the command read (then linears.find
+builds the model in-process).
 
 The helper reads SRC's headers itself, runs :func:`linears.find` exactly as the command would, and
 prints one JSON line: the key of what it read (:func:`answer_key`: config, every tensor's name, dtype

@@ -49,7 +49,8 @@ def _already_4bit(where, what: str) -> SourceError:
 
 
 def detect(source) -> Encoding:
-    """How the source stores its weights: :class:`Plain` floating point or :class:`Fp8Blocks`.
+    """How the source stores its weights: :class:`Plain` floating point, :class:`Fp8Blocks`, gpt-oss's
+    :class:`Mxfp4` or compressed-tensors' :class:`Int4Packed`.
 
     Refuses, with one line, checkpoints that are already NVFP4 or another 4-bit format, and any other
     quantized input (per-tensor FP8, int8, ...).
