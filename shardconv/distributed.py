@@ -68,6 +68,7 @@ class _Result:
     shards: dict[str, str]
     converted: int
     error: str | None = None
+    synced: bool = False  # its shards were fsync'ed before being recorded (--fsync on that rank)
 
 
 class Team:
@@ -131,6 +132,8 @@ class Team:
         else:
             for r in results[1:]:
                 shards.update(r.shards)
+            if any(r.shards and not r.synced for r in results[1:]):
+                log.synced = False  # the journal promises flushed shards only if every rank flushed its own
         shards = {k: v for k, v in shards.items() if k not in log.shards}
         if shards:
             with log.lock:
@@ -245,7 +248,7 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     converted = sum(u.in_bytes for u in plan.units if u.shard in mine)
-    results = world.gather(_Result(dict(log.shards), converted, None if error is None else cause(error)))
+    results = world.gather(_Result(dict(log.shards), converted, None if error is None else cause(error), opts.fsync))
     world.check([r.error for r in results], "converting its shards", error)
     final = world.gather(None)[0]  # rank 0: shards recorded, configs and index written
     if isinstance(final, str):

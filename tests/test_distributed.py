@@ -63,13 +63,15 @@ def _rank_main(rank, size, port, argv, out, fault):
     os._exit(0)
 
 
-def run_ranks(tmp_path, size, argv, fault=None, timeout=120, stdout=False):
+def run_ranks(tmp_path, size, argv, fault=None, timeout=120, stdout=False, extra=None):
     """Run ``shardconv ARGV`` on ``size`` forked ranks; returns [(exit status, stderr)] by rank
-    (exit status None: the rank died without reporting), with ``stdout``: (exit status, stderr, stdout)."""
+    (exit status None: the rank died without reporting), with ``stdout``: (exit status, stderr, stdout).
+    ``extra``: rank -> more arguments for that rank alone."""
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     outs = [tmp_path / f"rank{r}-{port}.json" for r in range(size)]
-    procs = [ctx.Process(target=_rank_main, args=(r, size, port, [str(a) for a in argv], outs[r], fault))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, port, [str(a) for a in [*argv, *(extra or {}).get(r, ())]],
+                                                  outs[r], fault))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -292,3 +294,15 @@ def test_a_one_process_run_is_refused_while_a_rank_of_an_earlier_run_writes(src,
     finally:
         zombie.release()
     assert run_cli("convert", src, dst, *ARGS, *extra)[0] == 0 and output(dst) == reference
+
+
+def test_the_journal_promises_flushed_shards_only_when_every_rank_flushed(src, reference, tmp_path):
+    """--fsync on rank 0 alone: the other rank's shards were not flushed, so the journal must not say
+    ``synced`` (a resume would then trust them without re-hashing, even after a power loss); with
+    --fsync on every rank it does."""
+    for name, extra, synced in (("some", {0: ["--fsync"]}, False), ("all", {0: ["--fsync"], 1: ["--fsync"]}, True)):
+        dst = tmp_path / name
+        assert [rc for rc, _ in run_ranks(tmp_path, 2, ["convert", src, dst, *ARGS], extra=extra)] == [0, 0]
+        doc = json.loads((dst / journal.NAME).read_text())
+        assert doc["synced"] is synced and len(doc["shards"]) > 1, doc
+        assert output(dst) == reference
