@@ -19,6 +19,7 @@ any job failed (0 if none did).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,7 +94,11 @@ def load(path: str | Path) -> list[dict]:
         raise OptionError(f"{path}: no jobs")
     seen: dict[Path, str] = {}
     for (where, _), job in zip(entries, jobs):
-        dst = _dst_of(job)
+        try:
+            Path(job["src"]).expanduser()
+            dst = _dst_of(job)
+        except (OSError, RuntimeError) as e:  # e.g. ~nosuchuser, a name too long for the file system
+            raise OptionError(f"{path}: {where}: cannot resolve its paths: {e}") from None
         if dst in seen:
             raise OptionError(f"{path}: {where}: DST {dst} is also {seen[dst]}'s: each job needs its own")
         seen[dst] = where
@@ -128,11 +133,11 @@ def _check(path: Path, where: str, doc) -> dict:
 def _dst_of(job: dict) -> Path:
     from .api import default_dst
 
-    if job.get("dst"):
-        return Path(job["dst"]).expanduser().absolute()
+    if job.get("dst"):  # resolved: a link or a/../a is the same DST
+        return Path(os.path.realpath(Path(job["dst"]).expanduser()))
     src = Path(job["src"]).expanduser()
     name = src.resolve().name if src.exists() else job["src"].rstrip("/").split("/")[-1]
-    return default_dst(name).absolute()
+    return Path(os.path.realpath(default_dst(name)))
 
 
 def input_bytes(src: str) -> int:

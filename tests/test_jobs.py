@@ -83,6 +83,10 @@ def test_a_bad_jobs_file_converts_nothing(tmp_path):
         '{"src": "%s", "colour": "red"}' % small: "line 1: unknown option 'colour'",
         '{"dst": "x"}': "line 1: no src",
         '{"src": "%s", "dst": "a"}\n{"src": "%s", "dst": "./a"}' % (small, small): "line 2: DST",
+        # the same folder through a link: still one DST for two jobs
+        '{"src": "%s", "dst": "%s"}\n{"src": "%s", "dst": "%s"}' % (small, tmp_path / "real" / "a", small,
+                                                                   tmp_path / "link" / "a"): "line 2: DST",
+        '{"src": "~no-such-user-here/x", "dst": "%s"}' % (tmp_path / "b"): "line 1: cannot resolve its paths",
         "not json": "line 1: not a JSON object",
         # a string is not a flag: "false" would be taken as true (and trust_remote_code run model code)
         '{"src": "%s", "dst": "%s", "overwrite": "false"}' % (small, tmp_path / "b"): "line 1: overwrite must be true or false, not 'false'",
@@ -92,6 +96,8 @@ def test_a_bad_jobs_file_converts_nothing(tmp_path):
         '{"src": "%s", "dst": "%s", "format-for": [1]}' % (small, tmp_path / "b"): "line 1: format_for must be a pattern or a list of patterns",
         "": "no jobs",
     }
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
     for text, needle in cases.items():
         jobs = tmp_path / "jobs.jsonl"
         jobs.write_text(text)
