@@ -184,3 +184,33 @@ def test_device_flag_on_cuda(llama, fill, ok):
     if ok:
         (ref,) = quantize_group([m], [w], "max", "cpu")
         assert torch.equal(q.scale_2.cpu(), ref.scale_2) and torch.equal(q.packed.cpu(), ref.packed)
+
+
+@pytest.mark.parametrize("method,fill,spot,ok", [
+    ("max", 0.0, None, True), ("max", 0.5, None, True), ("max", 1e-37, None, False),
+    ("max", 0.5, float("nan"), False), ("max", 0.5, float("inf"), False),
+    # scales from the amax file: the weights' own max is not taken, so only the finite check sees these
+    ("amax", 0.5, None, True), ("amax", 0.5, float("nan"), False), ("amax", 0.5, float("-inf"), False),
+])
+def test_device_flag_matches_the_cpu_checks_for_fp8_layers(method, fill, spot, ok):
+    """The same for a mixed recipe's FP8 layer (quantize_fp8.py): check=False flags exactly what
+    check=True refuses, and redo_on_cpu() gives the CPU's message (the GPU path relies on the flag)."""
+    from pathlib import Path
+
+    from shardconv import api
+
+    golden = Path(__file__).parent / "golden" / "qwen3_moe"
+    p = api.plan(golden / "source", scales=method, amax=golden / "mixed_w4a4" / "amax.pt",
+                 recipe="nvfp4-experts-fp8")
+    (m,) = [m for m in p.quantized if m.module == "model.layers.0.self_attn.o_proj"]
+    assert m.target == "fp8" and m.amax is not None and m.amax.input is not None
+    w = torch.full(m.weight.shape, fill, dtype=torch.bfloat16)
+    if spot is not None:
+        w[3, 5] = spot  # one bad value in otherwise usable weights
+    (q,) = quantize_group([m], [w], method, "cpu", check=False)
+    assert getattr(q, "fp8", False) and bool(q.ok) is ok
+    if ok:
+        quantize_group([m], [w], method, "cpu", check=True)
+    else:
+        with pytest.raises(ShardconvError, match="o_proj"):
+            redo_on_cpu([m], [w], method)
