@@ -131,9 +131,12 @@ def _check_choice(value: str | None, choices: Sequence[str], what: str) -> None:
 
 def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code, strict,
           warnings: list[str], strict_amax: bool = False, recipe: str | None = None,
-          format_for: Sequence[str] = ()):
-    """(plan, amax identity for the fingerprint)."""
-    from . import identity
+          format_for: Sequence[str] = (), speculate: bool = False):
+    """(plan, amax identity for the fingerprint, replan). ``speculate``: while the Linear-detection
+    helper is still working, the plan is the name rules' and ``replan()`` makes the model's
+    (speculation.py); else ``replan`` is None."""
+    from . import identity, linears
+    from .errors import ShardconvError
     from .amax import load_amax
     from .formats import get_format
     from .module_rules import unmatched_excludes
@@ -148,9 +151,20 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
     source = open_source(str(src), revision=revision)
     # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
     amax_file, amax_id = identity.read_whole(Path(amax), load_amax) if amax is not None else (None, None)
-    p = build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
-                   max_shard_size=parse_size(max_shard_size, "max_shard_size"), trust_remote_code=trust_remote_code,
-                   strict_amax=strict_amax, recipe=mix)
+
+    def build(found=None):
+        return build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
+                          max_shard_size=parse_size(max_shard_size, "max_shard_size"),
+                          trust_remote_code=trust_remote_code, strict_amax=strict_amax, recipe=mix, linears=found)
+
+    p = replan = None
+    if speculate and linears.pending(trust_remote_code):
+        try:
+            p, replan = build(linears.by_names(source, "the model's answer was not in yet")), build
+        except ShardconvError:  # refused by the name rules: the model's plan decides
+            p = None
+    if p is None:
+        p = build()
     unmatched = [("--exclude", p) for p in unmatched_excludes(source, exclude)]
     unmatched += [("--format-for", f"{p}={f}") for (p, f) in mix.rules if unmatched_excludes(source, [p])]
     for option, pattern in unmatched:
@@ -159,7 +173,7 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
             raise OptionError(message + " (--strict makes this an error)")
         warnings.append(message)
         log.warning(message)
-    return p, amax_id
+    return p, amax_id, replan
 
 
 def plan(src: str | Path, *, scales: str | None = None, amax: str | Path | None = None, format: str = "modelopt",
@@ -251,7 +265,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     import contextlib
 
     from . import distributed, numerics, ranks
+    from .destination import is_empty
     from .formats import get_format
+    from .speculation import Mismatch, Speculation
     from .conversion import convert as run_conversion
     from .pipeline import Options
     from .quantize import pick_device, set_cpu_threads
@@ -271,14 +287,23 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
             stack.enter_context(world)
 
         def prepare():  # on every rank of several, with one answer if any fails (no rank waits for it)
-            p, amax_id = _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_remote_code,
-                               strict, warnings, strict_amax, recipe, format_for)
-            return p, amax_id, pick_device(device if world is None else world.device_choice(device))
+            p, amax_id, replan = _plan(src, scales, amax, format, exclude, max_shard_size, revision,
+                                       trust_remote_code, strict, warnings, strict_amax, recipe, format_for,
+                                       speculate=world is None)
+            return p, amax_id, replan, pick_device(device if world is None else world.device_choice(device))
 
-        p, amax_id, dev = world.agree("to plan", prepare) if world else prepare()
+        p, amax_id, replan, dev = world.agree("to plan", prepare) if world else prepare()
+        out = Path(dst) if dst is not None else default_dst(p)
+        fmt = get_format(format)
+        extra = {"amax": amax_id} if amax_id else {}
+        speculation = None
+        if replan is not None:
+            if not out.exists() or out.is_dir() and is_empty(out):  # nothing there to resume or replace
+                speculation = Speculation(p, replan, fmt, extra)
+            else:
+                p = replan()  # a resume or --overwrite plans once, with the model's answer
         for note in p.notes:
             log.info(note)
-        out = Path(dst) if dst is not None else default_dst(p)
         if dev.type == "cpu":
             n = set_cpu_threads(threads if world is None else world.cpu_threads(threads))
             seconds = cpu_estimate(p, n)
@@ -290,10 +315,23 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         opts = Options(device=dev, readers=readers, writers=writers, host_buffer=parse_size(host_buffer, "host_buffer"),
                        gpu_buffer=parse_size(gpu_buffer, "gpu_buffer"), progress=progress, fsync=fsync,
                        prefetch=parse_size(prefetch, "prefetch", zero=True))
-        how = dict(fmt=get_format(format), opts=opts, overwrite=overwrite,
-                   fingerprint_extra={"amax": amax_id} if amax_id else {},
+        how = dict(fmt=fmt, opts=opts, overwrite=overwrite, fingerprint_extra=extra,
                    max_extra_size=parse_size(max_extra_size, "max_extra_size"))
-        summary = run_conversion(p, out, **how) if world is None else distributed.convert(world, p, out, **how)
+        if world is not None:
+            summary = distributed.convert(world, p, out, **how)
+        elif speculation is None:
+            summary = run_conversion(p, out, **how)
+        else:
+            try:
+                summary = run_conversion(p, out, speculation=speculation, **how)
+                p.linears, p.excluded = speculation.confirmed.linears, speculation.confirmed.excluded
+            except Mismatch as e:  # nothing of the first run is left in DST
+                log.info(f"the model's Linear layers give another plan than the name rules ({e.what}): "
+                         "converting again with it")
+                p = e.plan
+                for note in p.notes:
+                    log.info(note)
+                summary = run_conversion(p, out, **how)
     finally:
         stack.close()
         numerics.set_export_rounding(previous)

@@ -50,12 +50,13 @@ def _raise_interrupt(signum, frame):
 def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, run: str,
                     extras: list[tuple[Path, int]], configs: dict[str, dict], created_dir: bool,
                     sources: list, fingerprint_extra: dict | None,
-                    team=None) -> tuple[set[int], dict[str, str], bool, int | None]:
+                    team=None, speculation=None) -> tuple[set[int], dict[str, str], bool, int | None]:
     """The run, with DST locked; returns the indices of the shards kept from an interrupted run, the
     source shards changed since it (identity.py), whether DST already held this finished run, and the
     MXFP4 blocks the cast requantized (pipeline.Converter.requantized; None with several ranks, whose
     converters run in other processes). ``team`` (distributed.Team, rank 0 of several) shares the
-    shards out and collects the others'."""
+    shards out and collects the others'. ``speculation`` (speculation.py): ``plan`` is the name rules'
+    plan, checked against the model's before anything but shards is written."""
     src = plan.source.root
     destination.no_rank_still_writing(dst)  # before anything here is pruned, by any run
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
@@ -102,7 +103,8 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     done = bool(resume and old.get("complete")) and len(kept) == len(plan.shard_names)
     if team is not None:
         team.share(kept, done)  # the other ranks start on their shards now
-    converter = None if done or team is not None else Converter(plan, dst, fmt, opts, log, kept)
+    converter = None if done or team is not None else Converter(
+        plan, dst, fmt, opts, log, kept, check=speculation.check if speculation is not None else None)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -112,6 +114,8 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
             team.run(lambda: None if done else Converter(plan, dst, fmt, opts, log, team.not_mine(kept)), log)
         elif converter is not None:
             profile.python_profile(converter.run)
+        if speculation is not None:
+            speculation.confirm()  # the model's plan is this one, or nothing but shards was written
         for rel, _ in extras:
             destination.make_dirs(dst, rel.parent)
             written.append(dst / rel)
@@ -129,6 +133,10 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
             converter.shards.abort()
         for path in written:
             path.unlink(missing_ok=True)
+        if speculation is not None and speculation.refuted:  # shards of a plan that was not the model's
+            for name in list(log.shards):
+                (dst / name).unlink(missing_ok=True)
+            log.shards.clear()
         # nothing worth resuming: leave DST as we found it; not with several ranks, which may still be
         # writing there (the journal then lets the next run, or --overwrite, take DST over)
         if not log.shards and team is None:
@@ -150,11 +158,12 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
 def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrite: bool = False,
             device: torch.device | None = None, progress: bool | None = None,
             fingerprint_extra: dict | None = None, max_extra_size: int = destination.DEFAULT_MAX_EXTRA,
-            team=None) -> Summary:
+            team=None, speculation=None) -> Summary:
     """Write the planned checkpoint into ``dst``, resuming an interrupted run of the same plan.
 
     Everything that can be refused (DST's identity and contents, SRC's other files) is checked
-    before DST is touched; then DST is locked (destination.py) for the rest of the run."""
+    before DST is touched; then DST is locked (destination.py) for the rest of the run.
+    ``speculation``: see :func:`_convert_locked` (raises its Mismatch or the helper's refusal)."""
     opts = opts or Options()
     if device is not None:
         opts.device = device
@@ -183,7 +192,8 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
         lock.acquire()
         start = time.perf_counter()
         kept, changed, done, requantized = _convert_locked(plan, dst, fmt, opts, overwrite, run, extras, configs,
-                                                           created_dir, sources, fingerprint_extra, team)
+                                                           created_dir, sources, fingerprint_extra, team,
+                                                           speculation)
     finally:
         lock.release()
         if created_dir:  # a run that failed before writing anything leaves no empty folder behind

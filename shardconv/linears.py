@@ -95,25 +95,33 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
     Raises SourceError only for a tensor the model expects that no shard holds.
     """
     tensors = source.tensors if tensors is None else tensors
-    if tensors == source.tensors:  # the helper process saw the source's own tensors, not an encoding's view
-        for helper in HELPERS:  # the same answer, found in a helper process (linears_helper.py)
-            found = helper.answer(source, trust_remote_code)
-            if found is not None:
-                return found
-    conv1d = source.config.get("model_type") in _CONV1D_MODEL_TYPES
+    for helper in HELPERS:  # the same answer, found in a helper process (linears_helper.py)
+        found = helper.answer(source, trust_remote_code, tensors)  # None: it saw other headers
+        if found is not None:
+            return found
     try:
         layout, name = _layout(source, trust_remote_code)
     except _Fallback as e:
-        return Linears("names", str(e), conv1d=conv1d)
+        return by_names(source, str(e))
     except Exception as e:  # transformers raises anything from a model's __init__: never fatal here
-        return Linears("names", f"the model could not be built: {_one_line(e)}", conv1d=conv1d)
+        return by_names(source, f"the model could not be built: {_one_line(e)}")
     try:
         found, covered = _classify(tensors, layout)
     except Exception as e:
-        return Linears("names", f"the model's modules could not be read: {_one_line(e)}", conv1d=conv1d)
+        return by_names(source, f"the model's modules could not be read: {_one_line(e)}")
     found.why = name
     _check_missing(source, tensors, layout, covered, name)
     return found
+
+
+def by_names(source: Source, why: str) -> Linears:
+    """plan.py's name rules alone, ``why`` saying why the model is not asked."""
+    return Linears("names", why, conv1d=source.config.get("model_type") in _CONV1D_MODEL_TYPES)
+
+
+def pending(trust_remote_code: bool = False) -> bool:
+    """A helper process asked first by :func:`find` is still working: find would wait for it."""
+    return any(helper.pending(trust_remote_code) for helper in HELPERS)
 
 
 # One meta model per config and process (tests and the fuzzer plan the same config thousands of times).

@@ -7,9 +7,10 @@ not: both hold the GIL), and the command's own process does not import transform
 helper is not started or its answer is not for the headers the command read (then linears.find
 builds the model in-process).
 
-The helper reads SRC's headers itself, runs :func:`linears.find` exactly as the command would, and
-prints one JSON line: the key of what it read (:func:`answer_key`: config, every tensor's name, dtype
-and shape, the folder, ``trust_remote_code``) and the answer, or the SourceError it raised. The
+The helper reads SRC's headers itself, runs :func:`linears.find` exactly as the plan would (on the
+plain view of an FP8, MXFP4 or INT4 source), and prints one JSON line: the key of what it read
+(:func:`answer_key`: config, every classified tensor's name, dtype and shape, the folder,
+``trust_remote_code``) and the answer, or the SourceError it raised. The
 command uses an answer only under the same key; where the helper failed, died or read other headers,
 linears.find builds the model in-process as it always did. Torch-free until an answer is read, so
 the command line can start it before importing torch.
@@ -35,25 +36,41 @@ WAIT = 600.0  # seconds: a helper that takes longer is ended, and the model is b
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
-def answer_key(source, trust_remote_code: bool) -> str:
+def answer_key(source, trust_remote_code: bool, tensors: dict | None = None) -> str:
     """What linears.find's answer depends on, besides the installed transformers (the same here and
-    in the helper: the same interpreter and environment)."""
-    tensors = sorted((t.name, t.dtype, list(t.shape)) for t in source.tensors.values())
+    in the helper: the same interpreter and environment): ``tensors`` are those it classified (the
+    source's own by default; an encoded source's plain view, :func:`plain_view`)."""
+    tensors = sorted((t.name, t.dtype, list(t.shape)) for t in (source.tensors if tensors is None else tensors).values())
     blob = json.dumps({"config": source.config, "tensors": tensors, "root": str(source.root),
                        "trust_remote_code": bool(trust_remote_code)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def encode(source, trust_remote_code: bool) -> dict:
-    """linears.find's answer for ``source`` as JSON-ready data (what the helper prints)."""
+def plain_view(source) -> dict:
+    """The tensors the plan asks linears.find about (encodings.plain_tensors: an FP8, MXFP4 or INT4
+    source's weights under their plain names); the source's own where its encoding is refused (the
+    plan refuses it too, before asking)."""
+    from . import encodings
+    from .errors import ShardconvError
+
+    try:
+        encoding = encodings.detect(source)
+        return encodings.plain_tensors(source, encoding, encoding.weights(source))
+    except ShardconvError:
+        return source.tensors
+
+
+def encode(source, trust_remote_code: bool, tensors: dict | None = None) -> dict:
+    """linears.find's answer for ``source`` (``tensors``: as for :func:`answer_key`) as JSON-ready data
+    (what the helper prints)."""
     from dataclasses import asdict
 
     from .errors import SourceError
     from .linears import find
 
-    key = answer_key(source, trust_remote_code)
+    key = answer_key(source, trust_remote_code, tensors)
     try:
-        return {"key": key, "linears": asdict(find(source, trust_remote_code))}
+        return {"key": key, "linears": asdict(find(source, trust_remote_code, tensors))}
     except SourceError as e:
         return {"key": key, "error": str(e)}
 
@@ -78,9 +95,15 @@ class Helper:
         self.proc = subprocess.Popen([sys.executable, "-m", "shardconv.linears_helper", src, str(int(self.trust_remote_code))],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
 
-    def answer(self, source, trust_remote_code: bool):
-        """The helper's Linears for ``source``, or None (the caller finds them itself): raises the
-        helper's SourceError (a tensor of the model in no shard) as linears.find would have."""
+    def pending(self, trust_remote_code: bool) -> bool:
+        """:meth:`answer` would wait for the process: it runs, its answer unread, for this setting."""
+        return (bool(trust_remote_code) == self.trust_remote_code and self.result is None
+                and self.proc is not None and self.proc.poll() is None)
+
+    def answer(self, source, trust_remote_code: bool, tensors: dict | None = None):
+        """The helper's Linears for ``tensors`` of ``source`` (as for :func:`answer_key`), or None (the
+        caller finds them itself): raises the helper's SourceError (a tensor of the model in no shard)
+        as linears.find would have."""
         if bool(trust_remote_code) != self.trust_remote_code:
             return None
         if self.result is None:
@@ -94,7 +117,7 @@ class Helper:
                 self.result = {}
             profile.say(f"linears helper answered {profile.process_age():.1f} s after process start (waited "
                         f"{time.perf_counter() - t0:.1f} s for it): {'an answer' if self.result else 'none'}")
-        if not isinstance(self.result, dict) or self.result.get("key") != answer_key(source, trust_remote_code):
+        if not isinstance(self.result, dict) or self.result.get("key") != answer_key(source, trust_remote_code, tensors):
             return None
         try:
             return decode(self.result)
@@ -156,7 +179,7 @@ def main(argv: list[str]) -> int:
     from .source import open_source
 
     source = open_source(argv[0])
-    answer = encode(source, argv[1] == "1")
+    answer = encode(source, argv[1] == "1", plain_view(source))
     out.write(json.dumps(answer) + "\n")
     out.flush()
     return 0

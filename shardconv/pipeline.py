@@ -68,13 +68,10 @@ def _largest_member(plan: Plan) -> int:
     return max((m.weight.nbytes for m in plan.quantized), default=0)
 
 
-def _largest_output(plan: Plan, fmt) -> int:
-    sizes = [0]
-    for u in plan.units:
-        for m in u.members:
-            outs = member_outputs(fmt, m, plan.w4a4)
-            sizes.append(sum(_aligned(t.nbytes) for t in outs))
-    return max(sizes)
+def output_bytes(plan: Plan, fmt) -> dict[str, int]:
+    """Host bytes of each quantized module's outputs, packed as :meth:`Converter._download_member` does."""
+    return {m.module: sum(_aligned(t.nbytes) for t in member_outputs(fmt, m, plan.w4a4))
+            for u in plan.units for m in u.members}
 
 
 def _aligned(n: int) -> int:
@@ -95,8 +92,9 @@ class Converter:
     """Runs one plan through the stages described in the module docstring."""
 
     def __init__(self, plan: Plan, dst: Path, fmt, opts: Options, log: journal.Journal | None = None,
-                 skip_shards: set[int] = frozenset()):
+                 skip_shards: set[int] = frozenset(), check=None):
         self.plan, self.dst, self.fmt, self.opts = plan, dst, fmt, opts
+        self.check = check  # called between groups; raises to stop the run (speculation.Speculation.check)
         self.skip_shards = skip_shards
         self.cuda = opts.device.type == "cuda"
         auto = io_threads()
@@ -106,7 +104,8 @@ class Converter:
         # Enough buffers to keep every reader busy while a group is on the device, within the budget.
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda, device=opts.device)
-        out_size = max(_largest_output(plan, fmt), 1)
+        self.out_bytes = output_bytes(plan, fmt)
+        out_size = max(self.out_bytes.values(), default=1)
         # a batch of small groups (MoE experts) downloads MAX_BATCH groups at once: room for them where the
         # outputs are small enough to fit the host budget (dense models keep `count` buffers)
         out_count = max(count, min(MAX_BATCH * max_members, opts.host_buffer // out_size))
@@ -218,15 +217,15 @@ class Converter:
         (unit, host tensors, state for the writer) per group.
 
         A generator, so that the caller hands each group to a writer before the next group takes
-        output buffers: a batch may need more of them than the pool holds (DeepSeek-V3's shapes: 14
-        buffers sized for a dense layer-0 MLP, a batch of ~12 expert groups of 2), and taking them all
-        first waited for ever on buffers only the not-yet-started writers give back.
+        output buffers: a batch may need more of them than the pool holds, and taking them all first
+        waited for ever on buffers only the not-yet-started writers give back (DeepSeek-V3's shapes on
+        the H200 machine, before the pool carved small buffers from its slabs).
         """
         self.d2h.wait_event(done)
         for (u, _, _), res, ok in zip(batch, results, oks):
             with working_on(u.first.path, u.first.name):
                 t0 = time.perf_counter()
-                out_bufs = self.outputs.take(len(u.members))
+                out_bufs = self.outputs.take([self.out_bytes[m.module] for m in u.members])
                 self.clock.add("main-wait-output", t0)
                 host: list[dict[str, torch.Tensor]] = []
                 with torch.cuda.stream(self.d2h):
@@ -311,16 +310,17 @@ class Converter:
                     jobs.extend(self._submit_copies(u))
                     pending.append((u, None, None))
                 else:
-                    bufs = self.inputs.take(len(u.members), block=False)
+                    sizes = [m.weight.nbytes for m in u.members]
+                    bufs = self.inputs.take(sizes, block=False)
                     if bufs is None and self.cuda:
                         self._release_uploads()
-                        bufs = self.inputs.take(len(u.members), block=False)
+                        bufs = self.inputs.take(sizes, block=False)
                     if bufs is None:
                         if pending or not block:
                             return
                         if self.cuda:  # only uploads in flight hold buffers now
                             self._release_uploads(wait=True)
-                        bufs = self.inputs.take(len(u.members), block=True)
+                        bufs = self.inputs.take(sizes, block=True)
                     pending.append((u, self._submit_reads(u, bufs), bufs))
                 if startup is not None:
                     startup.reached(u.inputs)
@@ -343,6 +343,8 @@ class Converter:
 
         try:
             while pending or nxt < len(units):
+                if self.check is not None:
+                    self.check()
                 submit(block=True)
                 prefetcher.ahead_of(nxt)  # the units after those the readers have
                 unit, reads, bufs = pending.popleft()

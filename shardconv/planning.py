@@ -169,8 +169,12 @@ def build_plan(
     trust_remote_code: bool = False,
     strict_amax: bool = False,
     recipe: Recipe | None = None,
+    linears: Linears | None = None,
 ) -> Plan:
-    """Decide everything about the output from headers (and the amax file), reading no tensor data."""
+    """Decide everything about the output from headers (and the amax file), reading no tensor data.
+
+    ``linears``: how the Linear weights were found (default: linears.find, which may wait for the
+    helper process); speculation.py plans with the name rules' answer first."""
     excludes = list(excludes or [])
     if recipe is not None and recipe.is_default:
         recipe = None
@@ -188,9 +192,10 @@ def build_plan(
     encoded = encoding.weights(source)  # codes tensor name -> encoded weight (its parts checked)
     dropped = encoding.dropped(source, encoded)  # scales of the replaced quantization: not in the output
     # what a plain checkpoint would hold: Linear detection and the rules below see names and shapes there
-    plain = {name: (encoded[name].plain_view() if name in encoded else info)
-             for name, info in source.tensors.items() if name not in dropped}
-    found = find_linears(source, trust_remote_code, plain)  # refuses a checkpoint missing a tensor of its model
+    plain = encodings.plain_tensors(source, encoding, encoded)
+    if linears is None:
+        linears = find_linears(source, trust_remote_code, plain)  # refuses a checkpoint missing a tensor of its model
+    found = linears
     notes: list[str] = []
     stack_types = model_types(source.config) & STACKED_EXPERT_MODEL_TYPES
     fmt_stacked = getattr(fmt, "supports_stacked_experts", True)

@@ -27,28 +27,75 @@ def fake_pinning(monkeypatch, fail_at=None, gate=None):
 def test_the_first_buffer_is_ready_before_the_others_are_pinned(monkeypatch):
     gate = threading.Event()
     made = fake_pinning(monkeypatch, gate=gate)
-    pool = host_buffers.BufferPool(4, 64, pin=True)
-    (first,) = pool.take(1, block=False)  # available at once, while the thread waits at the gate
-    assert first.numel() == 64 and pool.take(1, block=False) is None
+    size = host_buffers.ALIGN
+    pool = host_buffers.BufferPool(4, size, pin=True)
+    (first,) = pool.take([size], block=False)  # available at once, while the thread waits at the gate
+    assert first.numel() == size and pool.take([size], block=False) is None
     gate.set()
-    rest = pool.take(3)
+    rest = pool.take([size] * 3)
     assert len(rest) == 3 and len(made) == 4
     pool.give([first, *rest])
     pool.close()
-    assert len(pool.free) == 4
+    assert pool.idle and len(pool.free) + (pool._open is not None) == 4
 
 
 def test_a_failed_pinning_is_raised_not_waited_for(monkeypatch):
     fake_pinning(monkeypatch, fail_at=2)
     pool = host_buffers.BufferPool(4, 64, pin=True)
     with pytest.raises(MemoryError, match="pinned buffer"):
-        pool.take(4)  # two buffers exist; without the error this would wait for ever
+        pool.take([64] * 4)  # two slabs exist; without the error this would wait for ever
     pool.close()
 
 
 def test_without_pinning_every_buffer_exists_at_once():
     pool = host_buffers.BufferPool(3, 32, pin=False)
-    assert pool.filler is None and len(pool.take(3, block=False)) == 3
+    assert pool.filler is None and len(pool.take([32] * 3, block=False)) == 3
+
+
+def test_small_buffers_are_cut_from_one_slab_and_slabs_come_back():
+    """DeepSeek-V3's case: slabs sized for a big weight hold many expert-sized buffers at once."""
+    a = host_buffers.ALIGN
+    pool = host_buffers.BufferPool(2, 8 * a, pin=False)
+    small = [pool.take([a, a]) for _ in range(8)]  # 16 buffers from 2 slabs
+    assert pool.take([a], block=False) is None  # full
+    ptrs = [b.data_ptr() for pair in small for b in pair]
+    assert len(set(ptrs)) == 16 and all(b.numel() == a for pair in small for b in pair)
+    for pair in small[:4]:  # the first slab's buffers come back: it is whole again
+        pool.give(pair)
+    big = pool.take([8 * a])
+    assert big[0].data_ptr() == ptrs[0]  # the first slab, whole
+    with pytest.raises(RuntimeError, match="needs buffers"):
+        pool.take([9 * a])  # larger than a slab: never served, so refused rather than waited for
+    with pytest.raises(RuntimeError, match="needs buffers"):
+        pool.take([a] * 3)  # more buffers than slabs
+    for pair in small[4:]:
+        pool.give(pair)
+    pool.give(big)
+    assert pool.idle
+    odd = pool.take([1, 3 * a + 1])  # sizes as asked; each starts on an ALIGN boundary
+    assert [b.numel() for b in odd] == [1, 3 * a + 1] and (odd[1].data_ptr() - odd[0].data_ptr()) % a == 0
+
+
+def test_buffers_in_use_are_never_handed_out_twice():
+    """Random takes and gives: the bytes of live buffers never overlap, and everything comes back."""
+    import random
+
+    rng = random.Random(0)
+    a = host_buffers.ALIGN
+    pool = host_buffers.BufferPool(4, 10 * a, pin=False)
+    live = []
+    for _ in range(2000):
+        if live and (rng.random() < 0.5 or len(live) > 12):
+            pool.give(live.pop(rng.randrange(len(live))))
+        else:
+            got = pool.take([rng.randint(0, 10 * a) for _ in range(rng.randint(1, 3))], block=False)
+            if got is not None:
+                live.append(got)
+        spans = sorted((b.data_ptr(), b.data_ptr() + max(b.numel(), 1)) for bufs in live for b in bufs)
+        assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:]))
+    for bufs in live:
+        pool.give(bufs)
+    assert pool.idle and len(pool.take([10 * a] * 4, block=False)) == 4
 
 
 class _Event:
@@ -72,7 +119,7 @@ class _Stream:
 @pytest.mark.parametrize("order", ["pipeline", "take-all-first"])
 def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever(order, tmp_path, monkeypatch):
     """The GPU path's hand-off, simulated on the CPU (CUDA streams and events stubbed): a batch of 32
-    DeepSeek-V3-shaped expert groups and 7 output buffers sized for the dense layer-0 MLP. The
+    DeepSeek-V3-shaped expert groups and 7 output slabs of one expert's outputs each. The
     pipeline hands each downloaded group to a writer before the next takes buffers, so the batch is
     written and every buffer comes back; taking every group's buffers first (the code before effa587,
     which the H200's DeepSeek-V3 run never finished) waits for ever."""
@@ -98,13 +145,15 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
     plan = build_plan(open_source(src), fmt, scales="max")
     (tmp_path / "dst").mkdir()
     conv = pipeline.Converter(plan, tmp_path / "dst", fmt, pipeline.Options(host_buffer=4 * 2**20, progress=False))
-    conv.outputs = host_buffers.BufferPool(7, pipeline._largest_output(plan, fmt), pin=False)
     conv.d2h = _Stream()
     same: dict = {}
     for u in plan.units:
         if u.members and ".experts." in u.members[0].module:
             same.setdefault(structure(u.members), []).append(u)
     units = max(same.values(), key=len)
+    # 7 slabs that hold one expert's outputs each (the pool carves several from a larger slab)
+    conv.outputs = host_buffers.BufferPool(7, max(conv.out_bytes[m.module] for u in units for m in u.members),
+                                           pin=False)
     assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
     batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
     results = quantize_batch([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
@@ -126,9 +175,11 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
             assert worker.is_alive() and not jobs  # the old order: stuck taking buffers
         else:
             assert not worker.is_alive() and len(jobs) == len(units)
-            assert len(conv.outputs.free) == conv.outputs.count  # every buffer given back
+            assert conv.outputs.idle  # every buffer given back
     finally:
-        conv.outputs.give([torch.empty(1)] * conv.outputs.count)  # release a stuck taker, if any
+        with conv.outputs.cond:  # release a stuck taker, if any
+            conv.outputs.free += [torch.empty(conv.outputs.size, dtype=torch.uint8) for _ in range(conv.outputs.count)]
+            conv.outputs.cond.notify_all()
         worker.join(10)
         conv.readers.shutdown()
         conv.writers.shutdown()

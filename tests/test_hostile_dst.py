@@ -174,8 +174,8 @@ def test_resume_replaces_links_never_writes_through_them(src, tmp_path, outside,
     assert run_cli("convert", src, dst, *ARGS)[0] == 2
     monkeypatch.setattr(output_shards.Shards, "_done", real)
     finished = json.loads((dst / JOURNAL).read_text())["shards"]
-    assert len(finished) == 1
     todo = sorted(p.name for p in reference.glob("model-*.safetensors") if p.name not in finished)
+    assert finished and len(todo) >= 2  # another writer may finish a shard before the failure stops it
     before = stamps(outside)
     plant(dst, outside, ["config.json", "model.safetensors.index.json", todo[0], todo[1] + ".partial",
                          "tokenizer.json", "config.json.partial", JOURNAL + ".partial", "generation_config.json"])

@@ -155,3 +155,31 @@ def test_no_helper_where_it_cannot_help(tmp_path, monkeypatch):
     helper = linears_helper.start(str(tmp_path / "m"), False)
     assert helper is not None
     helper.close()
+
+
+def test_an_fp8_source_is_answered_for_the_plans_plain_view(tmp_path, monkeypatch):
+    """The plan asks about an encoded source's plain view (weights under their plain names, scales
+    left out): the helper answers for that view, so the plan does not build the model itself."""
+    pytest.importorskip("transformers")
+    from test_fp8 import make_fp8
+
+    from shardconv.formats import get_format
+    from shardconv.planning import build_plan
+
+    bf16 = write_checkpoint(tmp_path / "bf16", family="deepseek_v3", num_layers=2, hidden_size=256,
+                            intermediate_size=320, moe_intermediate_size=64, num_experts=4, vocab_size=256,
+                            shard_size=300_000)
+    fp8, _ = make_fp8(bf16, tmp_path / "fp8")
+    source = open_source(str(fp8))
+    plain = linears_helper.plain_view(source)
+    assert plain != source.tensors and not any(n.endswith("_scale_inv") for n in plain)
+    answer = linears_helper.encode(source, False, plain)  # what the helper process prints
+    helper = Canned(answer)
+    helper.answer = linears_helper.Helper.answer.__get__(helper)
+    monkeypatch.setattr(linears, "HELPERS", [helper])
+    built = []
+    real = linears._layout
+    monkeypatch.setattr(linears, "_layout", lambda *a: (built.append(a), real(*a))[1])
+    plan = build_plan(source, get_format("modelopt"), scales="max")
+    assert built == [] and plan.linears == linears_helper.decode(answer) and plan.linears.method == "model"
+    assert linears.find(source) is not None and len(built) == 1  # the source's own tensors: another question

@@ -99,3 +99,12 @@ def dequantize_excluded(weight: EncodedWeight, device="cpu") -> torch.Tensor:
         raise SourceError(f"{weight.data.path}: tensor {weight.data.name!r} dequantizes to NaN/Inf (first at "
                           f"[{where}]; check {parts})")
     return out
+
+
+def plain_tensors(source, encoding: Encoding, weights: dict[str, EncodedWeight]) -> dict:
+    """The source's tensors as a plain checkpoint would hold them: each encoded weight under its plain
+    name and shape, its encoding's parts left out. Linear detection (linears.py) and the plan's rules
+    see these; the Linear-detection helper computes the same view (linears_helper.py)."""
+    dropped = encoding.dropped(source, weights)
+    return {name: (weights[name].plain_view() if name in weights else info)
+            for name, info in source.tensors.items() if name not in dropped}
