@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--scales", default="max,default", help="--scales runs of (c), 'default' = no --scales; "
                     "a run ending in '@warm' reads the libraries back in after dropping caches (cold input only); "
                     "one ending in '@cached' reads the whole input into the page cache first (the pipeline's own "
-                    "ceiling, as on a disk faster than the pipeline), and is compared with a warm cat")
+                    "ceiling, as on a disk faster than the pipeline), and is compared with a warm cat; "
+                    "'+NAME=VALUE' after a run sets an environment variable for it (max+SHARDCONV_BATCH=0)")
     ap.add_argument("--lc-limit", type=float, default=300, help="stop model_free_ptq after this many seconds (0: skip it)")
     ap.add_argument("--ranks", default="1", help="world sizes of each (c) step, e.g. 1,2: N > 1 runs shardconv "
                     "under torchrun --nproc-per-node N (distributed.py)")
@@ -219,11 +220,12 @@ def main() -> None:
             add(label, "(b) cp -r", cp_s, gb, None, None)
             shutil.rmtree(work / "copy")
         for run, ranks in [(r, n) for r in args.scales.split(",") for n in map(int, args.ranks.split(","))]:
+            run, *env = run.split("+")
             scales, _, warm = run.partition("@")
             scales = None if scales == "default" else scales
             step = f"(c) shardconv --scales {scales or 'default'}" + {
                 "": "", "warm": ", libraries warm", "cached": ", input in page cache"}[warm] + (
-                f", {ranks} ranks" if ranks > 1 else "")
+                f", {ranks} ranks" if ranks > 1 else "") + "".join(f", {e}" for e in env)
             drop_cache(src)
             if warm == "cached":  # everything in the page cache: what limits is the pipeline, not the disk
                 subprocess.run("cat " + " ".join(shards) + " > /dev/null", shell=True, check=True)
@@ -240,7 +242,13 @@ def main() -> None:
             cmd = [*launch, "convert", str(src), str(dst), "--device", args.device, "--no-progress", *args.extra.split()]
             if scales:
                 cmd += ["--scales", scales]
-            wall, rss, out = timed(cmd)
+            saved = dict(os.environ)
+            os.environ.update(e.split("=", 1) for e in env)
+            try:
+                wall, rss, out = timed(cmd)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
             for line in out.splitlines():
                 if line.startswith("profile:"):
                     print(f"[{label}] {step} {line}", flush=True)
