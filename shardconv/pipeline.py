@@ -21,6 +21,7 @@ import collections
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +33,7 @@ import torch
 from . import journal, profile, readahead
 from .errors import working_on
 from .encodings import dequantize_excluded
-from .host_buffers import BufferPool, io_threads
+from .host_buffers import BufferPool, io_threads, switch_interval
 from .mixed import member_outputs
 from .output_shards import Shards
 from .planning import Plan, Unit
@@ -290,6 +291,15 @@ class Converter:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
+        interval, before = switch_interval() if self.cuda else None, sys.getswitchinterval()
+        if interval is not None:
+            sys.setswitchinterval(interval)
+        try:
+            self._run()
+        finally:
+            sys.setswitchinterval(before)
+
+    def _run(self) -> None:
         from tqdm.auto import tqdm
 
         units = [u for u in self.plan.units if u.shard not in self.skip_shards]

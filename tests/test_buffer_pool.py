@@ -183,3 +183,27 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
         worker.join(10)
         conv.readers.shutdown()
         conv.writers.shutdown()
+
+
+def test_the_gpu_pipeline_sets_the_switch_interval_and_restores_it(monkeypatch):
+    """SHARDCONV_SWITCH_INTERVAL: unset the measured default, 0 Python's own, else the value."""
+    import sys
+
+    from shardconv import pipeline
+
+    monkeypatch.delenv("SHARDCONV_SWITCH_INTERVAL", raising=False)
+    assert host_buffers.switch_interval() == host_buffers.SWITCH_INTERVAL
+    monkeypatch.setenv("SHARDCONV_SWITCH_INTERVAL", "0")
+    assert host_buffers.switch_interval() is None
+    monkeypatch.setenv("SHARDCONV_SWITCH_INTERVAL", "0.003")
+    assert host_buffers.switch_interval() == 0.003
+    seen = []
+    conv = pipeline.Converter.__new__(pipeline.Converter)
+    conv.cuda = True
+    conv._run = lambda: seen.append(sys.getswitchinterval())
+    before = sys.getswitchinterval()
+    conv.run()
+    assert abs(seen[0] - 0.003) < 1e-9 and sys.getswitchinterval() == before
+    conv.cuda = False  # the CPU path keeps Python's own
+    conv.run()
+    assert seen[1] == before
