@@ -11,6 +11,8 @@ import threading
 
 import torch
 
+from .cores import usable as usable_cores
+
 
 def io_threads(cores: int | None = None) -> tuple[int, int]:
     """Default (readers, writers): half and a quarter of the cores, 4-8 and 2-4.
@@ -20,7 +22,7 @@ def io_threads(cores: int | None = None) -> tuple[int, int]:
     bandwidth. A small machine keeps 4/2: readers and writers mostly wait for the disk there.
     """
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
     return min(8, max(4, cores // 2)), min(4, max(2, cores // 4))
 
 

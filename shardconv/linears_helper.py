@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from . import profile
+from .cores import usable as _cores
 
 # Cores this process may use below which no helper is started: on the 2-core development VM the
 # helper's imports competed with the command's own (ready to convert 5.9-13.1 s without it, 10.2-10.9
@@ -128,13 +129,6 @@ class Helper:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def start(src: str | None, trust_remote_code: bool) -> Helper | None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import torch
 
+# Elements per step of the row-chunked passes (quantizing, dequantizing an encoded source): rows per
+# step are chosen so that fp32 temporaries stay around 64 MB.
+CHUNK_ELEMENTS = 1 << 24
+
 BLOCK = 16
 FP4_MAX = 6.0
 FP8_MAX = 448.0

@@ -13,11 +13,12 @@ import torch
 
 from . import cast, encodings, numerics, scales
 from .amax import ModuleAmax
+from .cores import usable as usable_cores
 from .errors import AmaxError, OptionError, QuantizationError, SourceError
+from .numerics import CHUNK_ELEMENTS
 from .planning import Member
 from .quantize_fp8 import quantize_fp8_group
 
-CHUNK_ELEMENTS = 1 << 24  # rows per step are chosen so fp32 temporaries stay around 64 MB
 
 
 @dataclass
@@ -226,7 +227,7 @@ def cpu_threads(requested: int | None = None) -> int:
         if requested < 1:
             raise OptionError(f"--threads {requested}: must be at least 1")
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     try:
         busy = int(os.getloadavg()[0] + 0.5)
     except OSError:  # no load average on this system

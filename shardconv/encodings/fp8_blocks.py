@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SourceError
+from ..numerics import CHUNK_ELEMENTS
 from .base import DEQUANT_DTYPE, EncodedWeight, Encoding
 
 SCALE_SUFFIX = ".weight_scale_inv"
-CHUNK_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class Fp8Blocks(Encoding):

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SourceError
+from ..numerics import CHUNK_ELEMENTS
 from .base import DEQUANT_DTYPE, EncodedWeight, Encoding
 
 PACKED, SCALE, SHAPE = ".weight_packed", ".weight_scale", ".weight_shape"
 FORMAT = "pack-quantized"
-CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
