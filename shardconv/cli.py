@@ -386,10 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 130
     except Exception as e:  # a bug: still one line, and the traceback on request
-        from .errors import describe
+        from .errors import unexpected
 
-        _error(f"unexpected {describe(e)} (a shardconv bug: please report it; SHARDCONV_DEBUG=1 prints the "
-               "traceback)", e)
+        _error(unexpected(e), e)
         return 2
     finally:
         readahead.stop()  # a failed or finished run reads no further

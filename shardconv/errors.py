@@ -46,6 +46,11 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def unexpected(error: BaseException) -> str:
+    """The one line for an exception shardconv did not expect: a bug to report."""
+    return f"unexpected {describe(error)} (a shardconv bug: please report it; SHARDCONV_DEBUG=1 prints the traceback)"
+
+
 @contextmanager
 def working_on(path, tensor: str | None = None):
     """Re-raise anything but a ShardconvError, an OS error that names its file, or an interrupt as a
@@ -61,5 +66,4 @@ def working_on(path, tensor: str | None = None):
         raise ShardconvError(f"{where}: {describe(e)}") from e
     except Exception as e:
         where = f"{path}: tensor {tensor!r}" if tensor else f"{path}"
-        raise ShardconvError(f"{where}: unexpected {describe(e)} (a shardconv bug: please report it; "
-                             "SHARDCONV_DEBUG=1 prints the traceback)") from e
+        raise ShardconvError(f"{where}: {unexpected(e)}") from e
