@@ -125,3 +125,19 @@ def test_verify_with_the_amax_file_fails_scales_it_does_not_give(llama, partial,
     assert rc == 0, err
     r = verify(tmp_path / "out", llama, amax=partial[1])
     assert not r.ok and any(f"{ATTN[1]}.k_proj.k_scale" in p and "no usable" in p for p in r.problems), r.problems
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda r: r.update(kv_cache_scales_for=ATTN[:2]), f"first {ATTN[1]}: listed without"),
+    (lambda r: r.update(kv_cache_scales_for=[]), f"first {ATTN[0]}: has them, not listed"),
+    (lambda r: r.update(kv_cache_scales_missing=ATTN), f"kv_cache_scales_missing lists {ATTN[0]}"),
+    (lambda r: r.update(kv_cache_scales_missing="all"), "must both be lists"),
+])
+def test_verify_fails_a_report_whose_kv_lists_dst_does_not_bear_out(partial, tmp_path, change, words):
+    dst = tmp_path / "bad"
+    shutil.copytree(partial[0], dst)
+    report = json.loads((dst / "shardconv-report.json").read_text())
+    change(report)
+    (dst / "shardconv-report.json").write_text(json.dumps(report))
+    r = verify(dst)
+    assert not r.ok and any("shardconv-report.json" in p and words in p for p in r.problems), r.problems

@@ -87,7 +87,7 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
     check_algo(config, hf_quant, convention, mods, report, dst)
     check_kv(config, hf_quant, convention, tensors, report, dst)
     check_kv_layers(config, hf_quant, tensors, report, dst)
-    check_synthesized(dst, mods, report)
+    check_synthesized(dst, mods, report, tensors)
     n_finite = check_finite(tensors, mods, {n for n in tensors if n.endswith((".k_scale", ".v_scale"))}, report)
     lists = exclusion_lists(config, hf_quant, convention, dst, report)
     if declared_mixed(config, hf_quant):  # MIXED_PRECISION: quantized_layers says what is quantized
