@@ -258,4 +258,4 @@ def _follow(world: World, plan, dst: Path, fmt, opts, run: str):
         kept=sum(1 for u in plan.units if u.copy is not None and u.shard in mine),
         in_bytes=plan.in_bytes, out_bytes=plan.out_bytes, seconds=time.perf_counter() - start,
         shards=len(mine), device=str(opts.device), resumed=len(kept), converted_bytes=converted,
-        already_complete=done)
+        already_complete=done, requantized=None)  # as rank 0 says: the ranks' counts are not gathered

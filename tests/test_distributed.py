@@ -306,3 +306,32 @@ def test_the_journal_promises_flushed_shards_only_when_every_rank_flushed(src, r
         doc = json.loads((dst / journal.NAME).read_text())
         assert doc["synced"] is synced and len(doc["shards"]) > 1, doc
         assert output(dst) == reference
+
+
+
+def _api_rank(rank, size, port, src, dst, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from shardconv import api
+
+    result = api.convert(src, dst, device="cpu", threads=1, max_shard_size="150KB", rank=rank, world_size=size)
+    with open(out, "w") as f:
+        json.dump({"requantized": result.requantized_blocks, "mxfp4": result.mxfp4_blocks}, f)
+    os._exit(0)
+
+
+def test_no_rank_claims_a_count_of_requantized_mxfp4_blocks_it_did_not_gather(tmp_path):
+    """The ranks' requantized-block counts are not gathered, so no rank's result gives one (a rank
+    other than 0 said 0 of N blocks, whatever its share requantized)."""
+    from shardconv.synth_mxfp4 import write_mxfp4_checkpoint
+
+    src = write_mxfp4_checkpoint(tmp_path / "gptoss", num_layers=2, shard_size=200_000)
+    ctx, port = multiprocessing.get_context("fork"), free_port()
+    outs = [tmp_path / f"r{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_api_rank, args=(r, 2, port, src, tmp_path / "dst", outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    got = [json.loads(o.read_text()) for o in outs]
+    assert all(g["mxfp4"] > 0 for g in got)  # the cast ran on both
+    assert [g["requantized"] for g in got] == [None, None]
