@@ -152,15 +152,17 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
     # the amax file's content, not its mtime, goes into the run's fingerprint (identity.py)
     amax_file, amax_id = identity.read_whole(Path(amax), load_amax) if amax is not None else (None, None)
 
-    def build(found=None):
+    def build(found=None, build_model=True):
         return build_plan(source, get_format(format), excludes=exclude, amax=amax_file, scales=scales,
                           max_shard_size=parse_size(max_shard_size, "max_shard_size"),
-                          trust_remote_code=trust_remote_code, strict_amax=strict_amax, recipe=mix, linears=found)
+                          trust_remote_code=trust_remote_code, strict_amax=strict_amax, recipe=mix, linears=found,
+                          build_model=build_model)
 
     p = replan = None
     if speculate and linears.pending(trust_remote_code):
         try:
-            p, replan = build(linears.by_names(source, "the model's answer was not in yet")), build
+            p = build(linears.by_names(source, "the model's answer was not in yet"))
+            replan = lambda build_model=True: build(build_model=build_model)  # noqa: E731
         except ShardconvError:  # refused by the name rules: the model's plan decides
             p = None
     if p is None:
@@ -326,11 +328,13 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
                 summary = run_conversion(p, out, speculation=speculation, **how)
                 p.linears, p.excluded = speculation.confirmed.linears, speculation.confirmed.excluded
             except Mismatch as e:  # nothing of the first run is left in DST
-                log.info(f"the model's Linear layers give another plan than the name rules ({e.what}): "
-                         "converting again with it")
+                note = (f"the model's Linear layers gave another plan than the name rules ({e.what}): "
+                        "converted again with it")
+                log.info(note)
+                for extra_note in (n for n in e.plan.notes if n not in p.notes):
+                    log.info(extra_note)
+                e.plan.notes += [n for n in p.notes if n not in e.plan.notes] + [note]  # e.g. the CPU estimate
                 p = e.plan
-                for note in p.notes:
-                    log.info(note)
                 summary = run_conversion(p, out, **how)
     finally:
         stack.close()

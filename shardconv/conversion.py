@@ -1,7 +1,8 @@
 """One conversion run: DST checked and locked, the journal read (resume) or started, the streaming
 pipeline (pipeline.py) over the shards still to write, then SRC's other files, the config files and,
 last, the index. A failed run keeps its finished shards, recorded with their digests in the journal,
-so that the same command resumes it; it removes everything else it wrote.
+so that the same command resumes it; it removes everything else it wrote. A run on the name rules'
+plan (speculation.py) that fails before the model's plan confirmed it keeps nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     destination.no_rank_still_writing(dst)  # before anything here is pruned, by any run
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
     old = journal.fold_ranks(dst, journal.Journal.read(dst))  # shards a failed distributed run's ranks finished
+    if speculation is not None and (old is not None or overwrite):
+        speculation.confirm()  # DST gained a run before the lock: nothing there is touched on an unconfirmed plan
     if old is not None and old.get("fingerprint") != run and not overwrite:
         amax = (fingerprint_extra or {}).get("amax")
         what = ("the amax file's content differs" if amax and old.get("extra", {}).get("amax") not in (None, amax)
@@ -133,10 +136,12 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
             converter.shards.abort()
         for path in written:
             path.unlink(missing_ok=True)
-        if speculation is not None and speculation.refuted:  # shards of a plan that was not the model's
-            for name in list(log.shards):
+        if speculation is not None and speculation.confirmed is None:
+            # shards of a plan the model refuted, or had not confirmed yet: none is kept for a resume,
+            # whose plan could differ (shards kept from an earlier run imply a confirmed plan: above)
+            for name in set(log.shards) - keep:
                 (dst / name).unlink(missing_ok=True)
-            log.shards.clear()
+                log.shards.pop(name, None)
         # nothing worth resuming: leave DST as we found it; not with several ranks, which may still be
         # writing there (the journal then lets the next run, or --overwrite, take DST over)
         if not log.shards and team is None:

@@ -26,7 +26,8 @@ def io_threads(cores: int | None = None) -> tuple[int, int]:
     return min(8, max(4, cores // 2)), min(4, max(2, cores // 4))
 
 
-# Buffers carved from a slab start at multiples of this (the pipeline packs outputs at 64 bytes).
+# Buffers carved from a slab start at multiples of this from the slab's start (the slab itself is as
+# aligned as the allocator makes it, 64 bytes; the pipeline packs outputs at 64 bytes).
 ALIGN = 4096
 
 
@@ -56,6 +57,11 @@ def switch_interval() -> float | None:
     return seconds if seconds > 0 else None
 
 
+def _address(buf: torch.Tensor) -> int:
+    """Where a buffer starts, also for an empty one (whose ``data_ptr()`` is 0)."""
+    return buf.untyped_storage().data_ptr() + buf.storage_offset()
+
+
 class BufferPool:
     """A fixed set of equal host slabs, carved in order into buffers of the sizes asked for.
 
@@ -82,7 +88,7 @@ class BufferPool:
         self._open: torch.Tensor | None = None  # the slab buffers are being cut from
         self._used = 0  # bytes of the open slab cut so far
         self._live: dict[int, int] = {}  # slab data_ptr -> buffers cut from it not yet given back
-        self._slab_of: dict[int, torch.Tensor] = {}  # buffer data_ptr -> its slab
+        self._slab_of: dict[int, torch.Tensor] = {}  # buffer address (_address) -> its slab
         self.filler = None
         if pin and count > 1:
             self.free.append(self._allocate(size, pin))
@@ -152,7 +158,8 @@ class BufferPool:
         """Buffers of ``sizes`` bytes each (uint8), or None where ``block`` is False and they would wait."""
         wanted = [_aligned(n) for n in sizes]
         if len(wanted) > self.count or any(n > self.size for n in wanted):
-            raise RuntimeError(f"a unit needs buffers of {sizes} bytes but the pool has {self.count} of {self.size}")
+            raise RuntimeError(f"a unit needs buffers of {sizes} bytes but the pool has {self.count} slabs of "
+                               f"{self.size} bytes")
         with self.cond:
             while (places := self._places(wanted)) is None:
                 if self.error is not None:
@@ -169,7 +176,7 @@ class BufferPool:
                 buf = whole[offset:offset + asked]
                 key = whole.data_ptr()
                 self._live[key] = self._live.get(key, 0) + 1
-                self._slab_of[buf.data_ptr()] = whole
+                self._slab_of[_address(buf)] = whole
                 self._used = offset + n  # the last buffer is cut from the slab left open
                 out.append(buf)
             if opened:  # the old open slab is closed: free again now if nothing cut from it is in use
@@ -181,7 +188,7 @@ class BufferPool:
     def give(self, buffers: list[torch.Tensor]) -> None:
         with self.cond:
             for buf in buffers:
-                slab = self._slab_of.pop(buf.data_ptr())
+                slab = self._slab_of.pop(_address(buf))
                 key = slab.data_ptr()
                 self._live[key] -= 1
                 if self._live[key]:

@@ -87,11 +87,18 @@ class Linears:
         return f"from the transformers model ({self.why} on the meta device): " + ", ".join(parts or ["no 2-D weights"])
 
 
-def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, TensorInfo] | None = None) -> Linears:
+class NoAnswer(Exception):
+    """:func:`find` was asked for a helper's answer only, and no helper gave one."""
+
+
+def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, TensorInfo] | None = None,
+         build: bool = True) -> Linears:
     """Classify the source's 2-D weights from its config's model; name rules when that cannot be done.
 
     ``tensors``: the checkpoint as a plain one would hold it (encodings/: an encoded weight under its
-    plain name and shape, its scales left out); the source's own tensors by default.
+    plain name and shape, its scales left out); the source's own tensors by default. ``build=False``:
+    a helper's answer or :class:`NoAnswer`, never the model built here (transformers changes
+    process-wide state while it builds one: the default dtype, warning filters, log levels).
     Raises SourceError only for a tensor the model expects that no shard holds.
     """
     tensors = source.tensors if tensors is None else tensors
@@ -99,6 +106,8 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
         found = helper.answer(source, trust_remote_code, tensors)  # None: it saw other headers
         if found is not None:
             return found
+    if not build:
+        raise NoAnswer()
     try:
         layout, name = _layout(source, trust_remote_code)
     except _Fallback as e:

@@ -102,7 +102,7 @@ class Converter:
         readers, writers = opts.readers or auto[0], opts.writers or auto[1]
         max_members = max((len(u.members) for u in plan.units), default=1)
         slab = max(_largest_member(plan), 1)
-        # Enough buffers to keep every reader busy while a group is on the device, within the budget.
+        # Enough slabs to keep every reader busy while a group is on the device, within the budget.
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda, device=opts.device)
         self.out_bytes = output_bytes(plan, fmt)

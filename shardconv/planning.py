@@ -170,11 +170,13 @@ def build_plan(
     strict_amax: bool = False,
     recipe: Recipe | None = None,
     linears: Linears | None = None,
+    build_model: bool = True,
 ) -> Plan:
     """Decide everything about the output from headers (and the amax file), reading no tensor data.
 
     ``linears``: how the Linear weights were found (default: linears.find, which may wait for the
-    helper process); speculation.py plans with the name rules' answer first."""
+    helper process; ``build_model=False``: only its answer, else linears.NoAnswer); speculation.py
+    plans with the name rules' answer first."""
     excludes = list(excludes or [])
     if recipe is not None and recipe.is_default:
         recipe = None
@@ -194,7 +196,7 @@ def build_plan(
     # what a plain checkpoint would hold: Linear detection and the rules below see names and shapes there
     plain = encodings.plain_tensors(source, encoding, encoded)
     if linears is None:
-        linears = find_linears(source, trust_remote_code, plain)  # refuses a checkpoint missing a tensor of its model
+        linears = find_linears(source, trust_remote_code, plain, build_model)  # refuses a checkpoint missing a tensor of its model
     found = linears
     notes: list[str] = []
     stack_types = model_types(source.config) & STACKED_EXPERT_MODEL_TYPES

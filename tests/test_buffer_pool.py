@@ -207,3 +207,30 @@ def test_the_gpu_pipeline_sets_the_switch_interval_and_restores_it(monkeypatch):
     conv.cuda = False  # the CPU path keeps Python's own
     conv.run()
     assert seen[1] == before
+
+
+def test_empty_buffers_are_told_apart():
+    """An empty slice's data_ptr() is 0: two empty buffers out at once must not share a key."""
+    a = host_buffers.ALIGN
+    pool = host_buffers.BufferPool(2, 2 * a, pin=False)
+    one, two = pool.take([0]), pool.take([0, a])
+    pool.give(one)
+    pool.give(two)
+    assert pool.idle and len(pool.take([2 * a, 2 * a], block=False)) == 2
+
+
+def test_a_blocking_take_of_every_slab_returns_once_the_rest_is_back():
+    """The pipeline's progress rests on this: with the open slab partly cut, a take of ``count``
+    buffers waits, and gets them once everything else is given back."""
+    a = host_buffers.ALIGN
+    pool = host_buffers.BufferPool(3, 4 * a, pin=False)
+    held = [pool.take([a]), pool.take([3 * a, 2 * a])]  # the open slab is partly cut
+    got = []
+    taker = threading.Thread(target=lambda: got.append(pool.take([4 * a, a, 3 * a])), daemon=True)
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive() and not got
+    for bufs in held:
+        pool.give(bufs)
+    taker.join(5)
+    assert not taker.is_alive() and [b.numel() for b in got[0]] == [4 * a, a, 3 * a]
