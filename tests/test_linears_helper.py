@@ -79,17 +79,25 @@ class Canned:
         self.result, self.proc = result, None
 
 
-def test_find_uses_a_helper_answer_only_for_the_same_headers(cases, monkeypatch):
-    llama, tied = open_source(str(cases["llama"])), open_source(str(cases["llama_tied"]))
-    want_llama, want_tied, want_trusted = answer_of(cases["llama"]), answer_of(cases["llama_tied"]), answer_of(
-        cases["llama"], True)
-    answer = linears_helper.encode(llama, False)
+def answered_by(answer, monkeypatch) -> list:
+    """linears.find asks only a helper that answered ``answer``; returns the list of models it builds
+    in this process instead (one entry per build)."""
     helper = Canned(answer)
     helper.answer = linears_helper.Helper.answer.__get__(helper)
     monkeypatch.setattr(linears, "HELPERS", [helper])
     built = []
     real = linears._layout
     monkeypatch.setattr(linears, "_layout", lambda *a: (built.append(a), real(*a))[1])
+    return built
+
+
+def test_find_uses_a_helper_answer_only_for_the_same_headers(cases, monkeypatch):
+    llama, tied = open_source(str(cases["llama"])), open_source(str(cases["llama_tied"]))
+    want_llama, want_tied, want_trusted = answer_of(cases["llama"]), answer_of(cases["llama_tied"]), answer_of(
+        cases["llama"], True)
+    answer = linears_helper.encode(llama, False)
+    built = answered_by(answer, monkeypatch)
+    helper = linears.HELPERS[0]
     assert linears.find(llama) == linears_helper.decode(answer) == want_llama and built == []  # no model here
     assert linears.find(tied) == want_tied and len(built) == 1  # other headers: built here
     assert linears.find(llama, True) == want_trusted and len(built) == 2  # other trust_remote_code
@@ -174,12 +182,7 @@ def test_an_fp8_source_is_answered_for_the_plans_plain_view(tmp_path, monkeypatc
     plain = linears_helper.plain_view(source)
     assert plain != source.tensors and not any(n.endswith("_scale_inv") for n in plain)
     answer = linears_helper.encode(source, False, plain)  # what the helper process prints
-    helper = Canned(answer)
-    helper.answer = linears_helper.Helper.answer.__get__(helper)
-    monkeypatch.setattr(linears, "HELPERS", [helper])
-    built = []
-    real = linears._layout
-    monkeypatch.setattr(linears, "_layout", lambda *a: (built.append(a), real(*a))[1])
+    built = answered_by(answer, monkeypatch)
     plan = build_plan(source, get_format("modelopt"), scales="max")
     assert built == [] and plan.linears == linears_helper.decode(answer) and plan.linears.method == "model"
     assert linears.find(source) is not None and len(built) == 1  # the source's own tensors: another question
