@@ -62,7 +62,7 @@ def _convert_locked(plan: Plan, dst: Path, fmt, opts: Options, overwrite: bool, 
     destination.no_rank_still_writing(dst)  # before anything here is pruned, by any run
     destination.check_contents(dst, overwrite)  # again: it may have changed before the lock was taken
     old = journal.fold_ranks(dst, journal.Journal.read(dst))  # shards a failed distributed run's ranks finished
-    if speculation is not None and (old is not None or overwrite):
+    if speculation is not None and (old is not None or overwrite and not destination.is_empty(dst)):
         speculation.confirm()  # DST gained a run before the lock: nothing there is touched on an unconfirmed plan
     if old is not None and old.get("fingerprint") != run and not overwrite:
         amax = (fingerprint_extra or {}).get("amax")

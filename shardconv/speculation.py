@@ -1,8 +1,8 @@
 """Converting before the Linear-detection helper answers, and finishing only once its answer agrees.
 
-Why: the helper (linears_helper.py) imports transformers and builds the model on the meta device,
-5-7 s on the H200 machine with the libraries cached and up to 22 s cold, while the command itself
-was ready to convert after 2-5 s (README Performance). For the models users convert, the plan's name
+Why: the helper (linears_helper.py) imports transformers and builds the model on the meta device:
+it answered 7-11 s after start on the H200 machine with everything cached and 16-26 s cold, while
+the command itself was ready to convert after 2.4-6.3 s (README Performance). For the models users convert, the plan's name
 rules decide the same output as the model does. So a run into an empty DST plans with the name rules
 and starts converting at once. A thread waits for the helper's answer, plans again with it, and
 compares what decides the output: the journal fingerprint (every output tensor's name, dtype and

@@ -249,3 +249,15 @@ def test_a_run_that_appeared_in_dst_before_the_lock_is_not_touched_on_an_unconfi
         convert(plan, tmp_path / "dst", fmt=get_format("modelopt"), device=__import__("torch").device("cpu"),
                 speculation=spec)
     assert tree_digest(tmp_path / "dst") == before
+
+
+def test_overwrite_into_an_empty_folder_still_converts_before_the_verdict(llama, tmp_path, monkeypatch, made):
+    seen = []
+    real = speculation.Speculation.confirm
+    monkeypatch.setattr(speculation.Speculation, "confirm",
+                        lambda self: (seen.append(listing(tmp_path / "dst")), real(self))[1])
+    (tmp_path / "dst").mkdir()
+    monkeypatch.setattr(linears, "HELPERS", [SlowHelper(None, lambda source, tensors: made[0].plan.linears)])
+    api.convert(llama, tmp_path / "dst", overwrite=True, **CPU)
+    assert made[0].confirmed is not None
+    assert any(n.endswith(".safetensors") for n in seen[0])  # the first verdict was asked for after the shards
