@@ -161,6 +161,23 @@ def timed(cmd: list[str] | str, shell: bool = False, limit: float | None = None)
     return wall, usage.ru_maxrss / 1024, out
 
 
+PROFILED: dict[tuple[str, str], dict[str, float]] = {}  # (model, step) -> profile_marks, for the last table
+
+
+def profile_marks(out: str) -> dict[str, float]:
+    """Seconds read from SHARDCONV_PROFILE=1 lines: 'ready' and 'helper' (after process start), and
+    'pipeline' (first group read to all written)."""
+    marks = {}
+    for key, pattern in (("ready", r"ready to convert ([0-9.]+) s"), ("helper", r"linears helper answered ([0-9.]+) s")):
+        m = re.search(pattern, out)
+        if m:
+            marks[key] = float(m.group(1))
+    m = re.search(r"events: first group read ([0-9.]+)s.*all written ([0-9.]+)s", out)
+    if m:
+        marks["pipeline"] = float(m.group(2)) - float(m.group(1))
+    return marks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama3-8b,llama70b:10,llama70b:20,qwen3moe:8")
@@ -252,6 +269,9 @@ def main() -> None:
             for line in out.splitlines():
                 if line.startswith("profile:"):
                     print(f"[{label}] {step} {line}", flush=True)
+            marks = profile_marks(out)
+            if marks:
+                PROFILED[(label, step)] = marks
             m = re.search(r"peak GPU memory\s+([0-9.]+) GB", out)
             add(label, step, wall, gb, rss, float(m.group(1)) if m else None)
             print(f"[{label}] {step}: peak RSS {rss:.0f} MB (wait4), "
@@ -290,6 +310,14 @@ def main() -> None:
         rate = f"{gb / abs(wall):6.2f}" if wall else f"{'':6}"
         print(f"{label:14} {step:50} {w} {rate} {r(a)} {r(b)} {r(d)} "
               f"{(f'{rss:8.0f}' if rss else ''):>8} {(f'{gpu_gb:7.2f}' if gpu_gb is not None else ''):>7}")
+    if PROFILED:  # with SHARDCONV_PROFILE=1: where each run's time went
+        print(f"\n{'model':14} {'step':50} {'pipeline s':>10} {'GB/s':>6} {'ready s':>8} {'helper s':>9}")
+        sizes = {lb: gb for lb, _, _, gb, _, _ in rows}
+        for (label, step), marks in PROFILED.items():
+            pipe = marks.get("pipeline")
+            rate = f"{sizes[label] / pipe:6.2f}" if pipe else f"{'':6}"
+            cell = lambda k, w: f"{marks[k]:{w}.1f}" if k in marks else f"{'-':>{w}}"  # noqa: E731
+            print(f"{label:14} {step:50} {cell('pipeline', 10)} {rate} {cell('ready', 8)} {cell('helper', 9)}")
 
 
 if __name__ == "__main__":
