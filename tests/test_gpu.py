@@ -109,10 +109,11 @@ def test_max_quantization_of_a_batch_never_waits_for_the_gpu(tmp_path):
 
 
 def test_batch_larger_than_the_output_pool_does_not_hang(tmp_path, monkeypatch):
-    """DeepSeek-V3's layout on CUDA: output buffers sized for the dense layer-0 MLP are few, and a batch
-    of small experts needs more of them than the pool holds. Each group must go to a writer before the
-    next takes buffers (pipeline._downloads); taking them all first waited for ever on the H200. The
-    run must finish, in the same bytes as the CPU's."""
+    """DeepSeek-V3's layout on CUDA: output slabs sized for the dense layer-0 MLP are few, and a batch
+    of small experts has more members than the pool has slabs. Each group must go to a writer before
+    the next takes buffers (pipeline._downloads); taking them all first waited for ever on the H200
+    (before slabs were carved into several buffers; the CPU simulation in test_buffer_pool.py keeps
+    one expert per slab, the case that hung). The run must finish, in the same bytes as the CPU's."""
     import threading
 
     from shardconv import pipeline
@@ -138,6 +139,6 @@ def test_batch_larger_than_the_output_pool_does_not_hang(tmp_path, monkeypatch):
     t.join(300)
     assert not t.is_alive(), "the CUDA conversion hung"
     assert result == [0]
-    assert seen["members"] > seen["pool"], seen  # the case in question: a batch needs more buffers than exist
+    assert seen["members"] > seen["pool"], seen  # a batch has more members than the pool has slabs
     a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "gpu")
     assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)

@@ -30,12 +30,18 @@ def _declarations(config: dict, hf_quant: object, dst: Path) -> dict[Path, tuple
     return out
 
 
-def check_kv_layers(config: dict, hf_quant: object, tensors: dict[str, TensorInfo], report: Report,
-                    dst: Path) -> None:
+def kv_scales(tensors) -> dict[str, set[str]]:
+    """Attention module -> which of ``k_scale`` / ``v_scale`` DST holds for it."""
     scaled: dict[str, set[str]] = {}
     for n in tensors:
         if n.endswith(_KV_SUFFIXES):
             scaled.setdefault(kv_attention(n), set()).add(n.rpartition(".")[2])
+    return scaled
+
+
+def check_kv_layers(config: dict, hf_quant: object, tensors: dict[str, TensorInfo], report: Report,
+                    dst: Path) -> None:
+    scaled = kv_scales(tensors)
     lists = {}
     for where, (declared, layers) in _declarations(config, hf_quant, dst).items():
         if layers is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files import REPORT_NAME
-from .config import kv_attention
+from .kv_layers import kv_scales
 from .report import QModule, Report, load_json
 
 _KV_KEYS = ("kv_cache_scales_for", "kv_cache_scales_missing")
@@ -24,10 +24,7 @@ def _check_kv_lists(path: Path, doc: dict, tensors: dict, report: Report) -> Non
     if not all(isinstance(v, list) and all(isinstance(m, str) for m in v) for v in lists):
         report.fail(f"{path}: {' and '.join(_KV_KEYS)} must both be lists of module names")
         return
-    scaled: dict[str, set[str]] = {}
-    for n in tensors:
-        if n.endswith((".k_scale", ".v_scale")):
-            scaled.setdefault(kv_attention(n), set()).add(n.rpartition(".")[2])
+    scaled = kv_scales(tensors)
     full = {m for m, kinds in scaled.items() if kinds == {"k_scale", "v_scale"}}
     said, missing = set(lists[0]), set(lists[1])
     if said != full:
