@@ -27,15 +27,17 @@ _local = threading.local()
 READ_BACK = 4 << 20  # bytes per read where the file cannot be mapped
 
 
-def piece_sha256(fd: int, start: int, end: int) -> bytes:
-    """SHA-256 of bytes [start, end) of ``fd``.
+def piece_sha256(fd: int, start: int, end: int, mapped: bool = False) -> bytes:
+    """SHA-256 of bytes [start, end) of ``fd``, read through one reused buffer per thread.
 
-    Hashed straight from the page cache through a read-only mapping: about a quarter faster than reading
-    into a buffer first, which was one more pass over every output byte. A file that cannot be mapped
-    (some network or FUSE file systems), or a ``start`` that is no multiple of the page size, is read
-    through one reused buffer per thread.
+    ``mapped``: hashed straight from the page cache through a read-only mapping, about a quarter faster
+    than reading into a buffer first (one more pass over every output byte); for the shard a writer
+    has just written and holds (safetensors_io.ShardWriter) only. A mapped file that shrinks kills the
+    process with SIGBUS, not an error naming the file, so files others may change (a resume's or
+    ``verify``'s DST) are read. A file that cannot be mapped (some network or FUSE file systems), or a
+    ``start`` that is no multiple of the page size, is read too.
     """
-    if end > start:
+    if mapped and end > start:
         try:
             with mmap.mmap(fd, end - start, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ,
                            offset=start) as view:

@@ -244,7 +244,7 @@ def check_finite_bytes(info: TensorInfo, data: memoryview, start: int) -> None:
     import numpy as np
 
     size = DTYPES[info.dtype][1]
-    lead = -start % size  # whole elements only (the pipeline's pieces are aligned; callers' may not be)
+    lead = -start % size  # whole elements only (copy_from refuses pieces that split one)
     data = data[lead: lead + (len(data) - lead) // size * size]
     if not len(data):
         return
@@ -392,7 +392,7 @@ class ShardWriter:
                     full.append(i)
         for i in full:
             try:
-                digest = piece_sha256(self.fd, i * self.piece, min((i + 1) * self.piece, self.size))
+                digest = piece_sha256(self.fd, i * self.piece, min((i + 1) * self.piece, self.size), mapped=True)
             except OSError as e:
                 raise DestinationError(f"{self.partial}: cannot read back what was written: {e}") from None
             self._digests[i] = digest
@@ -430,14 +430,17 @@ class ShardWriter:
         cold cache on the H200 machine (README, Performance).
         """
         stop = src.nbytes if stop is None else stop
+        size = DTYPES[src.dtype][1] if src.dtype in DTYPES else 1
+        if start % size or (stop % size and stop != src.nbytes) or (buffer is not None and len(buffer) < size):
+            # an element split between pieces would be checked for NaN/Inf by neither
+            raise RuntimeError(f"{self.path}: tensor {name!r}: copy piece [{start}, {stop}) or its buffer is not "
+                               f"whole {size}-byte elements")
         with self._lock:
             if name not in self._copying:
                 self._copying[name] = [self._target(name, src.nbytes), src.nbytes]  # [file position, bytes left]
             pos = self._copying[name][0] + start
-        mv = buffer if buffer is not None else memoryview(bytearray(min(stop - start, COPY_PIECE) or 1))
-        size = DTYPES[src.dtype][1] if src.dtype in DTYPES else 1
-        if len(mv) >= size:  # pieces of whole elements, so each is checked for NaN/Inf whole
-            mv = mv[: len(mv) // size * size]
+        mv = buffer if buffer is not None else memoryview(bytearray(max(min(stop - start, COPY_PIECE), size)))
+        mv = mv[: len(mv) // size * size]  # pieces of whole elements, so each is checked for NaN/Inf whole
         fd = os.open(src.path, os.O_RDONLY)
         advise(fd, src.offset + start, stop - start)
         try:

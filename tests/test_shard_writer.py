@@ -70,8 +70,8 @@ def test_hash_while_writing_equals_the_files_in_any_order(specs, seed, piece, tm
     rng.shuffle(order)
 
     def put(name):
-        if rng.random() < 0.4:  # through a buffer of a few bytes (several reads), or a fresh one
-            w.copy_from(name, infos[name], memoryview(bytearray(rng.choice([5, 64]))) if rng.random() < 0.5 else None)
+        if rng.random() < 0.4:  # through a buffer of one widest element (several reads), or a fresh one
+            w.copy_from(name, infos[name], memoryview(bytearray(rng.choice([8, 64]))) if rng.random() < 0.5 else None)
         else:
             w.write(name, data[name])
 
@@ -107,7 +107,7 @@ def test_a_tensor_copied_in_pieces_on_threads_completes_once(tmp_path):
     (tmp_path / "src.bin").write_bytes(b"x" * 5 + raw)
     info = TensorInfo("t0", tmp_path / "src.bin", "I16", (10_000,), 5, len(raw))
     w = ShardWriter(tmp_path / "s.safetensors", [PlannedTensor("t0", "I16", (10_000,))])
-    cuts = [0, 3, 777, 7000, 7001, len(raw)]
+    cuts = [0, 2, 778, 7000, 7002, len(raw)]  # whole 2-byte elements (a split one is refused: below)
     done = []
     threads = [threading.Thread(target=lambda a=a, b=b: done.append(w.copy_from("t0", info, memoryview(bytearray(100)), a, b)))
                for a, b in zip(cuts, cuts[1:])]
@@ -159,7 +159,8 @@ def test_kept_tensor_check_finds_the_first_nonfinite_value_anywhere(name, monkey
 
 def test_piece_hash_mapped_and_read_agree(tmp_path, monkeypatch):
     """A piece is hashed through a mapping of the file, or read where the file system cannot map it:
-    the same SHA-256 either way, at page-aligned and unaligned starts."""
+    the same SHA-256 either way, at page-aligned and unaligned starts; page-aligned spans really are
+    mapped (else the faster path could be lost without a test failing)."""
     import mmap
     import os
 
@@ -168,17 +169,57 @@ def test_piece_hash_mapped_and_read_agree(tmp_path, monkeypatch):
     data = random.Random(3).randbytes(3 * mmap.PAGESIZE + 123)
     path = tmp_path / "f"
     path.write_bytes(data)
+    maps = []
+    real_mmap = digest.mmap.mmap
+    monkeypatch.setattr(digest.mmap, "mmap", lambda *a, **k: (maps.append(k.get("offset")), real_mmap(*a, **k))[1])
     fd = os.open(path, os.O_RDONLY)
     try:
         spans = [(0, len(data)), (mmap.PAGESIZE, 2 * mmap.PAGESIZE + 5), (7, 100), (5, 5)]
-        mapped = [digest.piece_sha256(fd, a, b) for a, b in spans]
+        mapped = [digest.piece_sha256(fd, a, b, mapped=True) for a, b in spans]
+        assert 0 in maps and mmap.PAGESIZE in maps  # the aligned spans went through a mapping
 
         def unmappable(*args, **kwargs):
             raise OSError("no mmap here")
 
         monkeypatch.setattr(digest.mmap, "mmap", unmappable)
         monkeypatch.setattr(digest, "READ_BACK", 1000)  # several reads per piece
-        read = [digest.piece_sha256(fd, a, b) for a, b in spans]
+        read = [digest.piece_sha256(fd, a, b, mapped=True) for a, b in spans]
     finally:
         os.close(fd)
+        digest._local.__dict__.pop("buffer", None)  # the 1000-byte buffer stays with this test
     assert mapped == read == [hashlib.sha256(data[a:b]).digest() for a, b in spans]
+
+
+def test_digests_of_files_others_may_change_are_read_not_mapped(tmp_path, monkeypatch):
+    """Resume and verify hash DST files another program may truncate meanwhile: through a mapping
+    that kills the process with SIGBUS; read, it is an error naming the file. Only the writer's own
+    just-written shard is mapped."""
+    from shardconv import digest
+
+    def no_mapping(*args, **kwargs):
+        raise AssertionError("mapped a file others may change")
+
+    path = tmp_path / "f"
+    path.write_bytes(random.Random(4).randbytes(3 * 4096))
+    monkeypatch.setattr(digest.mmap, "mmap", no_mapping)
+    assert digest.shard_digest(path, piece=4096) == digest.combine_digests(
+        [hashlib.sha256(path.read_bytes()[i:i + 4096]).digest() for i in range(0, 3 * 4096, 4096)])
+
+
+def test_a_copy_piece_that_splits_an_element_is_refused(tmp_path):
+    """An element split between two pieces would be checked for NaN/Inf by neither: such a piece (or a
+    buffer smaller than one element) is a caller's bug, refused, never copied unchecked."""
+    import torch
+
+    from shardconv.safetensors_io import PlannedTensor, ShardWriter, TensorInfo
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(torch.tensor([1.0, float("nan"), 3.0], dtype=torch.float32).numpy().tobytes())
+    info = TensorInfo(name="t", path=src, dtype="F32", shape=(3,), offset=0, nbytes=12)
+    w = ShardWriter(tmp_path / "out.safetensors", [PlannedTensor("t", "F32", (3,))], {})
+    for start, stop, buf in ((0, 6, None), (2, 12, None), (0, 12, memoryview(bytearray(3)))):
+        with pytest.raises(RuntimeError, match="whole 4-byte elements"):
+            w.copy_from("t", info, buf, start, stop)
+    with pytest.raises(Exception, match="NaN"):  # whole pieces: the NaN is found
+        w.copy_from("t", info, memoryview(bytearray(8)), 0, 12)
+    w.abort()
