@@ -38,6 +38,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 SCALES = ("max", "amax", "mse", "four-over-six", "cast")
 FORMATS = ("modelopt", "compressed-tensors")
+EXPORT_ROUNDINGS = ("cpu", "cuda")
 # CPU quantizing rates, parameters per second per thread, measured on the 2-core development VM
 # (README, Performance: 0.375 G parameters in 36.5 s with mse and 8.6 s with max, 2 threads); used
 # only to say what a long CPU run will cost before it starts
@@ -250,7 +251,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
         overwrite: replace a previous output in ``dst`` whole.
         fsync: flush every shard before recording it (a resume after a power loss then trusts it).
         progress: a progress bar on stderr.
-        readers, writers: I/O threads (default: host_buffers.io_threads(), from the cores).
+        readers, writers: I/O threads (default: threads.io_threads(), from the cores).
         host_buffer, gpu_buffer, prefetch: pipeline sizes (README, Command line).
         threads: torch's CPU threads when quantizing on the CPU (default: the cores this process may
             use less the load other processes put on them).
@@ -274,7 +275,10 @@ def convert(src: str | Path, dst: str | Path | None = None, *, scales: str | Non
     from .pipeline import Options
     from .quantize import pick_device, set_cpu_threads
 
-    _check_choice(export_rounding, ("cpu", "cuda"), "export_rounding")
+    _check_choice(export_rounding, EXPORT_ROUNDINGS, "export_rounding")
+    for name, n in (("readers", readers), ("writers", writers)):  # 0 meant "auto", -5 one thread: silently
+        if n is not None and (type(n) is not int or n < 1):
+            raise OptionError(f"{name}: must be a whole number of at least 1, not {n!r}")
     rank, world_size = ranks.world_from(rank, world_size, environ=False)
     world = ranks.World(rank, world_size) if world_size > 1 else None
     import torch

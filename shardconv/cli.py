@@ -31,6 +31,17 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
 
 
+def positive_int(text: str) -> int:
+    """``--readers``, ``--writers``, ``--threads``: a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return n
+
+
 def parse_size_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else parse_size(text)
 
@@ -91,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "divisions round differently on CUDA (default: cpu)")
     # the defaults repeat pipeline.Options' (a test keeps them equal): pipeline imports torch, which the
     # start-up read-ahead must not wait for
-    c.add_argument("--readers", type=int, default=None, metavar="N",
+    c.add_argument("--readers", type=positive_int, default=None, metavar="N",
                    help="reader threads: input read, kept tensors copied (default: half the cores, 4 to 8)")
-    c.add_argument("--writers", type=int, default=None, metavar="N",
+    c.add_argument("--writers", type=positive_int, default=None, metavar="N",
                    help="writer threads: output shards written and hashed (default: a quarter of the cores, 2 to 4)")
     c.add_argument("--host-buffer", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
                    help="host staging budget, pinned with a GPU: buffers the size of the largest weight, at least the "
@@ -121,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest total size of SRC's other files copied to DST: tokenizer, templates, code "
                    "(default: 1GiB)")
     c.add_argument("--revision", metavar="REV", help="hub revision of a repo id: branch, tag or commit (default: main)")
-    c.add_argument("--threads", type=int, default=None, metavar="N",
+    c.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch threads for quantizing on the CPU (default: the cores not already busy)")
     c.add_argument("--strict", action="store_true", help="an --exclude pattern that matches nothing is an error")
     c.add_argument("--strict-amax", action="store_true", help="refuse an amax file with no (or zero) amax for some "

@@ -6,8 +6,9 @@ list of mappings); each job names ``src`` and optionally ``dst`` and any option 
 :func:`shardconv.api.convert` (``scales``, ``max_shard_size``, ``recipe``, ...; dashes or underscores),
 which override the command's own options. Paths are taken as the command line takes them (relative
 to the working folder). The whole file is checked before anything is converted: an unknown option,
-a flag that is not true/false, a format, scales, recipe or rounding that does not exist, a missing
-``src`` or two jobs with one DST refuse the batch.
+a flag that is not true/false, a format, scales, recipe or rounding that does not exist, a thread
+count that is no positive whole number, a size that is none, a missing ``src`` or two jobs with one
+DST refuse the batch.
 
 Across ranks (torchrun, ``--rank/--world-size``) each rank converts whole models, assigned largest
 input first onto the least-loaded rank (ranks.assign), each model on one process with the
@@ -24,7 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .api import EXPORT_ROUNDINGS, FORMATS, SCALES, parse_size
 from .errors import OptionError
+from .recipes import RECIPES
 
 # options a job may set: api.convert's keyword arguments (a test keeps them equal), the command's too;
 # src and dst are the job's own. Those of planning first (api.plan takes them as well).
@@ -33,8 +36,11 @@ PLAN_OPTIONS = ("scales", "amax", "format", "exclude", "max_shard_size", "revisi
 OPTIONS = (*PLAN_OPTIONS, "device", "export_rounding", "overwrite", "fsync", "readers", "writers", "host_buffer",
            "gpu_buffer", "prefetch", "threads", "max_extra_size")
 _FLAGS = ("overwrite", "fsync", "trust_remote_code", "strict", "strict_amax")
-_CHOICES = {"format": ("modelopt", "compressed-tensors"), "export_rounding": ("cpu", "cuda"),
-            "recipe": ("nvfp4", "nvfp4-experts-fp8"), "scales": ("max", "amax", "mse", "four-over-six", "cast")}
+_CHOICES = {"format": FORMATS, "export_rounding": EXPORT_ROUNDINGS, "recipe": tuple(RECIPES), "scales": SCALES}
+_COUNTS = ("readers", "writers", "threads")  # positive whole numbers
+_SIZES = {"max_shard_size": False, "host_buffer": False, "gpu_buffer": False, "prefetch": True,
+          "max_extra_size": False}  # sizes (5GB, 512MiB or bytes); True: 0 allowed
+_STRINGS = ("amax", "revision", "device")
 
 
 def command_options(args) -> dict:
@@ -127,6 +133,20 @@ def _check(path: Path, where: str, doc) -> dict:
     for key, choices in _CHOICES.items():
         if job.get(key) is not None and job[key] not in choices:
             raise OptionError(f"{path}: {where}: {key} must be one of {', '.join(choices)}, not {job[key]!r}")
+    for key in _COUNTS:  # "4" or -1 failed later as "a shardconv bug", or was taken silently
+        if job.get(key) is not None and not (type(job[key]) is int and job[key] > 0):
+            raise OptionError(f"{path}: {where}: {key} must be a positive whole number, not {job[key]!r}")
+    for key, zero in _SIZES.items():
+        if job.get(key) is not None:
+            if isinstance(job[key], bool) or not isinstance(job[key], (int, str)):
+                raise OptionError(f"{path}: {where}: {key} must be a size (e.g. 5GB), not {job[key]!r}")
+            try:
+                parse_size(job[key], key, zero=zero)
+            except OptionError as e:
+                raise OptionError(f"{path}: {where}: {e}") from None
+    for key in _STRINGS:
+        if job.get(key) is not None and not (isinstance(job[key], str) and job[key]):
+            raise OptionError(f"{path}: {where}: {key} must be a string, not {job[key]!r}")
     return job
 
 

@@ -94,6 +94,13 @@ def test_a_bad_jobs_file_converts_nothing(tmp_path):
         '{"src": "%s", "dst": "%s", "format": "nvfp5"}' % (small, tmp_path / "b"): "line 1: format must be one of modelopt, compressed-tensors",
         '{"src": "%s", "dst": "%s", "recipe": "fp8-everything"}' % (small, tmp_path / "b"): "line 1: recipe must be one of",
         '{"src": "%s", "dst": "%s", "format-for": [1]}' % (small, tmp_path / "b"): "line 1: format_for must be a pattern or a list of patterns",
+        # numbers, sizes and paths of the wrong kind failed as "a shardconv bug" after DST was made
+        '{"src": "%s", "dst": "%s", "readers": "4"}' % (small, tmp_path / "b"): "line 1: readers must be a positive whole number, not '4'",
+        '{"src": "%s", "dst": "%s", "writers": -1}' % (small, tmp_path / "b"): "line 1: writers must be a positive whole number, not -1",
+        '{"src": "%s", "dst": "%s", "threads": "x"}' % (small, tmp_path / "b"): "line 1: threads must be a positive whole number",
+        '{"src": "%s", "dst": "%s", "host-buffer": "lots"}' % (small, tmp_path / "b"): "line 1: host_buffer: not a size: 'lots'",
+        '{"src": "%s", "dst": "%s", "max-shard-size": true}' % (small, tmp_path / "b"): "line 1: max_shard_size must be a size",
+        '{"src": "%s", "dst": "%s", "amax": 5}' % (small, tmp_path / "b"): "line 1: amax must be a string, not 5",
         "": "no jobs",
     }
     (tmp_path / "real").mkdir()
@@ -132,6 +139,9 @@ def test_job_options_are_the_api_options_and_the_command_options_reach_every_job
 
     own = {"src", "dst", "progress", "rank", "world_size"}
     assert set(OPTIONS) == set(inspect.signature(api.convert).parameters) - own
+    from shardconv.jobs import PLAN_OPTIONS
+
+    assert set(PLAN_OPTIONS) == set(inspect.signature(api.plan).parameters) - own  # the command's dry run
     src = write_checkpoint(tmp_path / "moe", family="qwen3_moe", num_layers=1, shard_size=200_000)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"src": str(src), "dst": str(tmp_path / "o")}) + "\n")
@@ -145,3 +155,25 @@ def test_job_options_are_the_api_options_and_the_command_options_reach_every_job
     assert rc == 0, err
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert "model.layers.0.mlp.experts.0.gate_proj" in config["quantization_config"]["ignore"]
+
+
+def test_thread_counts_below_one_are_refused(tmp_path):
+    """--readers 0 meant "auto" and --writers -5 one thread, silently: refused on the command line and
+    in the API, as --threads 0 was."""
+    import pytest
+
+    from shardconv import api
+    from shardconv.errors import OptionError
+
+    small = write_checkpoint(tmp_path / "small", family="llama", num_layers=1, seed=1)
+    for option, value in (("--readers", "0"), ("--writers", "-5"), ("--threads", "0"), ("--readers", "two")):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                main(["convert", str(small), str(tmp_path / "o"), "--device", "cpu", option, value])
+            except SystemExit as e:
+                assert e.code == 2
+        assert option in err.getvalue(), err.getvalue()
+    for bad in (0, -1, 1.5):
+        with pytest.raises(OptionError, match="readers: must be a whole number of at least 1"):
+            api.convert(small, tmp_path / "o", device="cpu", readers=bad)
+    assert not (tmp_path / "o").exists()
