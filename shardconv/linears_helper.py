@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import profile
-from .cores import usable as _cores
+from .threads import usable as _cores
 
 # Cores this process may use below which no helper is started: on the 2-core development VM the
 # helper's imports competed with the command's own (ready to convert 5.9-13.1 s without it, 10.2-10.9

@@ -33,7 +33,8 @@ import torch
 from . import journal, profile, readahead
 from .errors import working_on
 from .encodings import dequantize_excluded
-from .host_buffers import BufferPool, io_threads, switch_interval
+from .host_buffers import BufferPool
+from .threads import io_threads, switch_interval
 from .mixed import member_outputs
 from .output_shards import Shards
 from .planning import Plan, Unit
@@ -71,12 +72,15 @@ def _largest_member(plan: Plan) -> int:
 
 def output_bytes(plan: Plan, fmt) -> dict[str, int]:
     """Host bytes of each quantized module's outputs, packed as :meth:`Converter._download_member` does."""
-    return {m.module: sum(_aligned(t.nbytes) for t in member_outputs(fmt, m, plan.w4a4))
+    return {m.module: sum(_packed(t.nbytes) for t in member_outputs(fmt, m, plan.w4a4))
             for u in plan.units for m in u.members}
 
 
-def _aligned(n: int) -> int:
-    return (n + 63) // 64 * 64
+OUTPUT_ALIGN = 64  # a member's output tensors are packed into its host buffer at this alignment
+
+
+def _packed(n: int) -> int:
+    return (n + OUTPUT_ALIGN - 1) // OUTPUT_ALIGN * OUTPUT_ALIGN
 
 
 def _in_context(method):
@@ -251,7 +255,7 @@ class Converter:
             dst = buf[pos : pos + raw.numel()]
             dst.copy_(raw, non_blocking=True)
             mine[name] = dst.view(t.dtype).reshape(t.shape)
-            pos += _aligned(raw.numel())
+            pos += _packed(raw.numel())
         return mine
 
     @_in_context
@@ -291,6 +295,7 @@ class Converter:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
+        # process-wide: converters run one after another in a process (jobs, ranks are processes)
         interval, before = switch_interval() if self.cuda else None, sys.getswitchinterval()
         if interval is not None:
             sys.setswitchinterval(interval)

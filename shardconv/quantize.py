@@ -13,7 +13,7 @@ import torch
 
 from . import cast, encodings, numerics, scales
 from .amax import ModuleAmax
-from .cores import usable as usable_cores
+from .threads import usable as usable_cores
 from .errors import AmaxError, OptionError, QuantizationError, SourceError
 from .numerics import CHUNK_ELEMENTS
 from .planning import Member

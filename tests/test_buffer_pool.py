@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from shardconv import host_buffers
+from shardconv import host_buffers, threads
 
 
 def fake_pinning(monkeypatch, fail_at=None, gate=None):
@@ -192,11 +192,11 @@ def test_the_gpu_pipeline_sets_the_switch_interval_and_restores_it(monkeypatch):
     from shardconv import pipeline
 
     monkeypatch.delenv("SHARDCONV_SWITCH_INTERVAL", raising=False)
-    assert host_buffers.switch_interval() == host_buffers.SWITCH_INTERVAL
+    assert threads.switch_interval() == threads.SWITCH_INTERVAL
     monkeypatch.setenv("SHARDCONV_SWITCH_INTERVAL", "0")
-    assert host_buffers.switch_interval() is None
+    assert threads.switch_interval() is None
     monkeypatch.setenv("SHARDCONV_SWITCH_INTERVAL", "0.003")
-    assert host_buffers.switch_interval() == 0.003
+    assert threads.switch_interval() == 0.003
     seen = []
     conv = pipeline.Converter.__new__(pipeline.Converter)
     conv.cuda = True

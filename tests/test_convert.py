@@ -193,7 +193,7 @@ def test_cli_defaults_are_the_pipeline_defaults():
 def test_io_threads_follow_the_cores():
     """Readers and writers default to half and a quarter of the cores, within 4-8 and 2-4 (the H200
     machine's sweep, README Performance); the pipeline uses them unless given."""
-    from shardconv.host_buffers import io_threads
+    from shardconv.threads import io_threads
 
     assert [io_threads(n) for n in (1, 2, 8, 10, 16, 64)] == [(4, 2), (4, 2), (4, 2), (5, 2), (8, 4), (8, 4)]
     assert io_threads() == io_threads(len(os.sched_getaffinity(0)))
