@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .amax import AmaxFile
 from .errors import AmaxError
-from .module_rules import attention_modules
+from .module_rules import attention_modules, module_names
 from .numerics import BLOCK, FP8_MAX
 from .source import Source
 
@@ -54,11 +54,7 @@ def check_amax(m: Member, amax: AmaxFile | None, scales: str, w4a4: bool) -> Non
 def check_amax_modules(source: Source, amax: AmaxFile) -> None:
     """Every module the amax file names must be in the checkpoint (under the names checkpoints or
     transformers-5 models give it): a file of another model, or of more layers, is refused."""
-    known: set[str] = set()
-    for name in source.tensors:
-        parts = name.split(".")
-        known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    unknown = amax.unknown(known)
+    unknown = amax.unknown(module_names(source.tensors))
     if unknown is not None:
         raise AmaxError(f"{amax.path}: entry {amax.key(unknown)!r} is for module {unknown}, which "
                              f"{source.root} does not have (an amax file of another model?)")

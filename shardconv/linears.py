@@ -5,7 +5,7 @@ the model is built from config.json on the meta device (no weights, no memory, n
 asked), and each 2-D ``.weight`` tensor is classified by the class of the module that holds it: an
 ``nn.Linear`` may be quantized, an embedding or any other module is kept. Tensors the model does not
 name (transformers 5 merges per-expert MoE weights into fused 3-D parameters at load time) are left to
-plan.py's name rules and counted. Anything that goes wrong here falls back to the name rules, with
+the name rules (module_rules.py, applied by planning.py) and counted. Anything that goes wrong here falls back to the name rules, with
 the reason recorded for ``--dry-run``.
 
 The model also says what a complete checkpoint holds: a tensor it expects that no shard holds is a
@@ -49,9 +49,9 @@ HELPERS: list = []
 
 @dataclass
 class Linears:
-    """How each checkpoint tensor's module was found, for plan.py and the --dry-run line."""
+    """How each checkpoint tensor's module was found, for planning.py and the --dry-run line."""
 
-    method: str  # "model": from the meta-device model; "names": plan.py's name rules alone
+    method: str  # "model": from the meta-device model; "names": the name rules (module_rules.py, applied by planning.py) alone
     why: str  # the model class, or why the name rules are used
     classes: dict[str, str] = field(default_factory=dict)  # tensor -> class of the module holding it
     tied: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor it is tied to at load
@@ -124,7 +124,7 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
 
 
 def by_names(source: Source, why: str) -> Linears:
-    """plan.py's name rules alone, ``why`` saying why the model is not asked."""
+    """the name rules (module_rules.py, applied by planning.py) alone, ``why`` saying why the model is not asked."""
     return Linears("names", why, conv1d=source.config.get("model_type") in _CONV1D_MODEL_TYPES)
 
 

@@ -105,13 +105,19 @@ def fusion_key(module: str) -> str | None:
     return None
 
 
+def module_names(tensor_names) -> set[str]:
+    """Every module a checkpoint's tensor names imply: each dotted prefix, and each name itself (a
+    stacked expert tensor is a module of its own)."""
+    modules: set[str] = set()
+    for name in tensor_names:
+        parts = name.split(".")
+        modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return modules
+
+
 def unmatched_excludes(source: Source, patterns: list[str]) -> list[str]:
     """The ``--exclude`` patterns that match no module of the checkpoint (a typo keeps nothing)."""
-    modules: set[str] = set()
-    for name in source.tensors:
-        parts = name.split(".")
-        modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
-        modules.add(name)  # a stacked expert tensor is a module of its own
+    modules = module_names(source.tensors)
     return [p for p in patterns if not any(matches(m, [p]) for m in modules)]
 
 

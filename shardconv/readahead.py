@@ -5,7 +5,7 @@ window ahead of the readers during the conversion.
 
 Importing torch, starting CUDA and planning take seconds (5-25 s on the H200 machine, README
 Performance) in which the disk would idle. :func:`start`, the command line's first act, reads on a
-background thread the input in the order the pipeline will read it (plan.py: shards in name order,
+background thread the input in the order the pipeline will read it (planning.py: shards in name order,
 each front to back), so that the readers find it in the page cache, and keeps a window ahead of
 them (:meth:`ReadAhead.reached`) to the last byte: the disk does not idle once the cached start
 runs out either. It imports nothing heavy and reads only the index and file sizes; anything

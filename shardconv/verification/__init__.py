@@ -19,8 +19,8 @@ Checks, one module per family (every problem is collected, then reported one lin
 4. config.py: NVFP4 declared (quant_algo, num_bits 4, group_size 16), W4A4 / W4A16 as the tensors are,
    no quant_algo without quantized tensors, FP8 KV-cache scales declared, finite, positive, on
    attention modules that exist; kv_layers.py: a per-layer KV declaration lists exactly the modules
-   with scales, a global one has them on every attention module; synthesized.py: the modules
-   ``shardconv-report.json`` says got made-up amax are quantized;
+   with scales, a global one has them on every attention module; report_file.py: the modules
+   ``shardconv-report.json`` says got made-up amax are quantized, and its KV-cache lists match DST;
 5. values.py: every other floating-point tensor is finite;
 6. exclusions.py: every kept Linear is listed as excluded and no quantized module is;
 7. with a source, source.py: every source tensor is in DST, kept tensors are byte-identical, the
@@ -39,7 +39,7 @@ from .exclusions import check_exclusions, exclusion_lists
 from .files import read_files
 from .journal import check_journal
 from .kv_layers import check_kv_layers
-from .synthesized import check_synthesized
+from .report_file import check_report_file
 from .mixed import check_mixed
 from .mixed import declared as declared_mixed
 from .modules import check_groups, check_module_values, check_shapes, convention_of, find_modules
@@ -87,7 +87,7 @@ def verify(dst, source: str | None = None, *, max_error: float = DEFAULT_MAX_ERR
     check_algo(config, hf_quant, convention, mods, report, dst)
     check_kv(config, hf_quant, convention, tensors, report, dst)
     check_kv_layers(config, hf_quant, tensors, report, dst)
-    check_synthesized(dst, mods, report, tensors)
+    check_report_file(dst, mods, report, tensors)
     n_finite = check_finite(tensors, mods, {n for n in tensors if n.endswith((".k_scale", ".v_scale"))}, report)
     lists = exclusion_lists(config, hf_quant, convention, dst, report)
     if declared_mixed(config, hf_quant):  # MIXED_PRECISION: quantized_layers says what is quantized

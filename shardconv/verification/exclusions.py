@@ -40,20 +40,27 @@ def _matcher(entry: str):
     return lambda m: m == entry
 
 
+def kept_linears(tensors: dict[str, TensorInfo], mods: dict[str, QModule], stacked: bool = True) -> set[str]:
+    """Modules whose 2-D ``.weight`` DST keeps unquantized (embeddings are no Linear: llm-compressor
+    does not list them); with ``stacked``, also stacked expert tensors kept in a float dtype."""
+    kept: set[str] = set()
+    for name, info in tensors.items():
+        if name.endswith(".weight") and len(info.shape) == 2 and name[: -len(".weight")] not in mods:
+            module = name[: -len(".weight")]
+            if not EMBEDDING_NAME.search(module):
+                kept.add(module)
+        elif (stacked and len(info.shape) == 3 and STACKED_EXPERT_TENSOR.search(name) and name not in mods
+              and info.dtype in ("BF16", "F16", "F32")):
+            kept.add(name.rpartition(".")[0])
+    return kept
+
+
 def check_exclusions(lists: dict[str, list], convention: str, mods: dict[str, QModule],
                       tensors: dict[str, TensorInfo], report: Report, require_listed: bool = True) -> int:
     """``require_listed=False`` (MIXED_PRECISION, whose kept modules are those absent from
     quantized_layers): only that no quantized module is listed."""
     quantized = {q.owner for q in mods.values()} | set(mods)
-    kept: set[str] = set()
-    for name, info in tensors.items():
-        if name.endswith(".weight") and len(info.shape) == 2 and name[: -len(".weight")] not in mods:
-            module = name[: -len(".weight")]
-            if not EMBEDDING_NAME.search(module):  # embeddings are not Linear (llm-compressor does not list them)
-                kept.add(module)
-        elif (len(info.shape) == 3 and STACKED_EXPERT_TENSOR.search(name) and name not in mods
-              and info.dtype in ("BF16", "F16", "F32")):
-            kept.add(name.rpartition(".")[0])
+    kept = kept_linears(tensors, mods)
     for where, entries in lists.items():
         matchers = []
         for e in entries:

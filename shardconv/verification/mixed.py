@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from ..numerics import BLOCK
-from ..module_rules import EMBEDDING_NAME
 from ..recipes import expert_parent
 from ..safetensors_io import TensorInfo, read_into
+from .exclusions import kept_linears
 from .report import QModule, Report
 from .values import first_not_finite
 
@@ -100,9 +100,7 @@ def check_mixed(config: dict, hf_quant: object, mods: dict[str, QModule], tensor
         if isinstance(q, dict) and fname not in files:
             report.fail(f"{dst / fname}: quant_algo {q.get('quant_algo')!r}, but the other config declares "
                         "MIXED_PRECISION")
-    kept = {n[: -len(".weight")] for n, t in tensors.items()
-            if n.endswith(".weight") and len(t.shape) == 2 and n[: -len(".weight")] not in mods
-            and not EMBEDDING_NAME.search(n[: -len(".weight")])}
+    kept = kept_linears(tensors, mods, stacked=False)
     maps = {}
     for fname, q in files.items():
         layers = q.get("quantized_layers")

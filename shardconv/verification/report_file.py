@@ -36,7 +36,7 @@ def _check_kv_lists(path: Path, doc: dict, tensors: dict, report: Report) -> Non
         report.fail(f"{path}: kv_cache_scales_missing lists {both[0]}, which has KV-cache scales in DST")
 
 
-def check_synthesized(dst: Path, mods: dict[str, QModule], report: Report, tensors: dict | None = None) -> None:
+def check_report_file(dst: Path, mods: dict[str, QModule], report: Report, tensors: dict) -> None:
     path = dst / REPORT_NAME
     doc = load_json(path, report)
     if doc is None:
@@ -46,8 +46,7 @@ def check_synthesized(dst: Path, mods: dict[str, QModule], report: Report, tenso
                                                 for e in entries):
         report.fail(f"{path}: not a shardconv report (needs a 'synthesized_amax' list of {{'module': ...}})")
         return
-    if tensors is not None:
-        _check_kv_lists(path, doc, tensors, report)
+    _check_kv_lists(path, doc, tensors, report)
     names = [e["module"] for e in entries]
     missing = [n for n in names if n not in mods]
     if missing:
