@@ -138,6 +138,7 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
     (speculation.py); else ``replan`` is None."""
     from . import identity, linears
     from .errors import ShardconvError
+    from .linears_helper import plain_view
     from .amax import load_amax
     from .formats import get_format
     from .module_rules import unmatched_excludes
@@ -160,7 +161,7 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
                           build_model=build_model)
 
     p = replan = None
-    if speculate and linears.pending(trust_remote_code):
+    if speculate and linears.pending(trust_remote_code) and linears.by_layout(source, plain_view(source)) is None:
         try:
             p = build(linears.by_names(source, "the model's answer was not in yet"))
             replan = lambda build_model=True: build(build_model=build_model)  # noqa: E731

@@ -6,7 +6,8 @@ asked), and each 2-D ``.weight`` tensor is classified by the class of the module
 ``nn.Linear`` may be quantized, an embedding or any other module is kept. Tensors the model does not
 name (transformers 5 merges per-expert MoE weights into fused 3-D parameters at load time) are left to
 the name rules (module_rules.py, applied by planning.py) and counted. Anything that goes wrong here falls back to the name rules, with
-the reason recorded for ``--dry-run``.
+the reason recorded for ``--dry-run``. A checkpoint that is exactly its family's layout (layouts.py)
+needs no model: the test suite proves the name rules plan it as the model does.
 
 The model also says what a complete checkpoint holds: a tensor it expects that no shard holds is a
 broken download, refused before anything is written (see :func:`_check_missing` for when that is
@@ -18,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
+from . import layouts, profile
 from .errors import SourceError
 from .files import INDEX_NAME
 from .safetensors_io import TensorInfo, _short
@@ -51,7 +54,8 @@ HELPERS: list = []
 class Linears:
     """How each checkpoint tensor's module was found, for planning.py and the --dry-run line."""
 
-    method: str  # "model": from the meta-device model; "names": the name rules (module_rules.py, applied by planning.py) alone
+    method: str  # "model": from the meta-device model; "layout": exactly a known family's layout (layouts.py),
+    # the name rules decide as the model would; "names": the name rules (module_rules.py, applied by planning.py) alone
     why: str  # the model class, or why the name rules are used
     classes: dict[str, str] = field(default_factory=dict)  # tensor -> class of the module holding it
     tied: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor it is tied to at load
@@ -76,6 +80,9 @@ class Linears:
 
     def describe(self) -> str:
         """One line: which way Linear layers were found, and what the model says the 2-D weights are."""
+        if self.method == "layout":
+            return (f"by name rules: every tensor is where {self.why} puts it (layouts.py), "
+                    "for which they plan as the model does (the model not built)")
         if self.method != "model":
             return f"by name rules ({self.why})"
         counts = Counter(self.classes.values())
@@ -102,6 +109,9 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
     Raises SourceError only for a tensor the model expects that no shard holds.
     """
     tensors = source.tensors if tensors is None else tensors
+    found = by_layout(source, tensors)
+    if found is not None:
+        return found
     for helper in HELPERS:  # the same answer, found in a helper process (linears_helper.py)
         found = helper.answer(source, trust_remote_code, tensors)  # None: it saw other headers
         if found is not None:
@@ -126,6 +136,22 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
 def by_names(source: Source, why: str) -> Linears:
     """the name rules (module_rules.py, applied by planning.py) alone, ``why`` saying why the model is not asked."""
     return Linears("names", why, conv1d=source.config.get("model_type") in _CONV1D_MODEL_TYPES)
+
+
+def by_layout(source: Source, tensors: dict[str, TensorInfo] | None = None) -> Linears | None:
+    """The answer for a checkpoint that is exactly its family's layout (layouts.py), or None; a helper
+    process still working is ended then (its answer is not needed). ``SHARDCONV_LAYOUTS=0``: never,
+    the model decides every checkpoint."""
+    if os.environ.get("SHARDCONV_LAYOUTS") == "0":
+        return None
+    tensors = source.tensors if tensors is None else tensors
+    family = layouts.exact(source.config, tensors)
+    if family is None:
+        return None
+    for helper in HELPERS:
+        helper.close()
+    profile.say(f"linears from the {family} layout {profile.process_age():.1f} s after process start")
+    return Linears("layout", layouts.ARCHITECTURES[family])
 
 
 def pending(trust_remote_code: bool = False) -> bool:

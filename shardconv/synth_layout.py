@@ -1,9 +1,8 @@
-"""Synthetic checkpoints' layouts: the config.json of each model family and every tensor name,
-shape and dtype a real checkpoint of that config holds, in model order.
+"""Synthetic checkpoints' layouts: the config.json of each model family, and each tensor's dtype.
 
-Why a module of its own: these layouts follow transformers' modeling files and the released
-checkpoints and are read without writing anything (checkpoint sizes, benchmarks' own writers);
-synth.py generates the values and writes the files.
+Why a module of its own: configs and sizes are read without writing anything (benchmarks' own
+writers); the tensor names and shapes are layouts.py's, which planning trusts too; synth.py
+generates the values and writes the files.
 """
 
 from __future__ import annotations
@@ -12,17 +11,9 @@ import math
 
 import torch
 
-FAMILIES = ("llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
+from .layouts import ARCHITECTURES as _ARCH
+from .layouts import FAMILIES, tensor_specs  # noqa: F401  (FAMILIES: its users import it from here too)
 
-_ARCH = {
-    "llama": "LlamaForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "gpt_oss": "GptOssForCausalLM",
-}
 # the config.json spelling of each weight dtype synthetic checkpoints are written in
 CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 TRANSFORMERS_VERSION = "4.57.1"  # what the config claims to be written by; informational only
@@ -134,139 +125,6 @@ def make_config(
     c.update(torch_dtype="bfloat16", dtype="bfloat16", transformers_version=TRANSFORMERS_VERSION)
     c.update(overrides)
     return c
-
-
-# --------------------------------------------------------------------------------------------------
-# tensor names and shapes
-
-
-def _head_dim(c: dict) -> int:
-    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-
-
-def _mlp(prefix: str, hidden: int, inter: int, names=("gate_proj", "up_proj", "down_proj")):
-    g, u, d = names
-    return [(f"{prefix}.{g}.weight", (inter, hidden)), (f"{prefix}.{u}.weight", (inter, hidden)),
-            (f"{prefix}.{d}.weight", (hidden, inter))]
-
-
-def _attention(p: str, c: dict, family: str) -> list[tuple[str, tuple[int, ...]]]:
-    h, nh, nkv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    hd = _head_dim(c)
-    if family == "deepseek_v3":
-        qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-        out = []
-        if c.get("q_lora_rank"):
-            out += [(f"{p}.q_a_proj.weight", (c["q_lora_rank"], h)), (f"{p}.q_a_layernorm.weight", (c["q_lora_rank"],)),
-                    (f"{p}.q_b_proj.weight", (nh * qk, c["q_lora_rank"]))]
-        else:  # DeepSeek-V2-Lite style: no query compression
-            out += [(f"{p}.q_proj.weight", (nh * qk, h))]
-        out += [(f"{p}.kv_a_proj_with_mqa.weight", (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)),
-                (f"{p}.kv_a_layernorm.weight", (c["kv_lora_rank"],)),
-                (f"{p}.kv_b_proj.weight", (nh * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])),
-                (f"{p}.o_proj.weight", (h, nh * c["v_head_dim"]))]
-        return out
-    qkv_bias = family == "gpt_oss" or (family == "qwen2_moe" and c.get("qkv_bias", True)) or c.get("attention_bias")
-    o_bias = family == "gpt_oss" or (family != "qwen2_moe" and c.get("attention_bias"))
-    out = []
-    for proj, rows in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
-        out.append((f"{p}.{proj}.weight", (rows, h)))
-        if qkv_bias:
-            out.append((f"{p}.{proj}.bias", (rows,)))
-    out.append((f"{p}.o_proj.weight", (h, nh * hd)))
-    if o_bias:
-        out.append((f"{p}.o_proj.bias", (h,)))
-    if family in ("qwen3", "qwen3_moe"):
-        out += [(f"{p}.q_norm.weight", (hd,)), (f"{p}.k_norm.weight", (hd,))]
-    if family == "gpt_oss":
-        out.append((f"{p}.sinks", (nh,)))
-    return out
-
-
-def _is_sparse(c: dict, family: str, i: int) -> bool:
-    if family in ("qwen3_moe", "qwen2_moe"):
-        step = c.get("decoder_sparse_step", 1) or 1
-        return i not in c.get("mlp_only_layers", []) and c["num_experts"] > 0 and (i + 1) % step == 0
-    if family == "deepseek_v3":
-        return c["n_routed_experts"] > 0 and i >= c["first_k_dense_replace"] and i % c.get("moe_layer_freq", 1) == 0
-    return family in ("mixtral", "gpt_oss")
-
-
-def _feed_forward(p: str, c: dict, family: str, i: int) -> list[tuple[str, tuple[int, ...]]]:
-    h = c["hidden_size"]
-    if not _is_sparse(c, family, i):
-        return _mlp(f"{p}.mlp", h, c["intermediate_size"])
-    if family == "mixtral":
-        e, inter = c["num_local_experts"], c["intermediate_size"]
-        out = [(f"{p}.block_sparse_moe.gate.weight", (e, h))]
-        for j in range(e):  # w1 = gate, w2 = down, w3 = up (MixtralBlockSparseTop2MLP)
-            x = f"{p}.block_sparse_moe.experts.{j}"
-            out += [(f"{x}.w1.weight", (inter, h)), (f"{x}.w2.weight", (h, inter)), (f"{x}.w3.weight", (inter, h))]
-        return out
-    if family == "gpt_oss":
-        e, inter = c["num_local_experts"], c["intermediate_size"]
-        return [(f"{p}.mlp.router.weight", (e, h)), (f"{p}.mlp.router.bias", (e,)),
-                (f"{p}.mlp.experts.gate_up_proj", (e, h, 2 * inter)),
-                (f"{p}.mlp.experts.gate_up_proj_bias", (e, 2 * inter)),
-                (f"{p}.mlp.experts.down_proj", (e, inter, h)),
-                (f"{p}.mlp.experts.down_proj_bias", (e, h))]
-    inter = c["moe_intermediate_size"]
-    if family == "deepseek_v3":
-        e = c["n_routed_experts"]
-        out = [(f"{p}.mlp.gate.weight", (e, h)), (f"{p}.mlp.gate.e_score_correction_bias", (e,))]
-        for j in range(e):
-            out += _mlp(f"{p}.mlp.experts.{j}", h, inter)
-        if c.get("n_shared_experts"):
-            out += _mlp(f"{p}.mlp.shared_experts", h, inter * c["n_shared_experts"])
-        return out
-    e = c["num_experts"]  # qwen3_moe / qwen2_moe
-    out = [(f"{p}.mlp.gate.weight", (e, h))]
-    for j in range(e):
-        out += _mlp(f"{p}.mlp.experts.{j}", h, inter)
-    if family == "qwen2_moe" and c.get("shared_expert_intermediate_size"):
-        out += _mlp(f"{p}.mlp.shared_expert", h, c["shared_expert_intermediate_size"])
-        out.append((f"{p}.mlp.shared_expert_gate.weight", (1, h)))
-    return out
-
-
-def _decoder_layer(c: dict, family: str, i: int) -> list[tuple[str, tuple[int, ...]]]:
-    p, h = f"model.layers.{i}", c["hidden_size"]
-    return ([(f"{p}.input_layernorm.weight", (h,))] + _attention(f"{p}.self_attn", c, family)
-            + [(f"{p}.post_attention_layernorm.weight", (h,))] + _feed_forward(p, c, family, i))
-
-
-def family_of(config: dict) -> str:
-    """The synth family of a config (its ``model_type``), checked."""
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        raise ValueError(f"unsupported model_type {family!r}; expected one of {FAMILIES}")
-    return family
-
-
-def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor a real checkpoint of this config has: HF on-disk names and shapes, in model order.
-
-    Why: converters are tested against exactly these names (fusion groups, routers, MTP layers,
-    stacked experts), so they follow transformers' modeling files and the released checkpoints.
-    """
-    family = family_of(config)
-    c, h, v = config, config["hidden_size"], config["vocab_size"]
-    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    n = c["num_hidden_layers"]
-    for i in range(n):
-        specs += _decoder_layer(c, family, i)
-    if family == "deepseek_v3":
-        for i in range(n, n + c.get("num_nextn_predict_layers", 0)):
-            p = f"model.layers.{i}"
-            layer = _decoder_layer(c, family, i)
-            specs += [(f"{p}.embed_tokens.weight", (v, h)), (f"{p}.enorm.weight", (h,)), (f"{p}.hnorm.weight", (h,)),
-                      (f"{p}.eh_proj.weight", (h, 2 * h))]
-            specs += layer
-            specs += [(f"{p}.shared_head.norm.weight", (h,)), (f"{p}.shared_head.head.weight", (v, h))]
-    specs.append(("model.norm.weight", (h,)))
-    if not c.get("tie_word_embeddings", False):
-        specs.append(("lm_head.weight", (v, h)))
-    return specs
 
 
 def tensor_dtype(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.dtype:

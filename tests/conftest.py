@@ -13,6 +13,13 @@ from shardconv.cli import main
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture
+def models_decide(monkeypatch):
+    """No checkpoint is planned from its family's layout (layouts.py): the model, or the helper
+    process, gives every answer, for tests of that path."""
+    monkeypatch.setenv("SHARDCONV_LAYOUTS", "0")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:

@@ -22,6 +22,8 @@ from shardconv.synth import write_checkpoint
 from shardconv.synth_layout import FAMILIES
 from test_errors import check_fails
 
+pytestmark = pytest.mark.usefixtures("models_decide")  # the model's path, not layouts.py's
+
 BERT_EMBEDDINGS = ("bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings",
                    "bert.embeddings.token_type_embeddings")
 

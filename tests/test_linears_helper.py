@@ -14,6 +14,8 @@ from shardconv.source import open_source
 from shardconv.synth import write_checkpoint
 from test_hostile_linears import drop_tensor, family_sources, write_bert, write_gpt2
 
+pytestmark = pytest.mark.usefixtures("models_decide")  # the model's path, not layouts.py's
+
 
 def answer_of(src, trust=False):
     """(Linears or the SourceError's text) as linears.find gives it in this process."""

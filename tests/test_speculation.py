@@ -16,6 +16,8 @@ from shardconv.source import open_source
 from shardconv.synth import write_checkpoint
 from test_hostile_linears import drop_tensor
 
+pytestmark = pytest.mark.usefixtures("models_decide")  # the model's path, not layouts.py's
+
 CPU = dict(device="cpu", scales="max")
 
 
