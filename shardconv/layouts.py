@@ -6,8 +6,8 @@ than converting a 21 GB checkpoint from the page cache (README Performance). For
 the test suite checks these layouts against transformers' own ``save_pretrained`` and checks that
 planning with the name rules gives exactly the model's plan (tests/test_layouts.py). A checkpoint
 whose tensor set is exactly its family's layout, name for name and shape for shape, is planned
-without the model (:func:`exact`); one tensor more, less or of another shape, remote code, another
-architecture or a config that leaves out a value whose default transformers might read otherwise,
+without the model (:func:`exact`); one tensor more, less or of another shape, remote code that would
+run, another architecture or a config that leaves out a value whose default transformers might read otherwise,
 and the model decides as before. Torch-free: the Linear-detection helper imports it before torch.
 """
 
@@ -179,14 +179,17 @@ def _agrees(config: dict, family: str) -> bool:
     return family != "deepseek_v3" or config.get("moe_layer_freq", 1) == 1
 
 
-def exact(config: dict, tensors: dict) -> str | None:
+def exact(config: dict, tensors: dict, trust_remote_code: bool = False) -> str | None:
     """The family whose layout ``tensors`` (TensorInfo-like: ``.name``, ``.shape``) is exactly, or None.
 
-    None also for remote code (``auto_map``), an architecture other than the family's own, a count
+    None also for remote code that would run (``auto_map`` with ``trust_remote_code``; without it the
+    model is transformers' own class, as here), an architecture other than the family's own, a count
     beyond any real model, or a config value in _STATED left out.
     """
     family = config.get("model_type")
-    if family not in FAMILIES or "auto_map" in config or config.get("architectures") != [ARCHITECTURES[family]]:
+    if family not in FAMILIES or config.get("architectures") != [ARCHITECTURES[family]]:
+        return None
+    if trust_remote_code and "auto_map" in config:
         return None
     if any(key not in config for key in _STATED[family]) or not _agrees(config, family):
         return None
@@ -198,6 +201,8 @@ def exact(config: dict, tensors: dict) -> str | None:
         specs = tensor_specs(config)
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
         return None  # a config this layout cannot read: the model decides
+    if any(type(d) is not int for _, shape in specs for d in shape):
+        return None  # 4096.0 would equal 4096 below
     plain = {info.name: info for info in tensors.values()}  # keyed by an encoded weight's codes tensor
     if len(specs) != len(tensors) or len(plain) != len(tensors):
         return None

@@ -109,7 +109,7 @@ def find(source: Source, trust_remote_code: bool = False, tensors: dict[str, Ten
     Raises SourceError only for a tensor the model expects that no shard holds.
     """
     tensors = source.tensors if tensors is None else tensors
-    found = by_layout(source, tensors)
+    found = by_layout(source, tensors, trust_remote_code)
     if found is not None:
         return found
     for helper in HELPERS:  # the same answer, found in a helper process (linears_helper.py)
@@ -138,14 +138,15 @@ def by_names(source: Source, why: str) -> Linears:
     return Linears("names", why, conv1d=source.config.get("model_type") in _CONV1D_MODEL_TYPES)
 
 
-def by_layout(source: Source, tensors: dict[str, TensorInfo] | None = None) -> Linears | None:
+def by_layout(source: Source, tensors: dict[str, TensorInfo] | None = None,
+              trust_remote_code: bool = False) -> Linears | None:
     """The answer for a checkpoint that is exactly its family's layout (layouts.py), or None; a helper
     process still working is ended then (its answer is not needed). ``SHARDCONV_LAYOUTS=0``: never,
     the model decides every checkpoint."""
     if os.environ.get("SHARDCONV_LAYOUTS") == "0":
         return None
     tensors = source.tensors if tensors is None else tensors
-    family = layouts.exact(source.config, tensors)
+    family = layouts.exact(source.config, tensors, trust_remote_code)
     if family is None:
         return None
     for helper in HELPERS:

@@ -38,6 +38,10 @@ def sources(tmp_path_factory):
     no_head_dim = synth_layout.make_config("llama", num_layers=2)  # Llama-3's config.json names none
     del no_head_dim["head_dim"]
     out["llama_no_head_dim"] = write_checkpoint(root / "llama_no_head_dim", no_head_dim)
+    remote = synth_layout.make_config("deepseek_v3", num_layers=2)  # DeepSeek-V3's own config.json names its code
+    remote["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                          "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    out["deepseek_auto_map"] = write_checkpoint(root / "deepseek_auto_map", remote)
     out["gpt_oss_mxfp4"] = write_mxfp4_checkpoint(root / "gpt_oss_mxfp4", num_layers=2)
     out["llama_int4"] = write_int4_checkpoint(root / "llama_int4", family="llama", num_layers=2)
     from test_fp8 import make_fp8
@@ -97,7 +101,9 @@ def test_anything_but_the_exact_layout_is_left_to_the_model():
     down = "model.layers.1.mlp.down_proj.weight"
     other = dict(tensors, **{down: Info(down, (7, 7))})
     assert layouts.exact(config, other) is None
-    assert layouts.exact(dict(config, auto_map={"AutoModelForCausalLM": "x.Y"}), tensors) is None
+    remote = dict(config, auto_map={"AutoModelForCausalLM": "x.Y"})
+    assert layouts.exact(remote, tensors) == "llama"  # transformers' own class is the model then too
+    assert layouts.exact(remote, tensors, trust_remote_code=True) is None  # its own code decides
     assert layouts.exact(dict(config, architectures=["MistralForCausalLM"]), tensors) is None
     assert layouts.exact(dict(config, architectures=["LlamaForCausalLM", "Other"]), tensors) is None
     assert layouts.exact(dict(config, model_type="mistral"), tensors) is None
@@ -105,6 +111,7 @@ def test_anything_but_the_exact_layout_is_left_to_the_model():
     assert layouts.exact(dict(config, num_hidden_layers=10**9), tensors) is None
     assert layouts.exact(dict(config, num_hidden_layers="2"), tensors) is None
     assert layouts.exact(dict(config, hidden_size=None), tensors) is None
+    assert layouts.exact(dict(config, hidden_size=float(config["hidden_size"])), tensors) is None
     ds, ds_tensors = exact_specs("deepseek_v3")
     assert layouts.exact(ds, ds_tensors) == "deepseek_v3"
     assert layouts.exact(dict(ds, moe_layer_freq=2), ds_tensors) is None  # transformers' model has no such key
