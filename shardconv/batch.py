@@ -51,7 +51,8 @@ def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]]
         return [quantize_group(ms, ws, method, device, to_cpu=False, chunk=chunk, check=False)
                 for ms, ws in zip(groups, weights)]
     n = len(groups)
-    stacked = [torch.stack([ws[i].to(device, non_blocking=True) for ws in weights]) for i in range(len(groups[0]))]
+    stacked = [torch.stack([ws[i] if ws[i].device == device else ws[i].to(device, non_blocking=True) for ws in weights])
+               for i in range(len(groups[0]))]
     rows_of = [list(_row_chunks(w.shape[1], w.shape[2] * n, chunk)) for w in stacked]
 
     # the group's global amax, [G]: from the weights (max), or the file's (amax)
@@ -96,8 +97,9 @@ def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]]
             packed[:, rows] = numerics.quantize(part, s, s2)
         scales_ok = ((bscale.view(torch.uint8) & 0x7F) != 0x7F).flatten(1).all(dim=1)
         ok = group_ok & finite & scales_ok
-        for g in range(n):
-            results[g].append(QuantizedWeight(packed[g], bscale[g], scale_2[g], in_scales[g], ok=ok[g]))
+        # unbind: one call per batch for every group's view (each torch call costs the main thread a GIL hand-off)
+        for g, (p, b, s2_g, ok_g) in enumerate(zip(packed.unbind(0), bscale.unbind(0), scale_2.unbind(0), ok.unbind(0))):
+            results[g].append(QuantizedWeight(p, b, s2_g, in_scales[g], ok=ok_g))
     return results
 
 

@@ -83,6 +83,26 @@ def _packed(n: int) -> int:
     return (n + OUTPUT_ALIGN - 1) // OUTPUT_ALIGN * OUTPUT_ALIGN
 
 
+def copy_packed(t: torch.Tensor, buf: torch.Tensor, pos: int) -> tuple[torch.Tensor, int]:
+    """Copy ``t`` (without waiting) into the uint8 ``buf`` at byte ``pos``; returns the copy, a view of
+    ``buf`` of t's dtype and shape, and where the next tensor goes (OUTPUT_ALIGN). Few torch calls:
+    each costs the main thread a GIL hand-off."""
+    n = t.numel() * t.element_size()
+    dst = buf[pos : pos + n]
+    if t.dtype != torch.uint8:
+        dst = dst.view(t.dtype)
+    dst = dst.view(t.shape)
+    dst.copy_(t, non_blocking=True)
+    return dst, pos + _packed(n)
+
+
+def group_flags(results: list[list[QuantizedWeight]]) -> torch.Tensor:
+    """Each group's ``ok`` (all of its members'), as one [G] bool tensor on their device: a few launches
+    per batch rather than per group (a MoE layer has 128 experts, and each torch call on the main
+    thread costs a GIL hand-off: issue 11). The groups of a batch have the same member count."""
+    return torch.stack([q.ok for r in results for q in r]).view(len(results), -1).all(dim=1)
+
+
 def _in_context(method):
     """Run a stage method so that an unexpected error names the tensor it was working on (errors.py)."""
     @functools.wraps(method)
@@ -197,8 +217,9 @@ class Converter:
     @_in_context
     def _quantize_cuda(self, unit: Unit, batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]):
         """Quantize uploaded groups (``unit`` is the first; several only when they share a
-        batch.structure) on the compute stream, without waiting; returns each group's results, its
-        device ``ok`` flag (finite input, usable scales) and the event that ends the compute."""
+        batch.structure) on the compute stream, without waiting; returns each group's results, the
+        groups' device ``ok`` flags ([G] bool: finite input, usable scales) and the event that ends the
+        compute."""
         dev = self.opts.device
         with torch.cuda.stream(self.compute):
             for _, on_dev, uploaded in batch:
@@ -211,7 +232,7 @@ class Converter:
             else:
                 results = [quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
                                           chunk=self.chunk, check=False)]
-            oks = [torch.stack([q.ok for q in r]).all() for r in results]
+            oks = group_flags(results)
             self.requantized += sum(q.requantized for r in results for q in r)  # host ints: no sync
             done = torch.cuda.Event()
             done.record(self.compute)
@@ -227,21 +248,22 @@ class Converter:
         the H200 machine, before the pool carved small buffers from its slabs).
         """
         self.d2h.wait_event(done)
-        for (u, _, _), res, ok in zip(batch, results, oks):
+        with torch.cuda.stream(self.d2h):  # the flags first: each group's event below follows them
+            oks_host = torch.empty(oks.shape, dtype=torch.bool, pin_memory=True)
+            oks.record_stream(self.d2h)
+            oks_host.copy_(oks, non_blocking=True)
+        for g, ((u, _, _), res) in enumerate(zip(batch, results)):
             with working_on(u.first.path, u.first.name):
                 t0 = time.perf_counter()
                 out_bufs = self.outputs.take([self.out_bytes[m.module] for m in u.members])
                 self.clock.add("main-wait-output", t0)
                 host: list[dict[str, torch.Tensor]] = []
                 with torch.cuda.stream(self.d2h):
-                    ok_host = torch.empty((), dtype=torch.bool, pin_memory=True)
-                    ok.record_stream(self.d2h)
-                    ok_host.copy_(ok, non_blocking=True)
                     for m, q, buf in zip(u.members, res, out_bufs):
                         host.append(self._download_member(m, q, buf))
                     downloaded = torch.cuda.Event()
                     downloaded.record(self.d2h)
-            yield u, host, (downloaded, ok_host, out_bufs)
+            yield u, host, (downloaded, oks_host, g, out_bufs)
 
     def _download_member(self, m, q, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """One member's output tensors, those on the device copied into ``buf`` (on the current stream)."""
@@ -251,22 +273,18 @@ class Converter:
                 mine[name] = t
                 continue
             t.record_stream(self.d2h)
-            raw = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-            dst = buf[pos : pos + raw.numel()]
-            dst.copy_(raw, non_blocking=True)
-            mine[name] = dst.view(t.dtype).reshape(t.shape)
-            pos += _packed(raw.numel())
+            mine[name], pos = copy_packed(t, buf, pos)
         return mine
 
     @_in_context
     def _write_cuda(self, unit: Unit, host, state) -> None:
-        downloaded, ok_host, out_bufs = state
+        downloaded, oks_host, g, out_bufs = state
         try:
             t0 = time.perf_counter()
             downloaded.synchronize()
             self.clock.add("gpu-wait", t0)
             t0 = time.perf_counter()
-            if not bool(ok_host):  # the input buffers are reused by now: read the weights again
+            if not bool(oks_host[g]):  # the input buffers are reused by now: read the weights again
                 redone = redo_on_cpu(unit.members, [read_into(m.weight) for m in unit.members], self.plan.scales)
                 log.info("%s: redone on the CPU (the device flagged it)", unit.first.name)
                 host = [self.fmt.quantized_tensors(m.module, q) for m, q in zip(unit.members, redone)]

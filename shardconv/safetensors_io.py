@@ -267,7 +267,13 @@ def tensor_view(info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
     """The tensor of the stored dtype and shape that the first ``info.nbytes`` bytes of ``out`` hold."""
     if not info.nbytes:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    return out.view(torch.uint8).reshape(-1)[: info.nbytes].view(info.torch_dtype).reshape(info.shape)
+    if out.dtype != torch.uint8 or out.dim() != 1:
+        out = out.view(torch.uint8).reshape(-1)
+    if out.numel() != info.nbytes:
+        out = out[: info.nbytes]
+    if info.torch_dtype != torch.uint8:
+        out = out.view(info.torch_dtype)
+    return out.view(info.shape)  # few torch calls: the pipeline's main thread makes one per weight
 
 
 def read_into(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:

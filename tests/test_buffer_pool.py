@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from conftest import same_bytes
 from shardconv import host_buffers, threads
 
 
@@ -157,7 +158,7 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
     assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
     batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
     results = quantize_batch([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
-    oks = [torch.stack([q.ok for q in r]).all() for r in results]
+    oks = pipeline.group_flags(results)
     jobs = []
 
     def run():
@@ -234,3 +235,42 @@ def test_a_blocking_take_of_every_slab_returns_once_the_rest_is_back():
         pool.give(bufs)
     taker.join(5)
     assert not taker.is_alive() and [b.numel() for b in got[0]] == [4 * a, a, 3 * a]
+
+
+def test_group_flags_are_each_groups_members_flags():
+    from shardconv import pipeline
+    from shardconv.quantize import QuantizedWeight
+
+    def q(ok):
+        return QuantizedWeight(torch.zeros(1), torch.zeros(1), torch.zeros(()), None, ok=torch.tensor(ok))
+
+    results = [[q(True), q(True)], [q(True), q(False)], [q(False), q(True)], [q(True), q(True)]]
+    assert pipeline.group_flags(results).tolist() == [True, False, False, True]
+    assert pipeline.group_flags([[q(False)]]).tolist() == [False]
+
+
+@pytest.mark.parametrize("fmt_name", ["modelopt", "compressed-tensors"])
+def test_outputs_packed_into_a_host_buffer_keep_their_bytes(fmt_name):
+    """pipeline.copy_packed, as the device-to-host copy of a member's outputs uses it: every tensor a
+    format writes (uint8, fp8, fp32, 0-d, views of a batch) lands in one buffer, aligned, byte for byte."""
+    from shardconv import pipeline
+    from shardconv.formats import get_format
+    from shardconv.quantize import QuantizedWeight
+
+    g = torch.Generator().manual_seed(5)
+    batch_packed = torch.randint(0, 256, (3, 8, 16), dtype=torch.uint8, generator=g)
+    batch_scale = torch.randn(3, 8, 2, generator=g).to(torch.float8_e4m3fn)
+    batch_s2 = torch.rand(3, generator=g) + 0.5
+    weight = QuantizedWeight(batch_packed[1], batch_scale[1], batch_s2[1], torch.tensor(0.25))
+    want = get_format(fmt_name).quantized_tensors("model.layers.0.mlp.down_proj", weight)
+    size = sum(pipeline._packed(t.numel() * t.element_size()) for t in want.values())
+    buf = torch.full((size,), 0xAA, dtype=torch.uint8)
+    pos, got = 0, {}
+    for name, t in want.items():
+        assert pos % pipeline.OUTPUT_ALIGN == 0
+        got[name], pos = pipeline.copy_packed(t, buf, pos)
+    assert pos == size
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert same_bytes(got[name], t), name
+        assert got[name].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), name
