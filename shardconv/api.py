@@ -161,10 +161,12 @@ def _plan(src, scales, amax, format, exclude, max_shard_size, revision, trust_re
                           build_model=build_model)
 
     p = replan = None
-    if speculate and linears.pending(trust_remote_code) and linears.by_layout(source, plain_view(source), trust_remote_code) is None:
+    if speculate and linears.pending(trust_remote_code):
+        known = linears.by_layout(source, plain_view(source), trust_remote_code)  # ends the helper: not needed
         try:
-            p = build(linears.by_names(source, "the model's answer was not in yet"))
-            replan = lambda build_model=True: build(build_model=build_model)  # noqa: E731
+            p = build(known or linears.by_names(source, "the model's answer was not in yet"))
+            if known is None:
+                replan = lambda build_model=True: build(build_model=build_model)  # noqa: E731
         except ShardconvError:  # refused by the name rules: the model's plan decides
             p = None
     if p is None:

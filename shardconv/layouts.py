@@ -16,7 +16,6 @@ from __future__ import annotations
 FAMILIES = ("llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
 ARCHITECTURES = {  # the class each family's config.json names
-
     "llama": "LlamaForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -123,7 +122,7 @@ def _decoder_layer(c: dict, family: str, i: int) -> list[tuple[str, tuple[int, .
 
 
 def family_of(config: dict) -> str:
-    """The synth family of a config (its ``model_type``), checked."""
+    """The family of a config (its ``model_type``), checked (ValueError)."""
     family = config.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"unsupported model_type {family!r}; expected one of {FAMILIES}")
@@ -133,8 +132,10 @@ def family_of(config: dict) -> str:
 def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor a real checkpoint of this config has: HF on-disk names and shapes, in model order.
 
-    Why: converters are tested against exactly these names (fusion groups, routers, MTP layers,
-    stacked experts), so they follow transformers' modeling files and the released checkpoints.
+    Why: the synthetic checkpoints every test converts hold exactly these (fusion groups, routers, MTP
+    layers, stacked experts), and planning trusts a checkpoint that holds exactly these (:func:`exact`);
+    they follow transformers' modeling files and the released checkpoints (tests/test_synth.py checks
+    them against transformers' own ``save_pretrained``).
     """
     family = family_of(config)
     c, h, v = config, config["hidden_size"], config["vocab_size"]
