@@ -222,8 +222,8 @@ class Converter:
         compute."""
         dev = self.opts.device
         with torch.cuda.stream(self.compute):
-            for _, on_dev, uploaded in batch:
-                self.compute.wait_event(uploaded)
+            self.compute.wait_event(batch[-1][2])  # the copy stream runs its uploads in order: the last covers all
+            for _, on_dev, _ in batch:
                 for t in on_dev:
                     t.record_stream(self.compute)
             groups = [u.members for u, _, _ in batch]
