@@ -13,10 +13,14 @@ and the model decides as before. Torch-free: the Linear-detection helper imports
 
 from __future__ import annotations
 
-FAMILIES = ("llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
+from collections.abc import Iterator
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
 ARCHITECTURES = {  # the class each family's config.json names
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -52,8 +56,10 @@ def _attention(p: str, c: dict, family: str) -> list[tuple[str, tuple[int, ...]]
                 (f"{p}.kv_b_proj.weight", (nh * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])),
                 (f"{p}.o_proj.weight", (h, nh * c["v_head_dim"]))]
         return out
-    qkv_bias = family == "gpt_oss" or (family == "qwen2_moe" and c.get("qkv_bias", True)) or c.get("attention_bias")
-    o_bias = family == "gpt_oss" or (family != "qwen2_moe" and c.get("attention_bias"))
+    # Qwen2's q/k/v always have a bias, its o_proj none; Qwen2-MoE's follow qkv_bias
+    qkv_bias = (family in ("gpt_oss", "qwen2") or (family == "qwen2_moe" and c.get("qkv_bias", True))
+                or c.get("attention_bias"))
+    o_bias = family == "gpt_oss" or (family not in ("qwen2_moe", "qwen2") and c.get("attention_bias"))
     out = []
     for proj, rows in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
         out.append((f"{p}.{proj}.weight", (rows, h)))
@@ -137,47 +143,86 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     they follow transformers' modeling files and the released checkpoints (tests/test_synth.py checks
     them against transformers' own ``save_pretrained``).
     """
+    return list(_specs(config))
+
+
+def _specs(config: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """:func:`tensor_specs` one layer at a time, so that :func:`exact` stops at the first difference."""
     family = family_of(config)
     c, h, v = config, config["hidden_size"], config["vocab_size"]
-    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    yield "model.embed_tokens.weight", (v, h)
     n = c["num_hidden_layers"]
     for i in range(n):
-        specs += _decoder_layer(c, family, i)
+        yield from _decoder_layer(c, family, i)
     if family == "deepseek_v3":
         for i in range(n, n + c.get("num_nextn_predict_layers", 0)):
             p = f"model.layers.{i}"
-            layer = _decoder_layer(c, family, i)
-            specs += [(f"{p}.embed_tokens.weight", (v, h)), (f"{p}.enorm.weight", (h,)), (f"{p}.hnorm.weight", (h,)),
-                      (f"{p}.eh_proj.weight", (h, 2 * h))]
-            specs += layer
-            specs += [(f"{p}.shared_head.norm.weight", (h,)), (f"{p}.shared_head.head.weight", (v, h))]
-    specs.append(("model.norm.weight", (h,)))
+            yield from [(f"{p}.embed_tokens.weight", (v, h)), (f"{p}.enorm.weight", (h,)),
+                        (f"{p}.hnorm.weight", (h,)), (f"{p}.eh_proj.weight", (h, 2 * h))]
+            yield from _decoder_layer(c, family, i)
+            yield from [(f"{p}.shared_head.norm.weight", (h,)), (f"{p}.shared_head.head.weight", (v, h))]
+    yield "model.norm.weight", (h,)
     if not c.get("tie_word_embeddings", False):
-        specs.append(("lm_head.weight", (v, h)))
-    return specs
+        yield "lm_head.weight", (v, h)
 
 
 # Beyond any real model (linears.py's limits too): such a config is not expanded here.
 _MAX_COUNTS = {"num_hidden_layers": 1024, "num_experts": 8192, "n_routed_experts": 8192, "num_local_experts": 8192,
-               "num_nextn_predict_layers": 16}
-# Values :func:`tensor_specs` reads with a default of its own: the layout answers only where the config
-# states them, so no transformers version's default can read the same config.json another way.
+               "num_nextn_predict_layers": 16, "first_k_dense_replace": 1024}
+# Sizes the layout multiplies: whole numbers of at least 1 wherever the config gives them. A string
+# would be repeated, not multiplied; a 0 gives transformers' model empty tensors that no layout writes.
+_SIZES = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+          "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+          "shared_expert_intermediate_size", "n_shared_experts", "num_experts", "n_routed_experts",
+          "num_local_experts", "decoder_sparse_step", "moe_layer_freq", "q_lora_rank")
+# ... or None, where transformers reads None as "derived" (head_dim) or "absent" (q_lora_rank: no query
+# compression); Qwen3's, Qwen3-MoE's and GPT-OSS's head_dim are stated below, and must be numbers.
+_MAY_BE_NONE = ("head_dim", "q_lora_rank")
+# Values tensor_specs reads with a default of its own: the layout answers only where the config states
+# them, so no transformers version's default can read the same config.json another way.
 _STATED = {
     "llama": ("tie_word_embeddings",),
+    "mistral": ("tie_word_embeddings",),
+    "qwen2": ("tie_word_embeddings",),
     "qwen3": ("tie_word_embeddings", "head_dim"),
     "qwen3_moe": ("tie_word_embeddings", "head_dim", "decoder_sparse_step", "mlp_only_layers"),
     "qwen2_moe": ("tie_word_embeddings", "decoder_sparse_step", "mlp_only_layers", "qkv_bias",
                   "shared_expert_intermediate_size"),
     "mixtral": ("tie_word_embeddings",),
     "deepseek_v3": ("tie_word_embeddings", "first_k_dense_replace", "n_shared_experts", "q_lora_rank"),
-    "gpt_oss": ("tie_word_embeddings",),
+    "gpt_oss": ("tie_word_embeddings", "head_dim"),
 }
 
 
+def _readable(config: dict, family: str) -> bool:
+    """Every value the layout reads has a type and range transformers' model reads the same way."""
+    if any(key not in config for key in _STATED[family]):
+        return False
+    for key, limit in _MAX_COUNTS.items():
+        value = config.get(key, 0)
+        if type(value) is not int or not 0 <= value <= limit:
+            return False
+    for key in _SIZES:
+        if key not in config:
+            continue
+        value = config[key]
+        stated_number = key == "head_dim" and family in ("qwen3", "qwen3_moe", "gpt_oss")
+        if value is None and key in _MAY_BE_NONE and not stated_number:
+            continue
+        if type(value) is not int or value < 1:
+            return False
+    layers = config.get("mlp_only_layers", [])
+    return isinstance(layers, list) and all(type(i) is int for i in layers)
+
+
 def _agrees(config: dict, family: str) -> bool:
-    """No value transformers' model reads otherwise than tensor_specs: DeepSeek-V3's model has no
-    ``moe_layer_freq`` (every layer past ``first_k_dense_replace`` is MoE there)."""
-    return family != "deepseek_v3" or config.get("moe_layer_freq", 1) == 1
+    """No value adds tensors to transformers' model that tensor_specs leaves out, or reads otherwise:
+    an MLP bias (Llama's ``mlp_bias``), DeepSeek-V3's attention biases (its MLA projections take
+    ``attention_bias``), and DeepSeek-V3's ``moe_layer_freq`` (its model has none: every layer past
+    ``first_k_dense_replace`` is MoE there)."""
+    if config.get("mlp_bias"):
+        return False
+    return family != "deepseek_v3" or (not config.get("attention_bias") and config.get("moe_layer_freq", 1) == 1)
 
 
 def exact(config: dict, tensors: dict, trust_remote_code: bool = False) -> str | None:
@@ -185,30 +230,27 @@ def exact(config: dict, tensors: dict, trust_remote_code: bool = False) -> str |
 
     None also for remote code that would run (``auto_map`` with ``trust_remote_code``; without it the
     model is transformers' own class, as here), an architecture other than the family's own, a count
-    beyond any real model, or a config value in _STATED left out.
+    beyond any real model, a size that is no whole number of at least 1, a config value in _STATED left
+    out, or one that adds tensors to the model (:func:`_agrees`). Never raises; stops at the first
+    tensor that differs (a config may claim 1024 layers of 8192 experts).
     """
     family = config.get("model_type")
     if family not in FAMILIES or config.get("architectures") != [ARCHITECTURES[family]]:
         return None
     if trust_remote_code and "auto_map" in config:
         return None
-    if any(key not in config for key in _STATED[family]) or not _agrees(config, family):
+    if not _readable(config, family) or not _agrees(config, family):
         return None
-    for key, limit in _MAX_COUNTS.items():
-        value = config.get(key, 0)
-        if type(value) is not int or not 0 <= value <= limit:
-            return None
-    try:
-        specs = tensor_specs(config)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
-        return None  # a config this layout cannot read: the model decides
-    if any(type(d) is not int for _, shape in specs for d in shape):
-        return None  # 4096.0 would equal 4096 below
     plain = {info.name: info for info in tensors.values()}  # keyed by an encoded weight's codes tensor
-    if len(specs) != len(tensors) or len(plain) != len(tensors):
+    if len(plain) != len(tensors):
         return None
-    for name, shape in specs:
-        info = plain.get(name)
-        if info is None or tuple(info.shape) != shape:
-            return None
-    return family
+    seen = 0
+    try:
+        for name, shape in _specs(config):
+            info = plain.get(name)
+            if info is None or tuple(info.shape) != shape or any(type(d) is not int for d in shape):
+                return None  # (4096.0 would equal 4096)
+            seen += 1
+    except Exception:  # a config this layout cannot read: the model decides
+        return None
+    return family if seen == len(plain) else None

@@ -42,15 +42,15 @@ def make_config(
 
     ``intermediate_size`` is the dense MLP width (and Qwen2-MoE's shared expert width);
     ``moe_intermediate_size`` is the routed-expert width for every MoE family (written as
-    ``intermediate_size`` for Mixtral and GPT-OSS, whose configs call it that). Qwen2-MoE has no
+    ``intermediate_size`` for Mixtral and GPT-OSS, whose configs call it that). Qwen2 and Qwen2-MoE have no
     ``head_dim`` field (it is ``hidden_size // num_heads``); DeepSeek-V3 uses ``head_dim`` for
     ``qk_nope_head_dim``/``v_head_dim`` (rope half of it) and ``num_kv_heads`` is ignored. ``overrides`` are
     set last, verbatim, as top-level config keys (e.g. ``mlp_only_layers=[0]``, ``q_lora_rank=96``).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if hidden_size % num_heads and family in ("qwen2_moe",):
-        raise ValueError("qwen2_moe derives head_dim = hidden_size // num_heads; they must divide")
+    if hidden_size % num_heads and family in ("qwen2_moe", "qwen2"):
+        raise ValueError(f"{family} derives head_dim = hidden_size // num_heads; they must divide")
     top_k = min(2, num_experts)
     c: dict = {
         "architectures": [_ARCH[family]],
@@ -76,6 +76,11 @@ def make_config(
     }
     if family == "llama":
         c.update(attention_bias=False, mlp_bias=False, pretraining_tp=1, rms_norm_eps=1e-5, rope_theta=500000.0)
+    elif family == "mistral":
+        c.update(sliding_window=None, rope_theta=1000000.0, rms_norm_eps=1e-5)
+    elif family == "qwen2":
+        del c["head_dim"]  # Qwen2Config has no head_dim: it is hidden_size // num_attention_heads
+        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=num_layers, rope_theta=1000000.0)
     elif family == "qwen3":
         c.update(attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=num_layers,
                  rope_theta=1000000.0)

@@ -134,6 +134,36 @@ def test_moe_family(families, family, tmp_path):
     check_exclusion_list(excluded, src)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_dense_family(family, tmp_path):
+    """Mistral and Qwen2 (q/k/v with biases, o_proj without): every projection quantized, q/k/v and
+    gate/up sharing a weight_scale_2, everything else byte for byte."""
+    src_dir = write_checkpoint(tmp_path / "src", family=family, weights="structured", num_layers=2, shard_size=60_000)
+    assert len(list(src_dir.glob("model-*.safetensors"))) > 1
+    out, hq = convert(src_dir, tmp_path / "out")
+    src = source_tensors(src_dir)
+    mods = names_of(out)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert sorted(mods) == sorted(f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
+                                  for i in (0, 1) for p in projections)
+    want = reference(src, mods)
+    for m, (packed, scale, s2) in want.items():
+        assert same_bytes(out[m + ".weight"], packed) and same_bytes(out[m + ".weight_scale"], scale), m
+        assert same_bytes(out[m + ".weight_scale_2"], s2.reshape(())), m
+    for i in (0, 1):
+        a = f"model.layers.{i}.self_attn."
+        assert same_bytes(out[a + "q_proj.weight_scale_2"], out[a + "v_proj.weight_scale_2"])
+    produced = {m + suffix for m in want for suffix in (".weight", ".weight_scale", ".weight_scale_2")}
+    kept = [n for n in src if n not in produced]
+    assert all(same_bytes(out[n], src[n]) for n in kept)
+    biases = [n for n in src if n.endswith("_proj.bias")]
+    if family == "qwen2":
+        assert sorted(biases) == sorted(f"model.layers.{i}.self_attn.{p}_proj.bias" for i in (0, 1) for p in "qkv")
+    else:
+        assert not biases
+    check_exclusion_list(hq["quantization"]["exclude_modules"], src)
+
+
 def check_exclusion_list(excluded, src):
     """FORMAT.md §4: exact module names or ``root.*``, never a bare prefix; a pattern covers only kept modules."""
     modules = {n[: -len(".weight")] for n in src if n.endswith(".weight")}

@@ -112,11 +112,99 @@ def test_anything_but_the_exact_layout_is_left_to_the_model():
     assert layouts.exact(dict(config, num_hidden_layers="2"), tensors) is None
     assert layouts.exact(dict(config, hidden_size=None), tensors) is None
     assert layouts.exact(dict(config, hidden_size=float(config["hidden_size"])), tensors) is None
+    assert layouts.exact(dict(config, num_attention_heads="4", head_dim=10**10), tensors) is None  # no 10 GB string
+    assert layouts.exact(dict(config, num_attention_heads=True), tensors) is None
+    assert layouts.exact(dict(config, mlp_only_layers="0"), tensors) is None
     ds, ds_tensors = exact_specs("deepseek_v3")
     assert layouts.exact(ds, ds_tensors) == "deepseek_v3"
     assert layouts.exact(dict(ds, moe_layer_freq=2), ds_tensors) is None  # transformers' model has no such key
     q3, q3_tensors = exact_specs("qwen3")
     assert layouts.exact({k: v for k, v in q3.items() if k != "head_dim"}, q3_tensors) is None
+
+
+# Config values that add tensors to transformers' model which tensor_specs leaves out (or that its
+# model reads otherwise): a checkpoint written by tensor_specs for them lacks tensors the model expects.
+THE_MODEL_WANTS_MORE = [
+    ("llama", {"mlp_bias": True}), ("deepseek_v3", {"attention_bias": True}), ("deepseek_v3", {"q_lora_rank": 0}),
+    ("deepseek_v3", {"n_shared_experts": 0}), ("qwen2_moe", {"shared_expert_intermediate_size": 0}),
+    ("mixtral", {"num_local_experts": 0}), ("qwen3_moe", {"num_experts": 0}), ("deepseek_v3", {"moe_layer_freq": 2}),
+    ("qwen3", {"head_dim": None}), ("gpt_oss", {"head_dim": None}), ("qwen3_moe", {"decoder_sparse_step": 0}),
+]
+# Variants the layout may answer for; where it does, the model must plan the same and refuse nothing.
+VARIANTS = [
+    ("llama", {"attention_bias": True}), ("llama", {"head_dim": None}), ("mistral", {"tie_word_embeddings": True}),
+    ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"attention_bias": True}),
+    ("qwen3_moe", {"num_layers": 4, "decoder_sparse_step": 2}), ("qwen3_moe", {"mlp_only_layers": [0, 7]}),
+    ("qwen2_moe", {"qkv_bias": False}), ("mixtral", {"head_dim": None}), ("mixtral", {"attention_bias": True}),
+    ("deepseek_v3", {"first_k_dense_replace": 5}), ("deepseek_v3", {"num_nextn_predict_layers": 2}),
+    ("deepseek_v3", {"num_nextn_predict_layers": 0}), ("deepseek_v3", {"n_shared_experts": 2}),
+    ("gpt_oss", {"tie_word_embeddings": True}),
+]
+
+
+def layout_and_model(src, monkeypatch):
+    """(layouts.exact's family, the plan from the layout or the error, the model's plan or the error)."""
+    from shardconv.errors import ShardconvError
+
+    source = open_source(str(src))
+    family = layouts.exact(source.config, plain_view(source))
+    got = []
+    for layouts_on in ("1", "0"):
+        monkeypatch.setenv("SHARDCONV_LAYOUTS", layouts_on)
+        try:
+            got.append(build_plan(open_source(str(src)), get_format("modelopt"), scales="max"))
+        except ShardconvError as e:
+            got.append(e)
+    return family, got[0], got[1]
+
+
+@pytest.mark.parametrize("family,overrides", THE_MODEL_WANTS_MORE)
+def test_a_value_that_adds_tensors_to_the_model_leaves_the_decision_to_it(family, overrides, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    config = synth_layout.make_config(family, num_layers=2)
+    config.update(overrides)
+    src = write_checkpoint(tmp_path / "src", config)  # the tensors tensor_specs says: fewer than the model's
+    found, by_layout, by_model = layout_and_model(src, monkeypatch)
+    assert found is None, (family, overrides)
+    if isinstance(by_layout, Exception):
+        assert str(by_layout) == str(by_model)
+    else:
+        assert by_layout.linears.method != "layout"
+
+
+def test_a_bias_the_layout_does_not_know_is_refused_as_the_model_refuses_it(tmp_path):
+    """Llama with ``mlp_bias`` but no MLP biases in its shards: a broken checkpoint, refused with one line
+    (with layouts taken as they were before this was fixed, it converted and exited 0)."""
+    pytest.importorskip("transformers")
+    src = write_checkpoint(tmp_path / "src", synth_layout.make_config("llama", num_layers=2, mlp_bias=True))
+    rc, err = run_cli("convert", src, tmp_path / "out", "--device", "cpu", "--no-progress", "--scales", "max")
+    assert rc != 0 and "mlp.down_proj.bias" in err and "no shard" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS)
+def test_where_the_layout_answers_the_model_agrees(family, overrides, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    overrides = {"num_layers": 3 if family == "deepseek_v3" else 2, **overrides}
+    src = write_checkpoint(tmp_path / "src", synth_layout.make_config(family, **overrides))
+    found, by_layout, by_model = layout_and_model(src, monkeypatch)
+    assert found == family, (family, overrides)
+    assert not isinstance(by_model, Exception), by_model  # the model refuses nothing the layout accepts
+    assert by_layout.linears.method == "layout"
+    assert speculation.difference(by_layout, by_model, get_format("modelopt"), None) is None
+    assert by_layout.excluded == by_model.excluded  # the reasons too
+
+
+def test_a_huge_claimed_model_is_not_expanded(monkeypatch):
+    """1024 layers of 8192 experts claimed over a 2-layer tensor set: the layout stops at the first
+    layer that differs instead of listing 25 million tensors."""
+    config, tensors = exact_specs("deepseek_v3")
+    config.update(num_hidden_layers=1024, n_routed_experts=8192)
+    calls = []
+    real = layouts._decoder_layer
+    monkeypatch.setattr(layouts, "_decoder_layer", lambda *a: calls.append(a[2]) or real(*a))
+    assert layouts.exact(config, tensors) is None
+    assert len(calls) <= 2
 
 
 def test_a_missing_tensor_is_still_refused_with_layouts_on(tmp_path):

@@ -11,6 +11,8 @@ SMALL_SHARD = 100_000
 
 KEY_FIELDS = {
     "llama": ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"],
+    "mistral": ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"],
+    "qwen2": ["num_key_value_heads", "max_window_layers", "use_sliding_window"],
     "qwen3": ["head_dim", "rms_norm_eps", "max_window_layers"],
     "qwen3_moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
                   "mlp_only_layers", "norm_topk_prob"],
@@ -305,14 +307,22 @@ def test_names_match_transformers_models(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    for family in synth_layout.FAMILIES:
+    # every family, and the variants that change which tensors there are (layouts.exact trusts these)
+    cases = [(family, {}) for family in synth_layout.FAMILIES] + [
+        ("llama", {"attention_bias": True}), ("qwen3", {"attention_bias": True}), ("qwen2", {"tie_word_embeddings": True}),
+        ("mistral", {"head_dim": None}), ("mixtral", {"head_dim": None}),
+        ("qwen3_moe", {"num_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [0]}),
+        ("qwen2_moe", {"qkv_bias": False}), ("deepseek_v3", {"q_lora_rank": None, "first_k_dense_replace": 0}),
+        ("deepseek_v3", {"n_shared_experts": 2, "first_k_dense_replace": 2})]
+    for n, (family, overrides) in enumerate(cases):
         if family not in CONFIG_MAPPING:
             continue
-        config = synth_layout.make_config(family, num_layers=2, vocab_size=64, num_experts=2)
+        overrides = {"num_layers": 2, "vocab_size": 64, "num_experts": 2, **overrides}
+        config = synth_layout.make_config(family, **overrides)
         if family == "deepseek_v3":
             config["num_nextn_predict_layers"] = 0
-        src = synth.write_checkpoint(tmp_path / family, config, shard_size=50_000, extra_files=False)
+        src = synth.write_checkpoint(tmp_path / f"{n}", config, shard_size=50_000, extra_files=False)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), dtype=torch.bfloat16)
-        model.save_pretrained(str(tmp_path / f"{family}-hf"))
-        got = {n: tuple(t.shape) for n, (t, _) in read_all(tmp_path / f"{family}-hf").items()}
-        assert got == dict(synth_layout.tensor_specs(config)), family
+        model.save_pretrained(str(tmp_path / f"{n}-hf"))
+        got = {n: tuple(t.shape) for n, (t, _) in read_all(tmp_path / f"{n}-hf").items()}
+        assert got == dict(synth_layout.tensor_specs(config)), (family, overrides)
