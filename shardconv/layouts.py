@@ -215,12 +215,22 @@ def _readable(config: dict, family: str) -> bool:
     return isinstance(layers, list) and all(type(i) is int for i in layers)
 
 
+# The key each MoE family's layout reads its expert count from. transformers maps the others onto it
+# (Qwen3-MoE's config reads ``num_local_experts`` as ``num_experts``, DeepSeek-V3's reads it as
+# ``n_routed_experts``), so a config that also gives another could mean another count.
+_EXPERT_COUNT = {"qwen3_moe": "num_experts", "qwen2_moe": "num_experts", "mixtral": "num_local_experts",
+                 "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+
+
 def _agrees(config: dict, family: str) -> bool:
     """No value adds tensors to transformers' model that tensor_specs leaves out, or reads otherwise:
     an MLP bias (Llama's ``mlp_bias``), DeepSeek-V3's attention biases (its MLA projections take
-    ``attention_bias``), and DeepSeek-V3's ``moe_layer_freq`` (its model has none: every layer past
-    ``first_k_dense_replace`` is MoE there)."""
+    ``attention_bias``), DeepSeek-V3's ``moe_layer_freq`` (its model has none: every layer past
+    ``first_k_dense_replace`` is MoE there), and a second expert-count key (_EXPERT_COUNT)."""
     if config.get("mlp_bias"):
+        return False
+    counted = _EXPERT_COUNT.get(family)
+    if counted is not None and any(k in config for k in set(_EXPERT_COUNT.values()) - {counted}):
         return False
     return family != "deepseek_v3" or (not config.get("attention_bias") and config.get("moe_layer_freq", 1) == 1)
 

@@ -130,6 +130,11 @@ THE_MODEL_WANTS_MORE = [
     ("mixtral", {"num_local_experts": 0}), ("qwen3_moe", {"num_experts": 0}), ("deepseek_v3", {"moe_layer_freq": 2}),
     ("qwen3", {"head_dim": None}), ("gpt_oss", {"head_dim": None}), ("qwen3_moe", {"decoder_sparse_step": 0}),
 ]
+# A second expert-count key, which transformers reads in place of the one the layout reads: the
+# model would have another number of experts than the shards hold (found by review; the model path
+# does not refuse these either, as it compares names, not shapes).
+ANOTHER_EXPERT_COUNT = [("qwen3_moe", {"num_local_experts": 2}), ("mixtral", {"num_experts": 2}),
+                        ("gpt_oss", {"num_experts": 2}), ("deepseek_v3", {"num_local_experts": 2})]
 # Variants the layout may answer for; where it does, the model must plan the same and refuse nothing.
 VARIANTS = [
     ("llama", {"attention_bias": True}), ("llama", {"head_dim": None}), ("mistral", {"tie_word_embeddings": True}),
@@ -170,6 +175,13 @@ def test_a_value_that_adds_tensors_to_the_model_leaves_the_decision_to_it(family
         assert str(by_layout) == str(by_model)
     else:
         assert by_layout.linears.method != "layout"
+
+
+@pytest.mark.parametrize("family,overrides", ANOTHER_EXPERT_COUNT)
+def test_a_second_expert_count_leaves_the_decision_to_the_model(family, overrides):
+    config, tensors = exact_specs(family)
+    assert layouts.exact(config, tensors) == family
+    assert layouts.exact(dict(config, **overrides), tensors) is None
 
 
 def test_a_bias_the_layout_does_not_know_is_refused_as_the_model_refuses_it(tmp_path):
