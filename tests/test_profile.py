@@ -3,6 +3,7 @@ conversion prints (README, Performance, reads them)."""
 
 import contextlib
 import io
+import os
 import time
 
 from conftest import run_cli
@@ -48,3 +49,39 @@ def test_a_profiled_conversion_prints_its_stage_sums_and_events(tmp_path, monkey
     assert "read " in text and "write " in text and "peak RSS" in text  # the stage clock's line
     assert "profile: pipeline loop (cProfile)" in capsys.readouterr().out
     assert run_cli("verify", tmp_path / "dst")[0] == 0  # profiling changed nothing written
+
+
+def test_the_sampler_finds_the_line_a_thread_waits_on():
+    """MainThreadSampler, on a thread that waits 0.3 s on one line and then spins on another: both are
+    found, the wait with about its time and the call it waits in."""
+    import threading
+
+    def waits_then_spins(done):
+        time.sleep(0.3)  # the line the sampler should find first
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            pass
+        done.set()
+
+    done = threading.Event()
+    worker = threading.Thread(target=waits_then_spins, args=(done,))
+    worker.start()
+    here = os.path.dirname(os.path.abspath(__file__))
+    with profile.MainThreadSampler(worker.ident, interval=0.002, code_root=here) as sampler:
+        done.wait(5)
+    worker.join()
+    report = sampler.report()
+    assert sampler.samples > 20
+    top_line, top_samples = sampler.lines.most_common(1)[0]
+    assert top_line.startswith("test_profile.py:") and top_line.endswith("waits_then_spins"), report
+    assert top_samples * sampler.seconds / sampler.samples > 0.15, report  # most of the 0.3 s
+    assert "main thread," in report and "~" in report
+
+
+def test_a_sampled_conversion_prints_where_its_main_thread_was(tmp_path, monkeypatch, capsys):
+    src = write_checkpoint(tmp_path / "src", family="llama", num_layers=2)
+    monkeypatch.setattr(profile, "SAMPLE", True)
+    api.convert(src, tmp_path / "dst", scales="mse", device="cpu")
+    out = capsys.readouterr().out
+    assert "profile: main thread, " in out and "pipeline.py:" in out, out
+    assert run_cli("verify", tmp_path / "dst")[0] == 0
