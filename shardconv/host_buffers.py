@@ -13,7 +13,7 @@ import torch
 
 
 # Buffers carved from a slab start at multiples of this from the slab's start (the slab itself is as
-# aligned as the allocator makes it, 64 bytes; pipeline.OUTPUT_ALIGN packs outputs at 64).
+# aligned as the allocator makes it, 64 bytes; host_outputs.OUTPUT_ALIGN packs outputs at 64).
 ALIGN = 4096
 
 

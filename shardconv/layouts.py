@@ -166,9 +166,14 @@ def _specs(config: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "lm_head.weight", (v, h)
 
 
-# Beyond any real model (linears.py's limits too): such a config is not expanded here.
-_MAX_COUNTS = {"num_hidden_layers": 1024, "num_experts": 8192, "n_routed_experts": 8192, "num_local_experts": 8192,
-               "num_nextn_predict_layers": 16, "first_k_dense_replace": 1024}
+# Counts beyond any real model (the largest have ~100 layers, ~500 experts), for every config key that
+# names one: such a config is not expanded here, nor built as a meta model by linears.py (minutes).
+MAX_COUNTS = {**dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer"), 1024),
+              **dict.fromkeys(("num_experts", "n_routed_experts", "num_local_experts"), 8192)}
+# ... and the counts this layout reads, with the few MTP layers and dense layers a real model has
+_LAYOUT_COUNTS = {**{k: MAX_COUNTS[k] for k in ("num_hidden_layers", "num_experts", "n_routed_experts",
+                                               "num_local_experts")},
+                  "num_nextn_predict_layers": 16, "first_k_dense_replace": MAX_COUNTS["num_hidden_layers"]}
 # Sizes the layout multiplies: whole numbers of at least 1 wherever the config gives them. A string
 # would be repeated, not multiplied; a 0 gives transformers' model empty tensors that no layout writes.
 _SIZES = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -198,7 +203,7 @@ def _readable(config: dict, family: str) -> bool:
     """Every value the layout reads has a type and range transformers' model reads the same way."""
     if any(key not in config for key in _STATED[family]):
         return False
-    for key, limit in _MAX_COUNTS.items():
+    for key, limit in _LAYOUT_COUNTS.items():
         value = config.get(key, 0)
         if type(value) is not int or not 0 <= value <= limit:
             return False

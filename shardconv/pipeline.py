@@ -35,7 +35,7 @@ from .errors import working_on
 from .encodings import dequantize_excluded
 from .host_buffers import BufferPool
 from .threads import io_threads, switch_interval
-from .mixed import member_outputs
+from .host_outputs import copy_packed, group_flags, output_bytes
 from .output_shards import Shards
 from .planning import Plan, Unit
 from .batch import quantize_batch, structure
@@ -68,39 +68,6 @@ class Options:
 
 def _largest_member(plan: Plan) -> int:
     return max((m.weight.nbytes for m in plan.quantized), default=0)
-
-
-def output_bytes(plan: Plan, fmt) -> dict[str, int]:
-    """Host bytes of each quantized module's outputs, packed as :meth:`Converter._download_member` does."""
-    return {m.module: sum(_packed(t.nbytes) for t in member_outputs(fmt, m, plan.w4a4))
-            for u in plan.units for m in u.members}
-
-
-OUTPUT_ALIGN = 64  # a member's output tensors are packed into its host buffer at this alignment
-
-
-def _packed(n: int) -> int:
-    return (n + OUTPUT_ALIGN - 1) // OUTPUT_ALIGN * OUTPUT_ALIGN
-
-
-def copy_packed(t: torch.Tensor, buf: torch.Tensor, pos: int) -> tuple[torch.Tensor, int]:
-    """Copy ``t`` (without waiting) into the uint8 ``buf`` at byte ``pos``; returns the copy, a view of
-    ``buf`` of t's dtype and shape, and where the next tensor goes (OUTPUT_ALIGN). Few torch calls:
-    each costs the main thread a GIL hand-off."""
-    n = t.numel() * t.element_size()
-    dst = buf[pos : pos + n]
-    if t.dtype != torch.uint8:
-        dst = dst.view(t.dtype)
-    dst = dst.view(t.shape)
-    dst.copy_(t, non_blocking=True)
-    return dst, pos + _packed(n)
-
-
-def group_flags(results: list[list[QuantizedWeight]]) -> torch.Tensor:
-    """Each group's ``ok`` (all of its members'), as one [G] bool tensor on their device: a few launches
-    per batch rather than per group (a MoE layer has 128 experts, and each torch call on the main
-    thread costs a GIL hand-off: issue 11). The groups of a batch have the same member count."""
-    return torch.stack([q.ok for r in results for q in r]).view(len(results), -1).all(dim=1)
 
 
 def _in_context(method):

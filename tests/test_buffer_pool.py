@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import same_bytes
-from shardconv import host_buffers, threads
+from shardconv import host_buffers, host_outputs, threads
 
 
 def fake_pinning(monkeypatch, fail_at=None, gate=None):
@@ -158,7 +158,7 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
     assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
     batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
     results = quantize_batch([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
-    oks = pipeline.group_flags(results)
+    oks = host_outputs.group_flags(results)
     jobs = []
 
     def run():
@@ -238,22 +238,20 @@ def test_a_blocking_take_of_every_slab_returns_once_the_rest_is_back():
 
 
 def test_group_flags_are_each_groups_members_flags():
-    from shardconv import pipeline
     from shardconv.quantize import QuantizedWeight
 
     def q(ok):
         return QuantizedWeight(torch.zeros(1), torch.zeros(1), torch.zeros(()), None, ok=torch.tensor(ok))
 
     results = [[q(True), q(True)], [q(True), q(False)], [q(False), q(True)], [q(True), q(True)]]
-    assert pipeline.group_flags(results).tolist() == [True, False, False, True]
-    assert pipeline.group_flags([[q(False)]]).tolist() == [False]
+    assert host_outputs.group_flags(results).tolist() == [True, False, False, True]
+    assert host_outputs.group_flags([[q(False)]]).tolist() == [False]
 
 
 @pytest.mark.parametrize("fmt_name", ["modelopt", "compressed-tensors"])
 def test_outputs_packed_into_a_host_buffer_keep_their_bytes(fmt_name):
-    """pipeline.copy_packed, as the device-to-host copy of a member's outputs uses it: every tensor a
+    """host_outputs.copy_packed, as the device-to-host copy of a member's outputs uses it: every tensor a
     format writes (uint8, fp8, fp32, 0-d, views of a batch) lands in one buffer, aligned, byte for byte."""
-    from shardconv import pipeline
     from shardconv.formats import get_format
     from shardconv.quantize import QuantizedWeight
 
@@ -263,12 +261,12 @@ def test_outputs_packed_into_a_host_buffer_keep_their_bytes(fmt_name):
     batch_s2 = torch.rand(3, generator=g) + 0.5
     weight = QuantizedWeight(batch_packed[1], batch_scale[1], batch_s2[1], torch.tensor(0.25))
     want = get_format(fmt_name).quantized_tensors("model.layers.0.mlp.down_proj", weight)
-    size = sum(pipeline._packed(t.numel() * t.element_size()) for t in want.values())
+    size = sum(host_outputs.packed_size(t.numel() * t.element_size()) for t in want.values())
     buf = torch.full((size,), 0xAA, dtype=torch.uint8)
     pos, got = 0, {}
     for name, t in want.items():
-        assert pos % pipeline.OUTPUT_ALIGN == 0
-        got[name], pos = pipeline.copy_packed(t, buf, pos)
+        assert pos % host_outputs.OUTPUT_ALIGN == 0
+        got[name], pos = host_outputs.copy_packed(t, buf, pos)
     assert pos == size
     for name, t in want.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name

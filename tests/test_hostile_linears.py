@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import load_checkpoint, run_cli, same_bytes
-from shardconv import linears
+from shardconv import linears, meta_model
 from shardconv.formats import get_format
 from shardconv.planning import build_plan
 from shardconv.source import open_source
@@ -259,7 +259,7 @@ def test_find_never_raises_on_a_broken_model(monkeypatch, tmp_path):
     def boom(self, *a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(linears, "_LAYOUTS", {})  # no meta model cached from an earlier test
+    monkeypatch.setattr(meta_model, "BUILT", {})  # no meta model cached from an earlier test
     monkeypatch.setattr(transformers.LlamaForCausalLM, "__init__", boom)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", classmethod(boom))
     monkeypatch.setattr(transformers.AutoModel, "from_config", classmethod(boom))
@@ -384,6 +384,6 @@ def test_the_meta_model_leaves_the_source_config_as_it_is(tmp_path):
     src = write_checkpoint(tmp_path / "src", family="llama", num_layers=1, rope_scaling=rope)
     source = open_source(str(src))
     before = json.dumps(source.config, sort_keys=True)
-    linears._LAYOUTS.clear()
+    meta_model.BUILT.clear()
     linears.find(source)
     assert json.dumps(source.config, sort_keys=True) == before

@@ -52,13 +52,20 @@ def sources(tmp_path_factory):
     return out
 
 
-def plans(src, monkeypatch, fmt, excludes=()):
-    """(the plan from the layout, the plan from the model) of ``src``."""
-    source = open_source(str(src))
+def plans(src, monkeypatch, fmt="modelopt", excludes=(), errors=False):
+    """(the plan from the layout, the plan from the model) of ``src``; with ``errors``, a refusal in
+    place of a plan (ShardconvError) rather than raised."""
+    from shardconv.errors import ShardconvError
+
     got = []
     for layouts_on in ("1", "0"):
         monkeypatch.setenv("SHARDCONV_LAYOUTS", layouts_on)
-        got.append(build_plan(source, get_format(fmt), scales="max", excludes=list(excludes)))
+        try:
+            got.append(build_plan(open_source(str(src)), get_format(fmt), scales="max", excludes=list(excludes)))
+        except ShardconvError as e:
+            if not errors:
+                raise
+            got.append(e)
     return got
 
 
@@ -148,19 +155,9 @@ VARIANTS = [
 
 
 def layout_and_model(src, monkeypatch):
-    """(layouts.exact's family, the plan from the layout or the error, the model's plan or the error)."""
-    from shardconv.errors import ShardconvError
-
+    """(layouts.exact's family, the plan from the layout or its refusal, the model's plan or its refusal)."""
     source = open_source(str(src))
-    family = layouts.exact(source.config, plain_view(source))
-    got = []
-    for layouts_on in ("1", "0"):
-        monkeypatch.setenv("SHARDCONV_LAYOUTS", layouts_on)
-        try:
-            got.append(build_plan(open_source(str(src)), get_format("modelopt"), scales="max"))
-        except ShardconvError as e:
-            got.append(e)
-    return family, got[0], got[1]
+    return (layouts.exact(source.config, plain_view(source)), *plans(src, monkeypatch, errors=True))
 
 
 @pytest.mark.parametrize("family,overrides", THE_MODEL_WANTS_MORE)
@@ -217,6 +214,19 @@ def test_a_huge_claimed_model_is_not_expanded(monkeypatch):
     monkeypatch.setattr(layouts, "_decoder_layer", lambda *a: calls.append(a[2]) or real(*a))
     assert layouts.exact(config, tensors) is None
     assert len(calls) <= 2
+
+
+def test_a_run_planned_by_the_model_is_the_same_conversion_for_the_layout(sources, monkeypatch, tmp_path):
+    """A second run into the same DST, one with the model deciding (an older shardconv, or
+    SHARDCONV_LAYOUTS=0) and one with the layout: the same journal fingerprint, so DST holds this
+    conversion already, and an interrupted one resumes rather than being refused as another plan."""
+    monkeypatch.setenv("SHARDCONV_LAYOUTS", "0")
+    first = api.convert(sources["qwen3_moe"], tmp_path / "out", device="cpu", scales="max")
+    assert not first.already_complete
+    monkeypatch.setenv("SHARDCONV_LAYOUTS", "1")
+    assert api.plan(sources["qwen3_moe"], scales="max").linears.method == "layout"
+    second = api.convert(sources["qwen3_moe"], tmp_path / "out", device="cpu", scales="max")
+    assert second.already_complete
 
 
 def test_a_missing_tensor_is_still_refused_with_layouts_on(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import run_cli, tree_digest
-from shardconv import linears, linears_helper
+from shardconv import linears, linears_helper, meta_model
 from shardconv.errors import SourceError
 from shardconv.source import open_source
 from shardconv.synth import write_checkpoint
@@ -88,8 +88,8 @@ def answered_by(answer, monkeypatch) -> list:
     helper.answer = linears_helper.Helper.answer.__get__(helper)
     monkeypatch.setattr(linears, "HELPERS", [helper])
     built = []
-    real = linears._layout
-    monkeypatch.setattr(linears, "_layout", lambda *a: (built.append(a), real(*a))[1])
+    real = meta_model.build
+    monkeypatch.setattr(meta_model, "build", lambda *a: (built.append(a), real(*a))[1])
     return built
 
 

@@ -81,7 +81,12 @@ def test_the_sampler_finds_the_line_a_thread_waits_on():
 def test_a_sampled_conversion_prints_where_its_main_thread_was(tmp_path, monkeypatch, capsys):
     src = write_checkpoint(tmp_path / "src", family="llama", num_layers=2)
     monkeypatch.setattr(profile, "SAMPLE", True)
+    made = []
+    real = profile.MainThreadSampler
+    monkeypatch.setattr(profile, "MainThreadSampler", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     api.convert(src, tmp_path / "dst", scales="mse", device="cpu")
     out = capsys.readouterr().out
-    assert "profile: main thread, " in out and "pipeline.py:" in out, out
+    assert "profile: main thread, " in out and len(made) == 1
+    lines = made[0].lines  # every line sampled, not only the 20 printed
+    assert any(line.startswith("pipeline.py:") for line in lines), out  # the pipeline's own thread
     assert run_cli("verify", tmp_path / "dst")[0] == 0

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from conftest import tree_digest
-from shardconv import api, linears, pipeline, speculation
+from shardconv import api, linears, meta_model, pipeline, speculation
 from shardconv.errors import DestinationError, SourceError
 from shardconv.linears import Linears
 from shardconv.source import open_source
@@ -95,9 +95,9 @@ def test_without_a_helper_answer_the_model_is_built_on_the_main_thread_after_the
     model: never on a thread beside the pipeline."""
     pytest.importorskip("transformers")
     built = []
-    real = linears._layout
-    monkeypatch.setattr(linears, "_layout", lambda *a: (built.append(threading.current_thread()), real(*a))[1])
-    monkeypatch.setattr(linears, "_LAYOUTS", {})
+    real = meta_model.build
+    monkeypatch.setattr(meta_model, "build", lambda *a: (built.append(threading.current_thread()), real(*a))[1])
+    monkeypatch.setattr(meta_model, "BUILT", {})
     monkeypatch.setattr(linears, "HELPERS", [SlowHelper()])  # it dies: no answer
     api.convert(llama, tmp_path / "spec", **CPU)
     assert made[0].confirmed is not None and built == [threading.main_thread()]
