@@ -117,13 +117,10 @@ class _Stream:
         pass
 
 
-@pytest.mark.parametrize("order", ["pipeline", "take-all-first"])
-def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever(order, tmp_path, monkeypatch):
-    """The GPU path's hand-off, simulated on the CPU (CUDA streams and events stubbed): a batch of 32
-    DeepSeek-V3-shaped expert groups and 7 output slabs of one expert's outputs each. The
-    pipeline hands each downloaded group to a writer before the next takes buffers, so the batch is
-    written and every buffer comes back; taking every group's buffers first (the code before effa587,
-    which the H200's DeepSeek-V3 run never finished) waits for ever."""
+def simulated_batch(tmp_path, monkeypatch, slabs=7):
+    """The GPU path's hand-off, simulated on the CPU (CUDA streams and events stubbed): a Converter
+    whose output pool is ``slabs`` slabs of one expert's outputs each, and its largest batch of 32
+    DeepSeek-V3-shaped expert groups quantized: (converter, batch, results)."""
     import contextlib
 
     from shardconv import pipeline
@@ -152,12 +149,23 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
         if u.members and ".experts." in u.members[0].module:
             same.setdefault(structure(u.members), []).append(u)
     units = max(same.values(), key=len)
-    # 7 slabs that hold one expert's outputs each (the pool carves several from a larger slab)
-    conv.outputs = host_buffers.BufferPool(7, max(conv.out_bytes[m.module] for u in units for m in u.members),
+    # slabs that hold one expert's outputs each (the pool carves several from a larger slab)
+    conv.outputs = host_buffers.BufferPool(slabs, max(conv.out_bytes[m.module] for u in units for m in u.members),
                                            pin=False)
-    assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
     batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
     results = quantize_batch([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
+    return conv, batch, results
+
+
+@pytest.mark.parametrize("order", ["pipeline", "take-all-first"])
+def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever(order, tmp_path, monkeypatch):
+    """A batch of 32 expert groups and 7 output slabs (simulated_batch). The pipeline hands each
+    downloaded group to a writer before the next takes buffers, so the batch is written and every
+    buffer comes back; taking every group's buffers first (the code before effa587, which the H200's
+    DeepSeek-V3 run never finished) waits for ever."""
+    conv, batch, results = simulated_batch(tmp_path, monkeypatch)
+    units = [u for u, _, _ in batch]
+    assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
     oks = host_outputs.group_flags(results)
     jobs = []
 
@@ -184,6 +192,31 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
         worker.join(10)
         conv.readers.shutdown()
         conv.writers.shutdown()
+
+
+def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(tmp_path, monkeypatch):
+    """The batch's [G] flags travel to the writers as one host tensor and an index per group
+    (pipeline._downloads): a group flagged on the device, here the fifth, is redone on the CPU
+    (quantize.redo_on_cpu) and no other; every group is written."""
+    from shardconv import pipeline
+
+    conv, batch, results = simulated_batch(tmp_path, monkeypatch, slabs=64)
+    oks = host_outputs.group_flags(results)
+    assert bool(oks.all())
+    oks[4] = False
+    redone = []
+    real = pipeline.redo_on_cpu
+    monkeypatch.setattr(pipeline, "redo_on_cpu", lambda members, *a: redone.append(members) or real(members, *a))
+    jobs = [conv.writers.submit(conv._write_cuda, u, host, state)
+            for u, host, state in conv._downloads(batch, results, oks, _Event())]
+    try:
+        for job in jobs:
+            job.result()
+    finally:
+        conv.readers.shutdown()
+        conv.writers.shutdown()
+    assert redone == [batch[4][0].members]
+    assert len(jobs) == len(batch) and conv.outputs.idle
 
 
 def test_the_gpu_pipeline_sets_the_switch_interval_and_restores_it(monkeypatch):
