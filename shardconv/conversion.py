@@ -22,7 +22,7 @@ from .errors import DestinationError
 from .files import INDEX_NAME, REPORT_NAME, write_json
 from .pipeline import Converter, Options
 from .planning import Plan, check_quantizes
-from .safetensors_io import file_size
+from .shard_writer import file_size
 
 
 @dataclass

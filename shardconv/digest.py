@@ -1,7 +1,7 @@
 """Shard digests: a SHA-256 over the SHA-256s of a file's consecutive 64 MiB pieces.
 
 Pieces, not one running SHA-256 over the file, so that they are hashed in parallel and in any order,
-as soon as each is written (safetensors_io.ShardWriter); a single running hash must wait for the
+as soon as each is written (shard_writer.ShardWriter); a single running hash must wait for the
 file's bytes in order and left a whole shard to hash after its last write (README, Performance).
 The journal records these digests and ``verify`` and resume recompute them (:func:`shard_digest`).
 """
@@ -32,7 +32,7 @@ def piece_sha256(fd: int, start: int, end: int, mapped: bool = False) -> bytes:
 
     ``mapped``: hashed straight from the page cache through a read-only mapping, about a quarter faster
     than reading into a buffer first (one more pass over every output byte); for the shard a writer
-    has just written and holds (safetensors_io.ShardWriter) only. A mapped file that shrinks kills the
+    has just written and holds (shard_writer.ShardWriter) only. A mapped file that shrinks kills the
     process with SIGBUS, not an error naming the file, so files others may change (a resume's or
     ``verify``'s DST) are read. A file that cannot be mapped (some network or FUSE file systems), or a
     ``start`` that is no multiple of the page size, is read too.

@@ -143,7 +143,7 @@ class Team:
     def _check_recorded(self, log, results) -> None:
         """Every planned shard is recorded and on disk with its planned size, or no index."""
         from .errors import DestinationError
-        from .safetensors_io import file_size
+        from .shard_writer import file_size
 
         dst = log.path.parent
         for i, (name, tensors) in enumerate(zip(self.plan.shard_names, self.plan.shard_tensors)):

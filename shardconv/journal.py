@@ -24,7 +24,7 @@ from pathlib import Path
 from . import __version__
 from . import digest as shard_digests
 from .files import write_json
-from .safetensors_io import file_size
+from .shard_writer import file_size
 
 NAME = ".shardconv-journal.json"
 

@@ -1,7 +1,7 @@
 """The output shards of one plan, written by the pipeline's threads and recorded in the journal when done.
 
 Split from pipeline.py: which shard is finished (every planned tensor written), and recording it with
-its digest, is bookkeeping the pipeline's stages share; the bytes are safetensors_io.ShardWriter's.
+its digest, is bookkeeping the pipeline's stages share; the bytes are shard_writer.ShardWriter's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from . import journal
 from .planning import Plan, Unit
-from .safetensors_io import SHARD_METADATA, ShardWriter
+from .shard_writer import SHARD_METADATA, ShardWriter
 
 
 class Shards:

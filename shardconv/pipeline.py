@@ -40,7 +40,8 @@ from .output_shards import Shards
 from .planning import Plan, Unit
 from .batch import quantize_batch, structure
 from .quantize import QuantizedWeight, quantize_group, redo_on_cpu
-from .safetensors_io import COPY_PIECE, TensorInfo, read_into, read_range, tensor_view
+from .safetensors_io import TensorInfo, read_into, read_range, tensor_view
+from .shard_writer import COPY_PIECE
 
 log = logging.getLogger("shardconv")
 DEFAULT_HOST_BUFFER = 1 * 2**30

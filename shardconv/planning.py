@@ -24,7 +24,8 @@ from .module_rules import (QUANTIZABLE_DTYPES, STACKED_EXPERT_MODEL_TYPES, STACK
                            excluded_subtree, fusion_key, fusion_rank, matches, model_types)
 from .numerics import BLOCK
 from .recipes import Recipe
-from .safetensors_io import PlannedTensor, TensorInfo
+from .safetensors_io import TensorInfo
+from .shard_writer import PlannedTensor
 from .source import Source
 
 @dataclass

@@ -114,7 +114,7 @@ def test_small_chunks_give_the_same_bytes(llama, tmp_path, monkeypatch):
 def test_reads_and_copies_in_small_pieces_give_the_same_files(llama, tmp_path, monkeypatch):
     """Weights read and kept tensors copied in many pieces, on several threads, in any interleaving."""
     from conftest import tree_digest
-    from shardconv import digest, pipeline, safetensors_io
+    from shardconv import digest, pipeline, shard_writer
 
     a, b = tmp_path / "a", tmp_path / "b"
     args = ("--device", "cpu", "--scales", "max", "--no-progress", "--readers", "3")
@@ -122,7 +122,7 @@ def test_reads_and_copies_in_small_pieces_give_the_same_files(llama, tmp_path, m
     monkeypatch.setattr(pipeline, "READ_PIECE", 4096)
     monkeypatch.setattr(pipeline, "COPY_SPLIT", 3000)  # not a multiple of anything: ragged pieces
     monkeypatch.setattr(pipeline, "COPY_PIECE", 1000)  # each piece in several reads
-    monkeypatch.setattr(safetensors_io.ShardWriter, "piece", 5000)  # digest pieces across tensors
+    monkeypatch.setattr(shard_writer.ShardWriter, "piece", 5000)  # digest pieces across tensors
     assert run_cli("convert", llama, b, *args)[0] == 0
     journal = lambda d: {k: v for k, v in json.loads((d / ".shardconv-journal.json").read_text()).items()
                          if k != "shards"}  # noqa: E731 (digests differ with the piece size)

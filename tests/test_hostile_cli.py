@@ -43,12 +43,12 @@ def test_a_bug_while_quantizing_is_one_line_naming_the_tensor(src, tmp_path, mon
 
 
 def test_a_bug_while_copying_a_kept_tensor_names_it(src, tmp_path, monkeypatch):
-    from shardconv import safetensors_io
+    from shardconv import shard_writer
 
     def boom(info, data, start):
         if info.name == "model.norm.weight":
             raise ValueError("simulated")
-    monkeypatch.setattr(safetensors_io, "check_finite_bytes", boom)
+    monkeypatch.setattr(shard_writer, "check_finite_bytes", boom)  # the writer's copy of a kept tensor
     rc, err = run_cli("convert", src, tmp_path / "out", "--device", "cpu", "--scales", "max", "--no-progress")
     one_line(rc, err)
     assert "'model.norm.weight'" in err and "ValueError: simulated" in err

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import load_checkpoint, run_cli, tree_digest
-from shardconv import output_shards, pipeline, safetensors_io
+from shardconv import output_shards, pipeline, shard_writer
 from shardconv.synth import write_checkpoint
 
 ARGS = ("--device", "cpu", "--scales", "max", "--max-shard-size", "120KB", "--no-progress")
@@ -368,9 +368,9 @@ def test_disk_full_names_the_file_and_the_space_needed(src, tmp_path, monkeypatc
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, pos)
 
-    monkeypatch.setattr(safetensors_io.os, "pwrite", pwrite)
+    monkeypatch.setattr(shard_writer.os, "pwrite", pwrite)
     rc, err = run_cli("convert", src, dst, *ARGS)
-    monkeypatch.setattr(safetensors_io.os, "pwrite", real)
+    monkeypatch.setattr(shard_writer.os, "pwrite", real)
     assert rc == 2 and err.count("\n") == 1, err
     assert ".safetensors.partial" in err and "No space left on device" in err, err
     assert "the rest of this conversion needs" in err and "free" in err, err

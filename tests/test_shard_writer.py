@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from shardconv.digest import shard_digest
-from shardconv.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, ShardWriter, TensorInfo, layout
+from shardconv.safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo
+from shardconv.shard_writer import PlannedTensor, ShardWriter, layout
 
 
 def planned(specs):
@@ -211,7 +212,8 @@ def test_a_copy_piece_that_splits_an_element_is_refused(tmp_path):
     buffer smaller than one element) is a caller's bug, refused, never copied unchecked."""
     import torch
 
-    from shardconv.safetensors_io import PlannedTensor, ShardWriter, TensorInfo
+    from shardconv.safetensors_io import TensorInfo
+    from shardconv.shard_writer import PlannedTensor, ShardWriter
 
     src = tmp_path / "src.bin"
     src.write_bytes(torch.tensor([1.0, float("nan"), 3.0], dtype=torch.float32).numpy().tobytes())

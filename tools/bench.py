@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from shardconv.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter
+from shardconv.safetensors_io import DTYPE_NAMES
+from shardconv.shard_writer import PlannedTensor, ShardWriter
 from shardconv.synth import make_tensor, plan_shards
 from shardconv.synth_layout import make_config, tensor_dtype, tensor_specs
 

@@ -31,7 +31,8 @@ from bench import drop_cache  # noqa: E402
 from shardconv.formats import get_format
 from shardconv.planning import build_plan
 from shardconv.quantize import quantize_group
-from shardconv.safetensors_io import PlannedTensor, ShardWriter, read_into
+from shardconv.safetensors_io import read_into
+from shardconv.shard_writer import PlannedTensor, ShardWriter
 from shardconv.source import open_source
 
 

@@ -16,7 +16,8 @@ import re
 import torch
 
 from ..numerics import BLOCK
-from ..safetensors_io import DTYPE_NAMES, PlannedTensor
+from ..safetensors_io import DTYPE_NAMES
+from ..shard_writer import PlannedTensor
 
 FORMAT = "nvfp4-pack-quantized"
 

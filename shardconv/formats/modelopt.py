@@ -8,7 +8,8 @@ import torch
 
 from ..mixed import quantized_layers
 from ..numerics import BLOCK, FP8_MAX, div_scalar
-from ..safetensors_io import DTYPE_NAMES, PlannedTensor
+from ..safetensors_io import DTYPE_NAMES
+from ..shard_writer import PlannedTensor
 
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}
 KV_SCHEMA_VERSION = 1
