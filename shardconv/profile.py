@@ -114,6 +114,7 @@ class MainThreadSampler:
         self.samples = 0
         self.lines: collections.Counter = collections.Counter()  # shardconv line -> samples
         self.calls: collections.Counter = collections.Counter()  # (shardconv line, innermost call) -> samples
+        self.leaves: collections.Counter = collections.Counter()  # innermost call, wherever it came from -> samples
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shardconv-sampler", daemon=True)
 
@@ -142,6 +143,7 @@ class MainThreadSampler:
                     break
                 frame = frame.f_back
             self.samples += 1
+            self.leaves[f"{os.path.basename(leaf.f_code.co_filename)} {leaf.f_code.co_name}"] += 1
             if own is None:
                 continue
             line = f"{os.path.basename(own.f_code.co_filename)}:{own.f_lineno} {own.f_code.co_name}"
@@ -160,6 +162,8 @@ class MainThreadSampler:
             below = [(c, k) for (ln, c), k in self.calls.items() if ln == line]
             call = max(below, key=lambda ck: ck[1]) if below else None
             rows.append(f"  {line}: {n}, ~{n * per:.2f} s" + (f"; {call[0]} {call[1]}" if call else ""))
+        rows.append("innermost calls (samples, ~s): " + ", ".join(
+            f"{leaf} {n} ~{n * per:.2f}" for leaf, n in self.leaves.most_common(top // 2)))
         return "\n".join(rows)
 
 

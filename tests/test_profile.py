@@ -76,6 +76,8 @@ def test_the_sampler_finds_the_line_a_thread_waits_on():
     assert top_line.startswith("test_profile.py:") and top_line.endswith("waits_then_spins"), report
     assert top_samples * sampler.seconds / sampler.samples > 0.15, report  # most of the 0.3 s
     assert "main thread," in report and "~" in report
+    assert sampler.leaves.most_common(1)[0][0] == "test_profile.py waits_then_spins", report  # sleep is C
+    assert "innermost calls (samples, ~s): test_profile.py waits_then_spins" in report
 
 
 def test_a_sampled_conversion_prints_where_its_main_thread_was(tmp_path, monkeypatch, capsys):
