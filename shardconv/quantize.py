@@ -107,6 +107,7 @@ def quantize_group(
     if check:
         _check_global_scales(members, scale_2, in_scale)
     results = []
+    searches_exact: list[torch.Tensor] = []  # check=False: the sweep searches' device flags
     for m, w in zip(members, on_device):
         if m.stacked:
             results.append(_quantize_stacked(m, w, group_amax, scale_2, in_scale, method, device, chunk))
@@ -115,7 +116,12 @@ def quantize_group(
         packed = torch.empty((out, cols // 2), dtype=torch.uint8, device=device)
         bscale = torch.empty((out, cols // numerics.BLOCK), dtype=torch.float8_e4m3fn, device=device)
         for rows in _row_chunks(out, cols, chunk):
-            s = scales.block_scales(m, w[rows], group_amax, method, rows)
+            if check:
+                s = scales.block_scales(m, w[rows], group_amax, method, rows)
+            else:  # no device wait per row chunk: a search that could not be exact flags the group
+                s, exact = scales.block_scales_flagged(m, w[rows], group_amax, method, rows)
+                if exact is not None:
+                    searches_exact.append(exact)
             bscale[rows] = s
             packed[rows] = numerics.quantize(w[rows], s, scale_2)
         results.append(QuantizedWeight(packed, bscale, scale_2, in_scale))
@@ -124,6 +130,8 @@ def quantize_group(
             _check_block_scales(m, q.scale)
     else:  # one device flag per member, read by the caller once the group is done (no sync here)
         group_ok = _scalar_ok(scale_2) & (_scalar_ok(in_scale) if in_scale is not None else True)
+        if searches_exact:
+            group_ok = group_ok & torch.stack(searches_exact).all()
         if method == "amax":
             group_ok = group_ok & ~_zero_amax_lies(members, on_device, chunks, torch.stack(per_member).amax())
         for m, w, c, q in zip(members, on_device, chunks, results):

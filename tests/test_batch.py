@@ -131,6 +131,28 @@ def test_batched_mse_flags_a_group_it_cannot_search_exactly(moe):
             assert same(q.packed.cpu(), r.packed) and same(q.scale.cpu(), r.scale)
 
 
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["mse", "four-over-six"])
+def test_one_group_on_cuda_searches_without_waiting_and_flags_what_is_not_exact(moe, method):
+    """quantize_group on the device (check=False, as the pipeline runs a dense layer) searches each row
+    chunk with the batched kernels (scales.block_scales_flagged, no host read): bytes equal the CPU's,
+    and a group of absurd g is flagged, not written from an inexact search."""
+    src, _ = moe
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales=method)
+    members = batches(plan)[0][0].members
+    ws = [read_into(m.weight).clone() for m in members]
+    got = quantize_group(members, [w.cuda() for w in ws], method, "cuda", to_cpu=False, chunk=4096, check=False)
+    assert all(bool(q.ok) for q in got)
+    for q, r in zip(got, quantize_group(members, ws, method, "cpu")):
+        assert same(q.packed.cpu(), r.packed) and same(q.scale.cpu(), r.scale)
+    top = max(float(w.float().abs().max()) for w in ws)
+    tiny = [(w.float() * (1e-33 / top)).to(w.dtype) for w in ws]
+    flagged = quantize_group(members, [w.cuda() for w in tiny], method, "cuda", to_cpu=False, chunk=4096,
+                             check=False)
+    assert [bool(q.ok) for q in flagged] == [method != "mse"] * len(members)  # four-over-six has no window
+
+
 def test_group_tables_equal_the_per_group_ones():
     from shardconv import sweep
 
