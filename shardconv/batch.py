@@ -16,6 +16,8 @@ redone alone on the CPU by the pipeline.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import numerics, scales, sweep
@@ -41,15 +43,33 @@ def _amax_kind(a: ModuleAmax | None) -> str:
     return "static" if a.static else "dynamic"
 
 
+@dataclass
+class Stacked:
+    """A batch's results: per group (``groups[g][i]``, views), and per member position ``i`` the
+    batch-wide tensors those views are cut from (``tensors[i]``: codes ``[G, out, in/2]``, block scales
+    ``[G, out, in/16]``, ``weight_scale_2`` ``[G]``), which the pipeline downloads in one copy each
+    (host_outputs.copy_stacked) rather than one per group; ``tensors`` is None where the groups were
+    quantized one at a time."""
+
+    groups: list[list[QuantizedWeight]]
+    tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
 def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]], method: str,
                    device: torch.device | str = "cpu", *, chunk: int | None = None) -> list[list[QuantizedWeight]]:
     """:func:`quantize.quantize_group` (with ``check=False``: each result carries its ``ok`` flag) for
     several groups of one :func:`structure`, in one pass per member position; results stay on
     ``device``."""
+    return quantize_stacked(groups, weights, method, device, chunk=chunk).groups
+
+
+def quantize_stacked(groups: list[list[Member]], weights: list[list[torch.Tensor]], method: str,
+                     device: torch.device | str = "cpu", *, chunk: int | None = None) -> Stacked:
+    """:func:`quantize_batch`, with the batch-wide tensors its results are views of (:class:`Stacked`)."""
     device = torch.device(device)
     if method not in BATCHED_METHODS or len(groups) == 1:
-        return [quantize_group(ms, ws, method, device, to_cpu=False, chunk=chunk, check=False)
-                for ms, ws in zip(groups, weights)]
+        return Stacked([quantize_group(ms, ws, method, device, to_cpu=False, chunk=chunk, check=False)
+                        for ms, ws in zip(groups, weights)])
     n = len(groups)
     stacked = [torch.stack([ws[i] if ws[i].device == device else ws[i].to(device, non_blocking=True) for ws in weights])
                for i in range(len(groups[0]))]
@@ -75,6 +95,7 @@ def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]]
     s2 = scale_2.view(n, 1, 1)
 
     results: list[list[QuantizedWeight]] = [[] for _ in groups]
+    tensors = []
     for i, (w, rows_list) in enumerate(zip(stacked, rows_of)):
         _, out, cols = w.shape
         packed = torch.empty((n, out, cols // 2), dtype=torch.uint8, device=device)
@@ -100,7 +121,8 @@ def quantize_batch(groups: list[list[Member]], weights: list[list[torch.Tensor]]
         # unbind: one call per batch for every group's view (each torch call costs the main thread a GIL hand-off)
         for g, (p, b, s2_g, ok_g) in enumerate(zip(packed.unbind(0), bscale.unbind(0), scale_2.unbind(0), ok.unbind(0))):
             results[g].append(QuantizedWeight(p, b, s2_g, in_scales[g], ok=ok_g))
-    return results
+        tensors.append((packed, bscale, scale_2))
+    return Stacked(results, tensors)
 
 
 def _batch_amax(w: torch.Tensor, rows_list: list[slice]) -> torch.Tensor:

@@ -35,10 +35,11 @@ from .errors import working_on
 from .encodings import dequantize_excluded
 from .host_buffers import BufferPool
 from .threads import io_threads, switch_interval
-from .host_outputs import copy_packed, group_flags, output_bytes
+from .host_outputs import (copy_packed, copy_stacked, group_flags, group_of, groups_per_copy, output_bytes,
+                           stacked_bytes, stacked_group_bytes)
 from .output_shards import Shards
 from .planning import Plan, Unit
-from .batch import quantize_batch, structure
+from .batch import Stacked, quantize_stacked, structure
 from .quantize import QuantizedWeight, quantize_group, redo_on_cpu
 from .safetensors_io import TensorInfo, read_into, read_range, tensor_view
 from .shard_writer import COPY_PIECE
@@ -98,18 +99,21 @@ class Converter:
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda, device=opts.device)
         self.out_bytes = output_bytes(plan, fmt)
+        # bytes of same-structure groups quantized as one batch (batch.py); SHARDCONV_BATCH=0: one at a time
+        self.batch_bytes = 0 if os.environ.get("SHARDCONV_BATCH") == "0" else min(2**30, opts.gpu_buffer // 4)
         out_size = max(self.out_bytes.values(), default=1)
-        # a batch of small groups (MoE experts) downloads MAX_BATCH groups at once: room for them where the
-        # outputs are small enough to fit the host budget (dense models keep `count` buffers)
-        out_count = max(count, min(MAX_BATCH * max_members, opts.host_buffer // out_size))
-        self.outputs = BufferPool(out_count, out_size, pin=self.cuda, device=opts.device) if self.cuda else None
+        # a batch (MoE experts) downloads up to MAX_BATCH groups into one buffer (host_outputs.copy_stacked):
+        # slabs that hold them, within a quarter of the host budget; the count fills the budget
+        batched = max((stacked_group_bytes(u.members) for u in plan.units
+                       if u.members and self.batch_bytes and structure(u.members) is not None), default=0)
+        out_slab = max(out_size, min(MAX_BATCH * batched, opts.host_buffer // 4))
+        out_count = max(max_members + 1, count if out_slab == out_size else 0, opts.host_buffer // out_slab)
+        self.outputs = BufferPool(out_count, out_slab, pin=self.cuda, device=opts.device) if self.cuda else None
         self.shards = Shards(plan, dst, log, sync=opts.fsync)
         self.readers = ThreadPoolExecutor(max(1, readers), thread_name_prefix="shardconv-read")
         self.writers = ThreadPoolExecutor(max(1, writers), thread_name_prefix="shardconv-write")
         self.chunk = max(1 << 20, opts.gpu_buffer // 32) if self.cuda else None
         self.uploads: collections.deque = collections.deque()  # (upload event, host buffers) in flight
-        # bytes of same-structure groups quantized as one batch (batch.py); SHARDCONV_BATCH=0: one at a time
-        self.batch_bytes = 0 if os.environ.get("SHARDCONV_BATCH") == "0" else min(2**30, opts.gpu_buffer // 4)
         if self.cuda:
             self.h2d = torch.cuda.Stream(opts.device)
             self.compute = torch.cuda.Stream(opts.device)
@@ -196,31 +200,35 @@ class Converter:
                     t.record_stream(self.compute)
             groups = [u.members for u, _, _ in batch]
             if len(batch) > 1:
-                results = quantize_batch(groups, [d for _, d, _ in batch], self.plan.scales, dev, chunk=self.chunk)
+                results = quantize_stacked(groups, [d for _, d, _ in batch], self.plan.scales, dev, chunk=self.chunk)
             else:
-                results = [quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
-                                          chunk=self.chunk, check=False)]
-            oks = group_flags(results)
-            self.requantized += sum(q.requantized for r in results for q in r)  # host ints: no sync
+                results = Stacked([quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
+                                                  chunk=self.chunk, check=False)])
+            oks = group_flags(results.groups)
+            self.requantized += sum(q.requantized for r in results.groups for q in r)  # host ints: no sync
             done = torch.cuda.Event()
             done.record(self.compute)
         return results, oks, done
 
-    def _downloads(self, batch, results, oks, done):
-        """Download each group into pinned output buffers on the third stream, without waiting; yields
-        (unit, host tensors, state for the writer) per group.
+    def _downloads(self, batch, results: Stacked, oks, done):
+        """Download the groups' outputs into pinned output buffers on the third stream, without waiting;
+        yields the writer jobs, ``(writer method, *its arguments)``: one per group, or one per copy of
+        several groups where the batch's tensors are stacked (host_outputs.copy_stacked).
 
-        A generator, so that the caller hands each group to a writer before the next group takes
-        output buffers: a batch may need more of them than the pool holds, and taking them all first
-        waited for ever on buffers only the not-yet-started writers give back (DeepSeek-V3's shapes on
-        the H200 machine, before the pool carved small buffers from its slabs).
+        A generator, so that the caller hands each job to a writer before the next takes output
+        buffers: a batch may need more of them than the pool holds, and taking them all first waited
+        for ever on buffers only the not-yet-started writers give back (DeepSeek-V3's shapes on the
+        H200 machine, before the pool carved small buffers from its slabs).
         """
         self.d2h.wait_event(done)
         with torch.cuda.stream(self.d2h):  # the flags first: each group's event below follows them
             oks_host = torch.empty(oks.shape, dtype=torch.bool, pin_memory=True)
             oks.record_stream(self.d2h)
             oks_host.copy_(oks, non_blocking=True)
-        for g, ((u, _, _), res) in enumerate(zip(batch, results)):
+        if results.tensors is not None:
+            yield from self._download_stacked(batch, results, oks_host)
+            return
+        for g, ((u, _, _), res) in enumerate(zip(batch, results.groups)):
             with working_on(u.first.path, u.first.name):
                 t0 = time.perf_counter()
                 out_bufs = self.outputs.take([self.out_bytes[m.module] for m in u.members])
@@ -231,7 +239,28 @@ class Converter:
                         host.append(self._download_member(m, q, buf))
                     downloaded = torch.cuda.Event()
                     downloaded.record(self.d2h)
-            yield u, host, (downloaded, oks_host, g, out_bufs)
+            yield self._write_cuda, u, host, (downloaded, oks_host, g, out_bufs)
+
+    def _download_stacked(self, batch, results: Stacked, oks_host: torch.Tensor):
+        """:meth:`_downloads` of a batch whose tensors are stacked: as many groups per host buffer as a
+        slab holds, three copies per member position, one event and one writer job per buffer."""
+        units = [u for u, _, _ in batch]
+        k = groups_per_copy(results.tensors, self.outputs.size)
+        for start in range(0, len(units), k):
+            stop = min(start + k, len(units))
+            with working_on(units[start].first.path, units[start].first.name):
+                t0 = time.perf_counter()
+                buf, = self.outputs.take([stacked_bytes(results.tensors, stop - start)])
+                self.clock.add("main-wait-output", t0)
+                with torch.cuda.stream(self.d2h):
+                    for kinds in results.tensors:
+                        for t in kinds:
+                            t.record_stream(self.d2h)
+                    host = copy_stacked(results.tensors, start, stop, buf)
+                    downloaded = torch.cuda.Event()
+                    downloaded.record(self.d2h)
+            in_scales = [results.groups[g][0].input_scale for g in range(start, stop)]
+            yield self._write_stacked, units[start:stop], host, (downloaded, oks_host, start, buf, in_scales)
 
     def _download_member(self, m, q, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """One member's output tensors, those on the device copied into ``buf`` (on the current stream)."""
@@ -251,18 +280,38 @@ class Converter:
             t0 = time.perf_counter()
             downloaded.synchronize()
             self.clock.add("gpu-wait", t0)
-            t0 = time.perf_counter()
-            if not bool(oks_host[g]):  # the input buffers are reused by now: read the weights again
-                redone = redo_on_cpu(unit.members, [read_into(m.weight) for m in unit.members], self.plan.scales)
-                log.info("%s: redone on the CPU (the device flagged it)", unit.first.name)
-                host = [self.fmt.quantized_tensors(m.module, q) for m, q in zip(unit.members, redone)]
-            for tensors in host:
-                self.shards.write(unit.shard, tensors)
-            if unit.extra:
-                self.shards.write(unit.shard, dict(unit.extra))
-            self.clock.add("write", t0)
+            self._write_group(unit, host, bool(oks_host[g]))
         finally:
             self.outputs.give(out_bufs)
+
+    def _write_stacked(self, units: list[Unit], host, state) -> None:
+        """Write the groups of one stacked copy (:meth:`_download_stacked`), each as :meth:`_write_cuda`."""
+        downloaded, oks_host, start, buf, in_scales = state
+        try:
+            t0 = time.perf_counter()
+            downloaded.synchronize()
+            self.clock.add("gpu-wait", t0)
+            oks = oks_host[start:start + len(units)].tolist()
+            for j, unit in enumerate(units):
+                with working_on(unit.first.path, unit.first.name):
+                    tensors = [self.fmt.quantized_tensors(m.module, q)
+                               for m, q in zip(unit.members, group_of(host, j, in_scales[j]))]
+                    self._write_group(unit, tensors, oks[j])
+        finally:
+            self.outputs.give([buf])
+
+    def _write_group(self, unit: Unit, host: list[dict[str, torch.Tensor]], ok: bool) -> None:
+        """Write a group's downloaded tensors, or, where the device flagged it, the CPU reference's."""
+        t0 = time.perf_counter()
+        if not ok:  # the input buffers are reused by now: read the weights again
+            redone = redo_on_cpu(unit.members, [read_into(m.weight) for m in unit.members], self.plan.scales)
+            log.info("%s: redone on the CPU (the device flagged it)", unit.first.name)
+            host = [self.fmt.quantized_tensors(m.module, q) for m, q in zip(unit.members, redone)]
+        for tensors in host:
+            self.shards.write(unit.shard, tensors)
+        if unit.extra:
+            self.shards.write(unit.shard, dict(unit.extra))
+        self.clock.add("write", t0)
         self._advance(unit.in_bytes)
 
     @_in_context
@@ -339,8 +388,8 @@ class Converter:
                 batch = batches.pop(k, [])
                 if batch:
                     open_bytes -= sum(u.in_bytes for u, _, _ in batch)
-                    for u, host, state in self._downloads(batch, *self._quantize_cuda(batch[0][0], batch)):
-                        jobs.append(self.writers.submit(self._write_cuda, u, host, state))
+                    for job in self._downloads(batch, *self._quantize_cuda(batch[0][0], batch)):
+                        jobs.append(self.writers.submit(*job))
 
         try:
             while pending or nxt < len(units):
@@ -364,8 +413,8 @@ class Converter:
                     on_dev, uploaded = self._upload(unit, weights, bufs)
                     if key is None:
                         one = [(unit, on_dev, uploaded)]
-                        for u, host, state in self._downloads(one, *self._quantize_cuda(unit, one)):
-                            jobs.append(self.writers.submit(self._write_cuda, u, host, state))
+                        for job in self._downloads(one, *self._quantize_cuda(unit, one)):
+                            jobs.append(self.writers.submit(*job))
                     else:
                         batches.setdefault(key, []).append((unit, on_dev, uploaded))
                         open_bytes += unit.in_bytes

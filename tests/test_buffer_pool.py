@@ -117,14 +117,15 @@ class _Stream:
         pass
 
 
-def simulated_batch(tmp_path, monkeypatch, slabs=7):
+def simulated_batch(tmp_path, monkeypatch, slabs=7, stacked=False):
     """The GPU path's hand-off, simulated on the CPU (CUDA streams and events stubbed): a Converter
-    whose output pool is ``slabs`` slabs of one expert's outputs each, and its largest batch of 32
-    DeepSeek-V3-shaped expert groups quantized: (converter, batch, results)."""
+    whose output pool is ``slabs`` slabs of one expert's outputs each (``stacked``: of 4 groups' stacked
+    outputs), and its largest batch of 32 DeepSeek-V3-shaped expert groups quantized: (converter, batch,
+    results, a batch.Stacked whose tensors are None unless ``stacked``)."""
     import contextlib
 
     from shardconv import pipeline
-    from shardconv.batch import quantize_batch, structure
+    from shardconv.batch import quantize_stacked, structure
     from shardconv.formats import get_format
     from shardconv.planning import build_plan
     from shardconv.safetensors_io import read_into
@@ -150,29 +151,32 @@ def simulated_batch(tmp_path, monkeypatch, slabs=7):
             same.setdefault(structure(u.members), []).append(u)
     units = max(same.values(), key=len)
     # slabs that hold one expert's outputs each (the pool carves several from a larger slab)
-    conv.outputs = host_buffers.BufferPool(slabs, max(conv.out_bytes[m.module] for u in units for m in u.members),
-                                           pin=False)
     batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
-    results = quantize_batch([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
-    return conv, batch, results
+    results = quantize_stacked([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
+    size = (host_outputs.stacked_bytes(results.tensors, 4) if stacked
+            else max(conv.out_bytes[m.module] for u in units for m in u.members))
+    conv.outputs = host_buffers.BufferPool(slabs, size, pin=False)
+    return conv, batch, results if stacked else type(results)(results.groups)
 
 
 @pytest.mark.parametrize("order", ["pipeline", "take-all-first"])
-def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever(order, tmp_path, monkeypatch):
-    """A batch of 32 expert groups and 7 output slabs (simulated_batch). The pipeline hands each
-    downloaded group to a writer before the next takes buffers, so the batch is written and every
-    buffer comes back; taking every group's buffers first (the code before effa587, which the H200's
-    DeepSeek-V3 run never finished) waits for ever."""
-    conv, batch, results = simulated_batch(tmp_path, monkeypatch)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever(order, stacked, tmp_path, monkeypatch):
+    """A batch of 32 expert groups and 7 output slabs (simulated_batch), downloaded a group at a time or
+    4 groups per stacked copy. The pipeline hands each download to a writer before the next takes
+    buffers, so the batch is written and every buffer comes back; taking every download's buffers first
+    (the code before effa587, which the H200's DeepSeek-V3 run never finished) waits for ever."""
+    conv, batch, results = simulated_batch(tmp_path, monkeypatch, stacked=stacked)
     units = [u for u, _, _ in batch]
-    assert sum(len(u.members) for u in units) > conv.outputs.count  # more than the pool holds
-    oks = host_outputs.group_flags(results)
+    copies = -(-len(units) // 4) if stacked else sum(len(u.members) for u in units)
+    assert copies > conv.outputs.count  # more than the pool holds
+    oks = host_outputs.group_flags(results.groups)
     jobs = []
 
     def run():
         downloads = conv._downloads(batch, results, oks, _Event())
-        for u, host, state in (list(downloads) if order == "take-all-first" else downloads):
-            jobs.append(conv.writers.submit(conv._write_cuda, u, host, state))
+        for job in (list(downloads) if order == "take-all-first" else downloads):
+            jobs.append(conv.writers.submit(*job))
         for job in jobs:
             job.result()
 
@@ -183,7 +187,7 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
         if order == "take-all-first":
             assert worker.is_alive() and not jobs  # the old order: stuck taking buffers
         else:
-            assert not worker.is_alive() and len(jobs) == len(units)
+            assert not worker.is_alive() and len(jobs) == (copies if stacked else len(units))
             assert conv.outputs.idle  # every buffer given back
     finally:
         with conv.outputs.cond:  # release a stuck taker, if any
@@ -194,21 +198,24 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
         conv.writers.shutdown()
 
 
-def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(stacked, tmp_path, monkeypatch):
     """The batch's [G] flags travel to the writers as one host tensor and an index per group
     (pipeline._downloads): a group flagged on the device, here the fifth, is redone on the CPU
-    (quantize.redo_on_cpu) and no other; every group is written."""
+    (quantize.redo_on_cpu) and no other; every group is written, with the bytes of its own results
+    (stacked: the right group of the right copy, host_outputs.group_of)."""
     from shardconv import pipeline
 
-    conv, batch, results = simulated_batch(tmp_path, monkeypatch, slabs=64)
-    oks = host_outputs.group_flags(results)
+    conv, batch, results = simulated_batch(tmp_path, monkeypatch, slabs=64, stacked=stacked)
+    oks = host_outputs.group_flags(results.groups)
     assert bool(oks.all())
     oks[4] = False
-    redone = []
+    redone, written = [], {}
     real = pipeline.redo_on_cpu
     monkeypatch.setattr(pipeline, "redo_on_cpu", lambda members, *a: redone.append(members) or real(members, *a))
-    jobs = [conv.writers.submit(conv._write_cuda, u, host, state)
-            for u, host, state in conv._downloads(batch, results, oks, _Event())]
+    monkeypatch.setattr(conv.shards, "write", lambda shard, tensors: written.update(
+        {k: v.clone() for k, v in tensors.items()}))
+    jobs = [conv.writers.submit(*job) for job in conv._downloads(batch, results, oks, _Event())]
     try:
         for job in jobs:
             job.result()
@@ -216,7 +223,15 @@ def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(tmp_path, mon
         conv.readers.shutdown()
         conv.writers.shutdown()
     assert redone == [batch[4][0].members]
-    assert len(jobs) == len(batch) and conv.outputs.idle
+    assert len(jobs) == (-(-len(batch) // 4) if stacked else len(batch)) and conv.outputs.idle
+    for (u, _, _), res in zip(batch, results.groups):
+        for m, q in zip(u.members, res):
+            want = conv.fmt.quantized_tensors(m.module, q)
+            assert want.keys() <= written.keys()
+            for name, t in want.items():
+                got = written[name]
+                assert got.dtype == t.dtype and got.shape == t.shape, name
+                assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
 
 
 def test_the_gpu_pipeline_sets_the_switch_interval_and_restores_it(monkeypatch):
