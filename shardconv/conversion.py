@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import destination, identity, journal, numerics, profile, readahead, uncalibrated
+from . import destination, identity, journal, kernels, numerics, profile, readahead, sweep, uncalibrated
 from .errors import DestinationError
 from .files import INDEX_NAME, REPORT_NAME, write_json
 from .pipeline import Converter, Options
@@ -175,6 +175,9 @@ def convert(plan: Plan, dst: Path, *, fmt, opts: Options | None = None, overwrit
     if progress is not None:
         opts.progress = progress
     check_quantizes(plan)
+    if opts.device.type == "cuda" and plan.scales in sweep.METHODS + ("cast",) and plan.quantized:
+        first = plan.quantized[0]  # the dtype the kernels will see first (an encoded weight's: bf16)
+        kernels.warm_up(plan.scales, opts.device, first.weight.torch_dtype if first.encoded is None else torch.bfloat16)
     if profile.ENABLED:
         if opts.device.type == "cuda":
             torch.zeros(1, device=opts.device)

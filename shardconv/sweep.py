@@ -354,6 +354,7 @@ def _kernel(weight: torch.Tensor):
     """The Triton kernels for a CUDA weight (None on the CPU, without Triton, or when disabled)."""
     if not weight.is_cuda or os.environ.get("SHARDCONV_SWEEP") in ("torch", "reference"):
         return None
-    from .kernels import sweep_kernels
+    from .kernels import ready, sweep_kernels
 
+    ready()
     return sweep_kernels()
