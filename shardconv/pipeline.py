@@ -51,7 +51,12 @@ DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
 MAX_BATCH = 64  # groups quantized in one batch at most (batch.py)
 READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
-COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by all reader threads at once
+COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by the copier threads at once
+# Kept tensors are copied by threads of their own, not the readers: on the H200 machine a 70B slice's
+# embedding and lm_head (4.2 GB) held all 8 readers for 16-22 thread-seconds, their writes queued on the
+# output file's lock (buffered writes into one file: 3.2-3.7 GB/s with 1, 4 or 8 threads), while the
+# weights waited to be read (the first group 1.0-1.7 s after the start, the last copy a tail).
+COPIERS = 2
 
 
 @dataclass
@@ -111,6 +116,7 @@ class Converter:
         self.outputs = BufferPool(out_count, out_slab, pin=self.cuda, device=opts.device) if self.cuda else None
         self.shards = Shards(plan, dst, log, sync=opts.fsync)
         self.readers = ThreadPoolExecutor(max(1, readers), thread_name_prefix="shardconv-read")
+        self.copiers = ThreadPoolExecutor(COPIERS, thread_name_prefix="shardconv-copy")
         self.writers = ThreadPoolExecutor(max(1, writers), thread_name_prefix="shardconv-write")
         self.chunk = max(1 << 20, opts.gpu_buffer // 32) if self.cuda else None
         self.uploads: collections.deque = collections.deque()  # (upload event, host buffers) in flight
@@ -136,21 +142,18 @@ class Converter:
         read_range(info, buf, start, stop)
         self.clock.add("read", t0)
 
-    def _submit_copies(self, unit: Unit) -> list[Future]:
-        """A kept tensor is copied in pieces on all readers, like the weights are read."""
-        jobs = []
-        if unit.copy is not None:
-            n = unit.copy.nbytes
-            jobs += [self.readers.submit(self._copy_piece, unit, start, min(start + COPY_SPLIT, n))
-                     for start in range(0, max(n, 1), COPY_SPLIT)]
-        if unit.dequant is not None or unit.extra:
-            jobs.append(self.readers.submit(self._write_small, unit))
-        return jobs
+    def _submit_copies(self, units: list[Unit]) -> list[Future]:
+        """Every kept tensor, copied in pieces by the copier threads (:data:`COPIERS`) in plan order, from
+        the start: they need no host buffers, so they do not wait behind the weights either (the 70B
+        slice's lm_head copy, the last unit, was a tail of its own)."""
+        return [self.copiers.submit(self._copy_piece, unit, start, min(start + COPY_SPLIT, unit.copy.nbytes))
+                for unit in units if unit.copy is not None
+                for start in range(0, max(unit.copy.nbytes, 1), COPY_SPLIT)]
 
     @_in_context
     def _copy_piece(self, unit: Unit, start: int, stop: int) -> None:
         t0 = time.perf_counter()
-        if not hasattr(self.local, "copy_buffer"):  # one per reader thread, allocated on first use
+        if not hasattr(self.local, "copy_buffer"):  # one per copier thread, allocated on first use
             self.local.copy_buffer = memoryview(bytearray(COPY_PIECE))
         self.shards.copy(unit.shard, unit, self.local.copy_buffer, start, stop)
         self.clock.add("copy", t0)
@@ -344,7 +347,7 @@ class Converter:
 
         units = [u for u in self.plan.units if u.shard not in self.skip_shards]
         pending: collections.deque[tuple[Unit, list[Future] | None, list | None]] = collections.deque()
-        jobs: list[Future] = []
+        jobs: collections.deque[Future] = collections.deque()
         self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1000,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
@@ -356,8 +359,9 @@ class Converter:
             nonlocal nxt
             while nxt < len(units) and len(pending) < LOOKAHEAD_UNITS:
                 u = units[nxt]
-                if not u.members:
-                    jobs.extend(self._submit_copies(u))
+                if not u.members:  # its kept tensor is being copied already (_submit_copies)
+                    if u.dequant is not None or u.extra:  # an excluded encoded weight (dequantized), or extras
+                        jobs.append(self.readers.submit(self._write_small, u))
                     pending.append((u, None, None))
                 else:
                     sizes = [m.weight.nbytes for m in u.members]
@@ -392,6 +396,7 @@ class Converter:
                         jobs.append(self.writers.submit(*job))
 
         try:
+            copies = collections.deque(self._submit_copies(units))
             while pending or nxt < len(units):
                 if self.check is not None:
                     self.check()
@@ -434,13 +439,15 @@ class Converter:
                 self.clock.add("main-quantize", t0)
                 # surface a failed job early rather than after the whole model
                 while jobs and jobs[0].done():
-                    jobs.pop(0).result()
+                    jobs.popleft().result()
+                while copies and copies[0].done():
+                    copies.popleft().result()
             if self.cuda:
                 flush()
             t0 = time.perf_counter()
             if timeline is not None:
                 timeline.mark("all groups issued")
-            for job in jobs:
+            for job in [*jobs, *copies]:
                 job.result()
             self.clock.add("main-drain", t0)
             if timeline is not None:
@@ -452,6 +459,7 @@ class Converter:
                 profile.say(startup.summary())
             readahead.stop()
             self.readers.shutdown(wait=True, cancel_futures=True)
+            self.copiers.shutdown(wait=True, cancel_futures=True)
             self.writers.shutdown(wait=True, cancel_futures=True)
             if self.cuda:
                 torch.cuda.synchronize(self.opts.device)
