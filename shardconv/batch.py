@@ -27,6 +27,7 @@ from .quantize import ZERO_GROUP_AMAX, QuantizedWeight, _row_chunks, _scalar_ok,
 from .safetensors_io import nonfinite
 
 BATCHED_METHODS = ("max", "amax", *sweep.METHODS)
+MAX_BATCH = 64  # groups quantized in one batch at most (the pipeline closes a batch at this count)
 
 
 def structure(members: list[Member]) -> tuple | None:

@@ -67,3 +67,16 @@ def working_on(path, tensor: str | None = None):
     except Exception as e:
         where = f"{path}: tensor {tensor!r}" if tensor else f"{path}"
         raise ShardconvError(f"{where}: {unexpected(e)}") from e
+
+
+def in_context(method):
+    """A pipeline stage method (``method(self, subject, ...)``, subject a TensorInfo or a Unit) whose
+    unexpected errors name the tensor it was working on (:func:`working_on`)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, subject, *args, **kwargs):
+        info = getattr(subject, "first", subject)  # a Unit's first input, or the TensorInfo itself
+        with working_on(info.path, info.name):
+            return method(self, subject, *args, **kwargs)
+    return wrapper

@@ -3,13 +3,14 @@ copies and writing all proceed at once, with bounded memory (conversion.py runs 
 
 Stages:
 - reader threads fill reusable host buffers (pinned when a GPU is used) with ``pread``; tensors that
-  are kept are copied on the same threads through a small buffer per thread and never touch the GPU;
+  are kept are copied by copier threads of their own, from the start, through a small buffer per
+  thread, and never touch the GPU;
 - the main thread issues the uploads on a copy stream; groups of one structure (a MoE layer's experts,
   batch.py) wait to be quantized as one batch on a compute stream, others go alone; results download
-  into pinned output buffers on a third stream, without waiting;
-- writer threads wait for a group's download, write its tensors at their planned offsets, and hand
-  the buffers back.
-Host memory is the two buffer pools (``--host-buffer``), a copy buffer per reader thread, the
+  into pinned output buffers on a third stream, without waiting (device_stages.py);
+- writer threads wait for a download, write its tensors at their planned offsets, and hand the
+  buffers back.
+Host memory is the two buffer pools (``--host-buffer``), a copy buffer per copier thread, the
 read-ahead's scratch buffers and a few small tensors, whatever the model size; the GPU holds the open
 batches plus row-chunked temporaries (``--gpu-buffer``). Output shards are written under ``.partial``
 names and renamed when complete, each recorded in the journal with its digest.
@@ -18,7 +19,6 @@ names and renamed when complete, each recorded in the journal with its digest.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import sys
@@ -31,25 +31,24 @@ from pathlib import Path
 import torch
 
 from . import journal, profile, readahead
-from .errors import working_on
+from .batch import MAX_BATCH, structure
+from .device_stages import DeviceStages, output_pool
 from .encodings import dequantize_excluded
+from .errors import in_context, working_on
 from .host_buffers import BufferPool
-from .threads import io_threads, switch_interval
-from .host_outputs import (copy_packed, copy_stacked, group_flags, group_of, groups_per_copy, output_bytes,
-                           stacked_bytes, stacked_group_bytes)
+from .host_outputs import output_bytes
 from .output_shards import Shards
 from .planning import Plan, Unit
-from .batch import Stacked, quantize_stacked, structure
 from .quantize import QuantizedWeight, quantize_group, redo_on_cpu
 from .safetensors_io import TensorInfo, read_into, read_range, tensor_view
 from .shard_writer import COPY_PIECE
+from .threads import io_threads, switch_interval
 
 log = logging.getLogger("shardconv")
 DEFAULT_HOST_BUFFER = 1 * 2**30
 DEFAULT_GPU_BUFFER = 4 * 2**30
 DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
-MAX_BATCH = 64  # groups quantized in one batch at most (batch.py)
 READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
 COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by the copier threads at once
 # Kept tensors are copied by threads of their own, not the readers: on the H200 machine a 70B slice's
@@ -77,17 +76,7 @@ def _largest_member(plan: Plan) -> int:
     return max((m.weight.nbytes for m in plan.quantized), default=0)
 
 
-def _in_context(method):
-    """Run a stage method so that an unexpected error names the tensor it was working on (errors.py)."""
-    @functools.wraps(method)
-    def wrapper(self, subject, *args, **kwargs):
-        info = subject if isinstance(subject, TensorInfo) else subject.first
-        with working_on(info.path, info.name):
-            return method(self, subject, *args, **kwargs)
-    return wrapper
-
-
-class Converter:
+class Converter(DeviceStages):
     """Runs one plan through the stages described in the module docstring."""
 
     def __init__(self, plan: Plan, dst: Path, fmt, opts: Options, log: journal.Journal | None = None,
@@ -106,14 +95,8 @@ class Converter:
         self.out_bytes = output_bytes(plan, fmt)
         # bytes of same-structure groups quantized as one batch (batch.py); SHARDCONV_BATCH=0: one at a time
         self.batch_bytes = 0 if os.environ.get("SHARDCONV_BATCH") == "0" else min(2**30, opts.gpu_buffer // 4)
-        out_size = max(self.out_bytes.values(), default=1)
-        # a batch (MoE experts) downloads up to MAX_BATCH groups into one buffer (host_outputs.copy_stacked):
-        # slabs that hold them, within a quarter of the host budget; the count fills the budget
-        batched = max((stacked_group_bytes(u.members) for u in plan.units
-                       if u.members and self.batch_bytes and structure(u.members) is not None), default=0)
-        out_slab = max(out_size, min(MAX_BATCH * batched, opts.host_buffer // 4))
-        out_count = max(max_members + 1, count if out_slab == out_size else 0, opts.host_buffer // out_slab)
-        self.outputs = BufferPool(out_count, out_slab, pin=self.cuda, device=opts.device) if self.cuda else None
+        self.outputs = (output_pool(plan, self.out_bytes, opts.host_buffer, count, self.batch_bytes, opts.device)
+                        if self.cuda else None)
         self.shards = Shards(plan, dst, log, sync=opts.fsync)
         self.readers = ThreadPoolExecutor(max(1, readers), thread_name_prefix="shardconv-read")
         self.copiers = ThreadPoolExecutor(COPIERS, thread_name_prefix="shardconv-copy")
@@ -136,7 +119,7 @@ class Converter:
         return [self.readers.submit(self._read_piece, m.weight, buf, start, min(start + READ_PIECE, m.weight.nbytes))
                 for m, buf in zip(unit.members, buffers) for start in range(0, m.weight.nbytes, READ_PIECE)]
 
-    @_in_context
+    @in_context
     def _read_piece(self, info: TensorInfo, buf: torch.Tensor, start: int, stop: int) -> None:
         t0 = time.perf_counter()
         read_range(info, buf, start, stop)
@@ -150,7 +133,7 @@ class Converter:
                 for unit in units if unit.copy is not None
                 for start in range(0, max(unit.copy.nbytes, 1), COPY_SPLIT)]
 
-    @_in_context
+    @in_context
     def _copy_piece(self, unit: Unit, start: int, stop: int) -> None:
         t0 = time.perf_counter()
         if not hasattr(self.local, "copy_buffer"):  # one per copier thread, allocated on first use
@@ -159,149 +142,13 @@ class Converter:
         self.clock.add("copy", t0)
         self._advance(stop - start)
 
-    @_in_context
+    @in_context
     def _write_small(self, unit: Unit) -> None:
         if unit.dequant is not None:  # an excluded encoded weight, written dequantized as bf16 (encodings/)
             self.shards.write(unit.shard, {unit.dequant.name: dequantize_excluded(unit.dequant)})
             self._advance(sum(t.nbytes for t in unit.inputs))
         if unit.extra:
             self.shards.write(unit.shard, dict(unit.extra))
-
-    # -- stage 2: device work ---------------------------------------------------------------------
-    def _upload(self, unit: Unit, weights: list[torch.Tensor], in_bufs) -> tuple[list[torch.Tensor], torch.cuda.Event]:
-        """Copy a group to the device on the copy stream; its host buffers go back once the copy is
-        done (:meth:`_release_uploads`), not once the group is written: holding them through the
-        writers' disk time starves the readers. No wait here."""
-        with torch.cuda.stream(self.h2d):
-            on_dev = [w.to(self.opts.device, non_blocking=True) for w in weights]
-            uploaded = torch.cuda.Event()
-            uploaded.record(self.h2d)
-        self.uploads.append((uploaded, in_bufs))
-        return on_dev, uploaded
-
-    def _release_uploads(self, wait: bool = False) -> None:
-        """Give back the host buffers of finished uploads (all of them, waiting, with ``wait``)."""
-        while self.uploads and (wait or self.uploads[0][0].query()):
-            uploaded, bufs = self.uploads.popleft()
-            if wait:
-                t0 = time.perf_counter()
-                uploaded.synchronize()
-                self.clock.add("main-wait-upload", t0)
-            self.inputs.give(bufs)
-
-    @_in_context
-    def _quantize_cuda(self, unit: Unit, batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]):
-        """Quantize uploaded groups (``unit`` is the first; several only when they share a
-        batch.structure) on the compute stream, without waiting; returns each group's results, the
-        groups' device ``ok`` flags ([G] bool: finite input, usable scales) and the event that ends the
-        compute."""
-        dev = self.opts.device
-        with torch.cuda.stream(self.compute):
-            self.compute.wait_event(batch[-1][2])  # the copy stream runs its uploads in order: the last covers all
-            for _, on_dev, _ in batch:
-                for t in on_dev:
-                    t.record_stream(self.compute)
-            groups = [u.members for u, _, _ in batch]
-            if len(batch) > 1:
-                results = quantize_stacked(groups, [d for _, d, _ in batch], self.plan.scales, dev, chunk=self.chunk)
-            else:
-                results = Stacked([quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
-                                                  chunk=self.chunk, check=False)])
-            oks = group_flags(results.groups)
-            self.requantized += sum(q.requantized for r in results.groups for q in r)  # host ints: no sync
-            done = torch.cuda.Event()
-            done.record(self.compute)
-        return results, oks, done
-
-    def _downloads(self, batch, results: Stacked, oks, done):
-        """Download the groups' outputs into pinned output buffers on the third stream, without waiting;
-        yields the writer jobs, ``(writer method, *its arguments)``: one per group, or one per copy of
-        several groups where the batch's tensors are stacked (host_outputs.copy_stacked).
-
-        A generator, so that the caller hands each job to a writer before the next takes output
-        buffers: a batch may need more of them than the pool holds, and taking them all first waited
-        for ever on buffers only the not-yet-started writers give back (DeepSeek-V3's shapes on the
-        H200 machine, before the pool carved small buffers from its slabs).
-        """
-        self.d2h.wait_event(done)
-        with torch.cuda.stream(self.d2h):  # the flags first: each group's event below follows them
-            oks_host = torch.empty(oks.shape, dtype=torch.bool, pin_memory=True)
-            oks.record_stream(self.d2h)
-            oks_host.copy_(oks, non_blocking=True)
-        if results.tensors is not None:
-            yield from self._download_stacked(batch, results, oks_host)
-            return
-        for g, ((u, _, _), res) in enumerate(zip(batch, results.groups)):
-            with working_on(u.first.path, u.first.name):
-                t0 = time.perf_counter()
-                out_bufs = self.outputs.take([self.out_bytes[m.module] for m in u.members])
-                self.clock.add("main-wait-output", t0)
-                host: list[dict[str, torch.Tensor]] = []
-                with torch.cuda.stream(self.d2h):
-                    for m, q, buf in zip(u.members, res, out_bufs):
-                        host.append(self._download_member(m, q, buf))
-                    downloaded = torch.cuda.Event()
-                    downloaded.record(self.d2h)
-            yield self._write_cuda, u, host, (downloaded, oks_host, g, out_bufs)
-
-    def _download_stacked(self, batch, results: Stacked, oks_host: torch.Tensor):
-        """:meth:`_downloads` of a batch whose tensors are stacked: as many groups per host buffer as a
-        slab holds, three copies per member position, one event and one writer job per buffer."""
-        units = [u for u, _, _ in batch]
-        k = groups_per_copy(results.tensors, self.outputs.size)
-        for start in range(0, len(units), k):
-            stop = min(start + k, len(units))
-            with working_on(units[start].first.path, units[start].first.name):
-                t0 = time.perf_counter()
-                buf, = self.outputs.take([stacked_bytes(results.tensors, stop - start)])
-                self.clock.add("main-wait-output", t0)
-                with torch.cuda.stream(self.d2h):
-                    for kinds in results.tensors:
-                        for t in kinds:
-                            t.record_stream(self.d2h)
-                    host = copy_stacked(results.tensors, start, stop, buf)
-                    downloaded = torch.cuda.Event()
-                    downloaded.record(self.d2h)
-            in_scales = [results.groups[g][0].input_scale for g in range(start, stop)]
-            yield self._write_stacked, units[start:stop], host, (downloaded, oks_host, start, buf, in_scales)
-
-    def _download_member(self, m, q, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One member's output tensors, those on the device copied into ``buf`` (on the current stream)."""
-        pos, mine = 0, {}
-        for name, t in self.fmt.quantized_tensors(m.module, q).items():
-            if t.device.type != "cuda":  # e.g. an input_scale built on the CPU
-                mine[name] = t
-                continue
-            t.record_stream(self.d2h)
-            mine[name], pos = copy_packed(t, buf, pos)
-        return mine
-
-    @_in_context
-    def _write_cuda(self, unit: Unit, host, state) -> None:
-        downloaded, oks_host, g, out_bufs = state
-        try:
-            t0 = time.perf_counter()
-            downloaded.synchronize()
-            self.clock.add("gpu-wait", t0)
-            self._write_group(unit, host, bool(oks_host[g]))
-        finally:
-            self.outputs.give(out_bufs)
-
-    def _write_stacked(self, units: list[Unit], host, state) -> None:
-        """Write the groups of one stacked copy (:meth:`_download_stacked`), each as :meth:`_write_cuda`."""
-        downloaded, oks_host, start, buf, in_scales = state
-        try:
-            t0 = time.perf_counter()
-            downloaded.synchronize()
-            self.clock.add("gpu-wait", t0)
-            oks = oks_host[start:start + len(units)].tolist()
-            for j, unit in enumerate(units):
-                with working_on(unit.first.path, unit.first.name):
-                    tensors = [self.fmt.quantized_tensors(m.module, q)
-                               for m, q in zip(unit.members, group_of(host, j, in_scales[j]))]
-                    self._write_group(unit, tensors, oks[j])
-        finally:
-            self.outputs.give([buf])
 
     def _write_group(self, unit: Unit, host: list[dict[str, torch.Tensor]], ok: bool) -> None:
         """Write a group's downloaded tensors, or, where the device flagged it, the CPU reference's."""
@@ -317,7 +164,7 @@ class Converter:
         self.clock.add("write", t0)
         self._advance(unit.in_bytes)
 
-    @_in_context
+    @in_context
     def _write_cpu(self, unit: Unit, results: list[QuantizedWeight]) -> None:
         t0 = time.perf_counter()
         for m, q in zip(unit.members, results):
