@@ -9,9 +9,9 @@ the name rules (module_rules.py, applied by planning.py) and counted. Anything t
 the reason recorded for ``--dry-run``. A checkpoint that is exactly its family's layout (layouts.py)
 needs no model: the test suite proves the name rules plan it as the model does.
 
-The model also says what a complete checkpoint holds: a tensor it expects that no shard holds is a
-broken download, refused before anything is written (see :func:`_check_missing` for when that is
-trusted).
+The model also says what a complete checkpoint holds: a tensor it expects that no shard holds, or one
+of another shape, is a broken download or a config that does not describe the checkpoint, refused
+before anything is written (see :func:`_check_missing` for when that is trusted).
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ def _check_missing(source: Source, tensors: dict[str, TensorInfo], layout: meta_
         own += target in layout.expected or target in layout.classes
     if own < MATCH_SHARE * len(relevant):
         return
+    _check_shapes(source, tensors, layout, model_name)
     missing = sorted(layout.expected - covered - layout.optional)
     if missing:
         index = source.root / INDEX_NAME
@@ -215,3 +216,54 @@ def _check_missing(source: Source, tensors: dict[str, TensorInfo], layout: meta_
             f"{where}: tensor {_short(missing[0])} of {model_name} is in no shard{more}: an incomplete "
             "download or index? (transformers would initialise it randomly)"
         )
+
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def _check_shapes(source: Source, tensors: dict[str, TensorInfo], layout: meta_model.ModelTensors,
+                  model_name: str) -> None:
+    """Refuse a tensor whose shape is not the one its model gives it, as transformers' loader does (a size
+    mismatch) and engines do: the config does not describe this checkpoint (a second expert-count key
+    read in place of the first, sizes edited), and an output written from it would not load.
+
+    A tensor transformers merges at load (per-expert weights into one fused parameter) is checked by
+    size: the experts' sizes must add up to the merged parameter's, so one expert more or fewer than
+    the config says is refused too (its name alone, covered by the other experts, passed). Only
+    per-expert sources are summed: another load-time converter may split a tensor, where sums differ.
+    """
+    merged: dict[str, int] = Counter()
+    first: dict[str, TensorInfo] = {}
+    for info in tensors.values():
+        name = info.name
+        if name.endswith(_SCALE_SUFFIXES) or _extra_layer(name, source.config):
+            continue
+        target, converted = name, False
+        if name not in layout.shapes and layout.renamer is not None:
+            target, converted = layout.renamer(name)
+        want = layout.shapes.get(target)
+        if want is None:
+            continue
+        if not converted:
+            if tuple(info.shape) != want:
+                raise SourceError(f"{info.path}: tensor {_short(name)} has shape {_short(list(info.shape))} but "
+                                  f"{model_name} (from config.json) expects {list(want)}: the config does not "
+                                  "describe this checkpoint (transformers would refuse to load it)")
+        elif _EXPERT.search(name):
+            merged[target] += _numel(info.shape)
+            first.setdefault(target, info)
+    for target, size in sorted(merged.items()):
+        want = layout.shapes[target]
+        if size != _numel(want):
+            info = first[target]
+            raise SourceError(f"{info.path}: tensor {_short(info.name)} and the other experts merged into "
+                              f"{_short(target)} hold {size} values but {model_name} (from config.json) expects "
+                              f"{_numel(want)} ({list(want)}): one expert more or fewer than the config says "
+                              "(transformers would refuse to load it)")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

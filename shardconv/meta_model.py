@@ -168,7 +168,9 @@ class ModelTensors:
             names = [n for n, _ in mod.named_parameters(recurse=False, remove_duplicate=False)] + persistent
             for n in names:
                 self.classes[f"{mod_name}.{n}" if mod_name else n] = _category(mod, nn)
-        self.expected = set(model.state_dict().keys())  # parameters and persistent buffers, ties included
+        state = model.state_dict()
+        self.expected = set(state.keys())  # parameters and persistent buffers, ties included
+        self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in state.items()}
         self.tied = _ties(model)
         ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
         self.optional = {n for n in self.expected if n in self.tied or any(re.search(p, n) for p in ignore)}

@@ -387,3 +387,27 @@ def test_the_meta_model_leaves_the_source_config_as_it_is(tmp_path):
     meta_model.BUILT.clear()
     linears.find(source)
     assert json.dumps(source.config, sort_keys=True) == before
+
+
+def test_a_config_size_the_shards_do_not_have_is_refused(tmp_path):
+    """config.json's intermediate_size edited after the shards were written: every MLP weight has another
+    shape than the model's. transformers refuses to load such a checkpoint; shardconv converted it with
+    exit 0 before stop 21 (names alone were compared)."""
+    pytest.importorskip("transformers")
+    src = write_checkpoint(tmp_path / "src", family="llama", num_layers=2, shard_size=100_000)
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (src / "config.json").write_text(json.dumps(config))
+    check_fails(src, tmp_path / "out", "mlp.", "has shape", "LlamaForCausalLM", "expects")
+
+
+@pytest.mark.parametrize("family,expert", [("qwen3_moe", "model.layers.1.mlp.experts.3.up_proj.weight"),
+                                           ("mixtral", "model.layers.0.block_sparse_moe.experts.2.w3.weight")])
+def test_a_missing_expert_is_refused(family, expert, tmp_path):
+    """One expert's weight gone: transformers merges the experts into one parameter at load, whose name the
+    other experts still cover, so the missing-name check passed it (exit 0 before stop 21); their sizes
+    no longer add up to the merged parameter's."""
+    pytest.importorskip("transformers")
+    src = write_checkpoint(tmp_path / "src", family=family, num_layers=2, shard_size=100_000)
+    drop_tensor(src, expert)
+    check_fails(src, tmp_path / "out", "experts merged into", "one expert more or fewer")

@@ -181,6 +181,20 @@ def test_a_second_expert_count_leaves_the_decision_to_the_model(family, override
     assert layouts.exact(dict(config, **overrides), tensors) is None
 
 
+@pytest.mark.parametrize("family,overrides", ANOTHER_EXPERT_COUNT)
+def test_a_second_expert_count_is_refused_by_the_model(family, overrides, tmp_path):
+    """The same configs, converted: transformers' model has another number of experts than the shards
+    hold (a shape or merged-size mismatch), so the run is refused with one line and writes nothing (it
+    exited 0 before stop 21: the model path compared names only)."""
+    pytest.importorskip("transformers")
+    config = synth_layout.make_config(family, num_layers=3 if family == "deepseek_v3" else 2)
+    src = write_checkpoint(tmp_path / "src", config)
+    (src / "config.json").write_text(json.dumps(dict(json.loads((src / "config.json").read_text()), **overrides)))
+    rc, err = run_cli("convert", src, tmp_path / "out", "--device", "cpu", "--no-progress", "--scales", "max")
+    assert rc == 2 and err.count("\n") == 1 and "expects" in err and "transformers would refuse" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bias_the_layout_does_not_know_is_refused_as_the_model_refuses_it(tmp_path):
     """Llama with ``mlp_bias`` but no MLP biases in its shards: a broken checkpoint, refused with one line
     (with layouts taken as they were before this was fixed, it converted and exited 0)."""
