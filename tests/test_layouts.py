@@ -138,8 +138,8 @@ THE_MODEL_WANTS_MORE = [
     ("qwen3", {"head_dim": None}), ("gpt_oss", {"head_dim": None}), ("qwen3_moe", {"decoder_sparse_step": 0}),
 ]
 # A second expert-count key, which transformers reads in place of the one the layout reads: the
-# model would have another number of experts than the shards hold (found by review; the model path
-# does not refuse these either, as it compares names, not shapes).
+# model would have another number of experts than the shards hold (found by review); the model path
+# refuses them by shape since stop 21 (test_a_second_expert_count_is_refused_by_the_model).
 ANOTHER_EXPERT_COUNT = [("qwen3_moe", {"num_local_experts": 2}), ("mixtral", {"num_experts": 2}),
                         ("gpt_oss", {"num_experts": 2}), ("deepseek_v3", {"num_local_experts": 2})]
 # Variants the layout may answer for; where it does, the model must plan the same and refuse nothing.
