@@ -69,16 +69,8 @@ def default_exclusion(module: str, config: dict) -> str | None:
         return "embedding"
     if parts[-1] in _ROUTER_LEAVES:
         return "router"
-    if _TOWERS.intersection(parts):
-        return "vision/audio tower"
-    if "mtp" in parts:
-        return "MTP layer"
-    num_layers = config.get("num_hidden_layers")
-    mtp_layers = config.get("num_nextn_predict_layers") or 0
-    for i, p in enumerate(parts[:-1]):
-        if p == "layers" and parts[i + 1].isdigit() and mtp_layers and num_layers is not None:
-            if int(parts[i + 1]) >= num_layers:
-                return "MTP layer"
+    if excluded_subtree(module, config) is not None:  # a tower or an MTP layer, kept whole
+        return "vision/audio tower" if _TOWERS.intersection(parts) else "MTP layer"
     return None
 
 

@@ -288,3 +288,20 @@ def test_family_cuda_equals_cpu(families, family, scales, tmp_path):
     assert rc == 0, err
     b = load_checkpoint(tmp_path / "gpu")
     assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
+
+
+def test_default_exclusions_name_their_reason():
+    """module_rules.default_exclusion: each kept-by-default kind with its reason; towers and MTP layers
+    are the subtrees excluded_subtree finds (one rule for both)."""
+    from shardconv.module_rules import default_exclusion, excluded_subtree
+
+    config = {"num_hidden_layers": 2, "num_nextn_predict_layers": 1}
+    cases = {
+        "lm_head": "lm_head", "model.embed_tokens": "embedding", "model.layers.0.mlp.gate": "router",
+        "model.visual.blocks.0.attn.qkv": "vision/audio tower", "model.mtp.0.eh_proj": "MTP layer",
+        "model.layers.2.self_attn.o_proj": "MTP layer", "model.layers.1.self_attn.o_proj": None,
+    }
+    for module, reason in cases.items():
+        assert default_exclusion(module, config) == reason, module
+        assert (excluded_subtree(module, config) is not None) == (reason in ("vision/audio tower", "MTP layer"))
+    assert default_exclusion("model.layers.2.self_attn.o_proj", {"num_hidden_layers": 2}) is None  # no MTP
