@@ -449,3 +449,31 @@ def test_compressed_tensors_bad_block_scales(good):
     name = "model.layers.1.self_attn.q_proj.weight_scale"
     shard = rewrite(dst, name, lambda t: set_codes(t, name, (0, 0), 0x7F))
     fails(dst, f"{shard}: tensor '{name}' has 1 NaN block scales (first at [0, 0])")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_the_nan_inf_bit_test_is_torch_isfinite(dtype, tmp_path):
+    """safetensors_io.nonfinite (the pipeline's and verify's one test of raw bytes) against torch.isfinite,
+    over every finite and non-finite code of the 8-bit types and special values of the wider ones;
+    verify's first_not_finite finds the first and counts them all."""
+    from safetensors.torch import save_file
+
+    from shardconv.safetensors_io import DTYPE_NAMES, nonfinite
+    from shardconv.source import open_source
+    from shardconv.verification.values import first_not_finite
+
+    if dtype.itemsize == 1:
+        t = torch.arange(256, dtype=torch.uint8).view(dtype)
+        want = ~torch.isfinite(t.float())
+    else:
+        t = torch.tensor([0.0, -1.5, 3e-8, float("inf"), float("-inf"), float("nan"), 65504.0, -0.0], dtype=dtype)
+        want = ~torch.isfinite(t)
+    raw = t.contiguous().view(torch.uint8)
+    assert torch.equal(nonfinite(raw, DTYPE_NAMES[dtype]), want)
+    save_file({"x": t.reshape(-1, 2) if t.numel() % 2 == 0 else t}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    info = open_source(str(tmp_path)).tensors["x"]
+    count, position = first_not_finite(info)
+    first = int(want.nonzero()[0, 0])
+    assert count == int(want.sum()) and position == [first // 2, first % 2]

@@ -9,20 +9,11 @@ import os
 import torch
 
 from ..errors import SourceError
-from ..safetensors_io import DTYPES, TensorInfo
+from ..safetensors_io import DTYPES, TensorInfo, nonfinite
 from .report import QModule, Report
 
 PIECE = 16 << 20  # bytes read at a time
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-
-
-def _not_finite(raw: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A bool mask over the elements of ``raw`` (uint8 bytes of ``dtype``) that are NaN or Inf."""
-    if dtype == "F8_E4M3":  # e4m3fn has no Inf; NaN is S.1111.111
-        return (raw & 0x7F) == 0x7F
-    if dtype == "F8_E5M2":  # exponent all ones: Inf or NaN
-        return (raw & 0x7C) == 0x7C
-    return ~torch.isfinite(raw.view(DTYPES[dtype][0]))
 
 
 def _position(flat: int, shape: tuple[int, ...]) -> list[int]:
@@ -44,7 +35,7 @@ def first_not_finite(info: TensorInfo) -> tuple[int, list[int]] | None:
             raw = os.pread(f.fileno(), n, info.offset + start)
             if len(raw) != n:
                 raise SourceError(f"{info.path}: tensor {info.name!r}: file ended early (truncated?)")
-            mask = _not_finite(torch.frombuffer(bytearray(raw), dtype=torch.uint8), info.dtype)
+            mask = nonfinite(torch.frombuffer(bytearray(raw), dtype=torch.uint8), info.dtype)  # the pipeline's test
             k = int(mask.sum())
             if k and first is None:
                 first = start // size + int(mask.nonzero()[0, 0])
