@@ -15,6 +15,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .threads import io_threads
+
 HASH_PIECE = 64 * 2**20
 
 
@@ -58,9 +60,11 @@ def piece_sha256(fd: int, start: int, end: int, mapped: bool = False) -> bytes:
     return h.digest()
 
 
-def shard_digest(path: Path, threads: int = 4, piece: int | None = None) -> str:
-    """:func:`combine_digests` of a file on disk (what ShardWriter records while writing)."""
+def shard_digest(path: Path, threads: int | None = None, piece: int | None = None) -> str:
+    """:func:`combine_digests` of a file on disk (what ShardWriter records while writing), read on
+    ``threads`` threads (default: the reader count, threads.io_threads)."""
     piece = piece or HASH_PIECE
+    threads = threads or io_threads()[0]
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import SourceError
+from .threads import io_threads
 
 SAMPLES = 32  # evenly spread pieces, besides the first and the last
 SAMPLE_BYTES = 64 * 2**10
@@ -114,12 +115,13 @@ def _parsed_header(raw: bytes, data_start: int) -> dict | None:
         return None
 
 
-def identify_source(source, threads: int = 4) -> list[FileIdentity]:
-    """Every source shard's identity, read on a few threads (small random reads)."""
+def identify_source(source, threads: int | None = None) -> list[FileIdentity]:
+    """Every source shard's identity, read on ``threads`` threads (small random reads; default: the
+    reader count, threads.io_threads)."""
     planned: dict[Path, list] = {p: [] for p in source.shards}
     for t in source.tensors.values():
         planned.setdefault(t.path, []).append(t)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(max(1, threads or io_threads()[0])) as pool:
         return list(pool.map(lambda p: identify(p, source.root, planned[p]), source.shards))
 
 
