@@ -77,14 +77,14 @@ def quantize_stacked(groups: list[list[Member]], weights: list[list[torch.Tensor
     rows_of = [list(_row_chunks(w.shape[1], w.shape[2] * n, chunk)) for w in stacked]
 
     # the group's global amax, [G]: from the weights (max), or the file's (amax)
+    member_max = torch.stack([_batch_amax(w, rows) for w, rows in zip(stacked, rows_of)])  # [M, G]
     if method == "amax":
         saved = torch.stack([torch.stack([(m.amax.global_amax if m.amax.static else m.amax.weight).float().reshape(())
                                           for m in ms]).amax() for ms in groups]).to(device, non_blocking=True)
-        actual = torch.stack([_batch_amax(w, rows) for w, rows in zip(stacked, rows_of)]).amax(dim=0)
-        group_ok = ~((saved == 0) & (actual > 0))  # a zero amax over weights that are not zero
+        group_ok = ~((saved == 0) & (member_max.amax(dim=0) > 0))  # a zero amax over weights that are not zero
         group_amax = saved
     else:
-        group_amax = torch.stack([_batch_amax(w, rows) for w, rows in zip(stacked, rows_of)]).amax(dim=0)
+        group_amax = member_max.amax(dim=0)
         group_ok = torch.ones(n, dtype=torch.bool, device=device)
     group_amax = torch.where(group_amax == 0, torch.full_like(group_amax, ZERO_GROUP_AMAX), group_amax)
     scale_2 = scales.weight_scale_2(group_amax, method)  # [G]
@@ -118,7 +118,8 @@ def quantize_stacked(groups: list[list[Member]], weights: list[list[torch.Tensor
             bscale[:, rows] = s
             packed[:, rows] = numerics.quantize(part, s, s2)
         scales_ok = ((bscale.view(torch.uint8) & 0x7F) != 0x7F).flatten(1).all(dim=1)
-        ok = group_ok & finite & scales_ok
+        all_zero = (member_max[i] > 0) & ~((packed & 0x77) != 0).flatten(1).any(dim=1)  # quantize.all_codes_zero
+        ok = group_ok & finite & scales_ok & ~all_zero
         # unbind: one call per batch for every group's view (each torch call costs the main thread a GIL hand-off)
         for g, (p, b, s2_g, ok_g) in enumerate(zip(packed.unbind(0), bscale.unbind(0), scale_2.unbind(0), ok.unbind(0))):
             results[g].append(QuantizedWeight(p, b, s2_g, in_scales[g], ok=ok_g))

@@ -125,19 +125,21 @@ def quantize_group(
             bscale[rows] = s
             packed[rows] = numerics.quantize(w[rows], s, scale_2)
         results.append(QuantizedWeight(packed, bscale, scale_2, in_scale))
+    maxima = [_member_max(m, w, c, method, a) for m, w, c, a in zip(members, on_device, chunks, per_member)]
     if check:
-        for m, q in zip(members, results):
+        for m, q, top in zip(members, results, maxima):
             _check_block_scales(m, q.scale)
+            _check_not_all_zero(m, q.packed, top, group_amax)
     else:  # one device flag per member, read by the caller once the group is done (no sync here)
         group_ok = _scalar_ok(scale_2) & (_scalar_ok(in_scale) if in_scale is not None else True)
         if searches_exact:
             group_ok = group_ok & torch.stack(searches_exact).all()
         if method == "amax":
             group_ok = group_ok & ~_zero_amax_lies(members, on_device, chunks, torch.stack(per_member).amax())
-        for m, w, c, q in zip(members, on_device, chunks, results):
+        for m, w, c, q, top in zip(members, on_device, chunks, results, maxima):
             finite = torch.stack([encodings.isfinite(w[rows]).all() for rows in c]).all() if len(w) else True
             scales_ok = (((q.scale.view(torch.uint8) & 0x7F) != 0x7F).all())
-            q.ok = group_ok & finite & scales_ok
+            q.ok = group_ok & finite & scales_ok & ~all_codes_zero(q.packed, top)
     if cast_group is not None:
         if check:
             cast.check_exact(cast_group, on_device, results)
@@ -187,6 +189,34 @@ def _check_saved_amax(members, weights, chunks, saved_amax) -> None:
     if bool(_zero_amax_lies(members, weights, chunks, saved_amax)):
         raise AmaxError(f"{members[0].weight.path}: tensor {_names(members)}: the amax file gives a global "
                              "amax of 0 but the weights are not all zero (the amax file does not fit this checkpoint)")
+
+
+def _member_max(member: Member, weight: torch.Tensor, chunks, method: str, amax: torch.Tensor) -> torch.Tensor:
+    """The member's max |w| (fp32 0-d): ``amax`` where the method took it from the weights already."""
+    if not len(weight):
+        return torch.zeros((), device=weight.device)
+    if not scales.amax_from_file(member, method):
+        return amax
+    return torch.stack([weight[rows].abs().amax().float() for rows in chunks]).amax()
+
+
+def all_codes_zero(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tensor:
+    """True (a device bool) for a member whose weights are not all zero but whose every FP4 code is 0 (or
+    -0): it would be written as zeros. Why refused: one ``weight_scale_2`` serves a fusion group, and
+    block scales are clamped at e4m3's smallest, so a member below ~2e-7 of the group's max loses every
+    value. No real fused projection is that far below its partners; a corrupt source scale (an FP8 block
+    scale of 1e30 in one member) does it to the others, which ModelOpt's export writes as zeros and
+    engines serve as a dead projection."""
+    return (member_max > 0) & ~((packed & 0x77) != 0).any()
+
+
+def _check_not_all_zero(member: Member, packed: torch.Tensor, member_max: torch.Tensor,
+                        group_amax: torch.Tensor) -> None:
+    if bool(all_codes_zero(packed, member_max)):
+        raise QuantizationError(
+            f"{member.weight.path}: tensor {member.weight.name!r}: every value quantizes to 0 (its max |w| "
+            f"{float(member_max):.3g} against its fusion group's {float(group_amax):.3g}): it would be written as "
+            "zeros; a corrupt scale in the source? (--exclude keeps the group in source precision)")
 
 
 def _check_block_scales(member: Member, scale: torch.Tensor) -> None:

@@ -25,12 +25,17 @@ METHODS = ("max", "amax", *sweep.METHODS, "cast")
 _STATIC = ("amax", "cast")  # methods that read each member's ModuleAmax
 
 
+def amax_from_file(member: Member, method: str) -> bool:
+    """Whether the member's global amax comes from its amax file (else from its weights)."""
+    return method in _STATIC and not member.amax.from_weights
+
+
 def weight_global_amax(member: Member, weight: torch.Tensor, method: str, chunks: Iterable[slice]) -> torch.Tensor:
     """This member's contribution to the group's global amax (fp32 0-d, on the weight's device).
 
     From the weights, the max is taken over the row slices ``chunks`` one at a time, so that no
     full-size temporary is made."""
-    if method in _STATIC and not member.amax.from_weights:
+    if amax_from_file(member, method):
         a = member.amax
         value = a.global_amax if a.static else a.weight
         return value.reshape(()).to(weight.device)

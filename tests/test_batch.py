@@ -95,6 +95,32 @@ def test_batch_flags_a_bad_group_alone(moe):
     assert all(all(f) for f in flags if len(f) < 3)
 
 
+@pytest.mark.parametrize("method", ["max", "mse", "amax"])
+def test_a_member_quantized_to_all_zeros_is_flagged_alone(moe, method):
+    """An expert whose up_proj is 1e-9 of its gate_proj: under the group's one weight_scale_2 every FP4 code
+    of up_proj is 0, so it would be written as zeros. The batch flags that group alone, as
+    quantize_group does (check's own comparison), and the CPU reference the pipeline then runs refuses it
+    with one line (it was written as zeros with exit 0 before stop 21)."""
+    from shardconv.errors import QuantizationError
+    from shardconv.quantize import redo_on_cpu
+
+    src, root = moe
+    amax = load_amax(root / "static.pt") if method == "amax" else None
+    plan = build_plan(open_source(str(src)), get_format("modelopt"), scales=method, amax=amax)
+    shrunk = []
+
+    def shrink(ws):
+        if len(ws) > 3 and len(ws[3]) == 2:  # a gate/up batch
+            ws[3][1].mul_(1e-9)
+            shrunk.append(ws[3])
+    flags = check(plan, method, mutate=shrink)
+    assert shrunk and all(f[3] is False and all(f[:3]) and all(f[4:]) for f in flags if len(f) > 3 and f[3] is False)
+    assert sum(1 for f in flags if False in f) == len(shrunk)
+    units = [us for us in batches(plan) if len(us[0].members) == 2][0]
+    with pytest.raises(QuantizationError, match="every value quantizes to 0"):
+        redo_on_cpu(units[3].members, shrunk[0], method)
+
+
 @GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["max", "mse", "four-over-six"])

@@ -107,6 +107,30 @@ def test_a_weight_too_small_for_nvfp4_scales_is_refused(llama, tmp_path, method)
     fails(llama, tmp_path / "out", name, "weight_scale_2", "--exclude", args=("--scales", method))
 
 
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_a_member_quantized_to_all_zeros_is_refused(llama, tmp_path, method):
+    """k_proj 1e-9 of its q_proj and v_proj: under the group's one weight_scale_2 every FP4 code of it is 0.
+    Written, the layer would serve a dead projection; it converted with exit 0 before stop 21."""
+    name = "model.layers.1.self_attn.k_proj.weight"
+    edit(llama, {name: lambda t: t * 1e-9})
+    fails(llama, tmp_path / "out", name, "every value quantizes to 0", "--exclude", args=("--scales", method))
+
+
+def test_the_fp8_scale_that_zeroes_its_fusion_group_is_refused(fp8_src, tmp_path):
+    """The case behind the rule: one FP8 block scale of 1e30 in k_proj makes the group's max so large
+    that q_proj and v_proj quantize to zeros (verify --source saw it, convert exited 0 before stop 21)."""
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
+    if name not in load_checkpoint(fp8_src):
+        name = next(n for n in load_checkpoint(fp8_src) if n.endswith("q_a_proj.weight_scale_inv"))
+
+    def huge(t):
+        t = t.clone()
+        t.view(-1)[0] = 1e30
+        return t
+    edit(fp8_src, {name: huge})
+    fails(fp8_src, tmp_path / "out", "every value quantizes to 0")
+
+
 def test_nan_in_a_kept_tensor_is_refused(llama, tmp_path):
     name = "model.layers.1.input_layernorm.weight"
 
