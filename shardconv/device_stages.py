@@ -26,14 +26,16 @@ def output_pool(plan: Plan, out_bytes: dict[str, int], host_buffer: int, min_cou
                 device: torch.device) -> BufferPool:
     """The pinned buffers downloads land in. A batch (MoE experts) downloads up to MAX_BATCH groups into
     one buffer (host_outputs.copy_stacked): slabs that hold them, within a quarter of the host budget,
-    and as many as fill it; without batches, slabs of the largest member's outputs, ``min_count`` or more."""
+    and as many as fill it; without batches, slabs of the largest member's outputs, ``min_count`` or more.
+    A slab holds one batched group's outputs at least, whatever the budget: a copy of one group is the
+    smallest a stacked download takes."""
     max_members = max((len(u.members) for u in plan.units), default=1)
     out_size = max(out_bytes.values(), default=1)
     batched = max((stacked_group_bytes(u.members) for u in plan.units
                    if u.members and batch_bytes and structure(u.members) is not None), default=0)
-    slab = max(out_size, min(MAX_BATCH * batched, host_buffer // 4))
+    slab = max(out_size, batched, min(MAX_BATCH * batched, host_buffer // 4))
     count = max(max_members + 1, min_count if slab == out_size else 0, host_buffer // slab)
-    return BufferPool(count, slab, pin=True, device=device)
+    return BufferPool(count, slab, pin=device.type == "cuda", device=device)
 
 
 class DeviceStages:
@@ -163,10 +165,11 @@ class DeviceStages:
         """Write the groups of one stacked copy (:meth:`_download_stacked`), each as :meth:`_write_cuda`."""
         downloaded, oks_host, start, buf, in_scales = state
         try:
-            t0 = time.perf_counter()
-            downloaded.synchronize()
-            self.clock.add("gpu-wait", t0)
-            oks = oks_host[start:start + len(units)].tolist()
+            with working_on(units[0].first.path, units[0].first.name):  # the wait names the copy's first group
+                t0 = time.perf_counter()
+                downloaded.synchronize()
+                self.clock.add("gpu-wait", t0)
+                oks = oks_host[start:start + len(units)].tolist()
             for j, unit in enumerate(units):
                 with working_on(unit.first.path, unit.first.name):
                     tensors = [self.fmt.quantized_tensors(m.module, q)

@@ -51,11 +51,13 @@ DEFAULT_PREFETCH = 0  # off: not measured to gain yet (README, Command line)
 LOOKAHEAD_UNITS = 64  # how far reads may run ahead of quantization, in units
 READ_PIECE = 64 * 2**20  # a weight is read in pieces of this size, by all reader threads at once
 COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by the copier threads at once
-# Kept tensors are copied by threads of their own, not the readers: on the H200 machine a 70B slice's
-# embedding and lm_head (4.2 GB) held all 8 readers for 16-22 thread-seconds, their writes queued on the
-# output file's lock (buffered writes into one file: 3.2-3.7 GB/s with 1, 4 or 8 threads), while the
-# weights waited to be read (the first group 1.0-1.7 s after the start, the last copy a tail).
+# Kept tensors are copied by threads of their own, queued ahead of the readers, not by the readers in
+# plan order: on the H200 machine a 70B slice's embedding and lm_head (4.2 GB) held all 8 readers for
+# 16-22 thread-seconds, their writes queued on the output file's lock (buffered writes into one file:
+# 3.2-3.7 GB/s with 1, 4 or 8 threads), while the weights waited to be read (the first group 1.0-1.7 s
+# after the start), and the lm_head copy, gated behind the weights' buffers, was a tail.
 COPIERS = 2
+COPY_AHEAD_SHARDS = 2  # kept tensors are queued up to this many output shards past the readers' one
 
 
 @dataclass
@@ -126,9 +128,7 @@ class Converter(DeviceStages):
         self.clock.add("read", t0)
 
     def _submit_copies(self, units: list[Unit]) -> list[Future]:
-        """Every kept tensor, copied in pieces by the copier threads (:data:`COPIERS`) in plan order, from
-        the start: they need no host buffers, so they do not wait behind the weights either (the 70B
-        slice's lm_head copy, the last unit, was a tail of its own)."""
+        """The units' kept tensors, copied in pieces by the copier threads (:data:`COPIERS`)."""
         return [self.copiers.submit(self._copy_piece, unit, start, min(start + COPY_SPLIT, unit.copy.nbytes))
                 for unit in units if unit.copy is not None
                 for start in range(0, max(unit.copy.nbytes, 1), COPY_SPLIT)]
@@ -206,7 +206,7 @@ class Converter(DeviceStages):
             nonlocal nxt
             while nxt < len(units) and len(pending) < LOOKAHEAD_UNITS:
                 u = units[nxt]
-                if not u.members:  # its kept tensor is being copied already (_submit_copies)
+                if not u.members:  # its kept tensor is queued for the copiers already (feed_copies)
                     if u.dequant is not None or u.extra:  # an excluded encoded weight (dequantized), or extras
                         jobs.append(self.readers.submit(self._write_small, u))
                     pending.append((u, None, None))
@@ -242,11 +242,30 @@ class Converter(DeviceStages):
                     for job in self._downloads(batch, *self._quantize_cuda(batch[0][0], batch)):
                         jobs.append(self.writers.submit(*job))
 
+        copies: collections.deque[Future] = collections.deque()
+        copied = 0  # units whose kept tensor is queued for the copiers
+
+        def feed_copies() -> None:
+            """Queue the kept tensors of the units up to COPY_AHEAD_SHARDS output shards past the readers':
+            copies need no host buffers, so they do not wait behind the weights' (the 70B slice's lm_head
+            copy, the last unit, was a tail of its own), and the output shards open at once stay few
+            (every copy queued at the start opened 98 of a 96-layer model's 195 shards at once)."""
+            nonlocal copied
+            if not units:
+                return
+            limit = units[min(nxt, len(units) - 1)].shard + COPY_AHEAD_SHARDS
+            end = copied
+            while end < len(units) and units[end].shard <= limit:
+                end += 1
+            if end > copied:
+                copies.extend(self._submit_copies(units[copied:end]))
+                copied = end
+
         try:
-            copies = collections.deque(self._submit_copies(units))
             while pending or nxt < len(units):
                 if self.check is not None:
                     self.check()
+                feed_copies()
                 submit(block=True)
                 prefetcher.ahead_of(nxt)  # the units after those the readers have
                 unit, reads, bufs = pending.popleft()
@@ -291,6 +310,7 @@ class Converter(DeviceStages):
                     copies.popleft().result()
             if self.cuda:
                 flush()
+            copies.extend(self._submit_copies(units[copied:]))  # those after the loop's last feed_copies
             t0 = time.perf_counter()
             if timeline is not None:
                 timeline.mark("all groups issued")

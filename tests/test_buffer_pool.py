@@ -117,11 +117,12 @@ class _Stream:
         pass
 
 
-def simulated_batch(tmp_path, monkeypatch, slabs=7, stacked=False):
+def simulated_batch(tmp_path, monkeypatch, slabs=7, stacked=False, scales="max", fmt_name="modelopt"):
     """The GPU path's hand-off, simulated on the CPU (CUDA streams and events stubbed): a Converter
     whose output pool is ``slabs`` slabs of one expert's outputs each (``stacked``: of 4 groups' stacked
     outputs), and its largest batch of 32 DeepSeek-V3-shaped expert groups quantized: (converter, batch,
-    results, a batch.Stacked whose tensors are None unless ``stacked``)."""
+    results, a batch.Stacked whose tensors are None unless ``stacked``). ``scales="amax"``: from an amax
+    file with an input amax per module (W4A4: each group its own input_scale)."""
     import contextlib
 
     from shardconv import pipeline
@@ -140,8 +141,15 @@ def simulated_batch(tmp_path, monkeypatch, slabs=7, stacked=False):
 
     src = write_checkpoint(tmp_path / "src", family="deepseek_v3", weights="structured", num_layers=2, num_experts=32,
                            hidden_size=256, intermediate_size=4096, moe_intermediate_size=64, shard_size=2_000_000)
-    fmt = get_format("modelopt")
-    plan = build_plan(open_source(src), fmt, scales="max")
+    fmt = get_format(fmt_name)
+    amax = None
+    if scales == "amax":
+        from shardconv.amax import load_amax
+        from test_amax import make_amax, weights
+
+        torch.save(make_amax(weights(src), kv=False), tmp_path / "amax.pt")
+        amax = load_amax(tmp_path / "amax.pt")
+    plan = build_plan(open_source(src), fmt, scales=scales, amax=amax)
     (tmp_path / "dst").mkdir()
     conv = pipeline.Converter(plan, tmp_path / "dst", fmt, pipeline.Options(host_buffer=4 * 2**20, progress=False))
     conv.d2h = _Stream()
@@ -152,7 +160,7 @@ def simulated_batch(tmp_path, monkeypatch, slabs=7, stacked=False):
     units = max(same.values(), key=len)
     # slabs that hold one expert's outputs each (the pool carves several from a larger slab)
     batch = [(u, [read_into(m.weight) for m in u.members], _Event()) for u in units]
-    results = quantize_stacked([u.members for u in units], [w for _, w, _ in batch], "max", "cpu")
+    results = quantize_stacked([u.members for u in units], [w for _, w, _ in batch], scales, "cpu")
     size = (host_outputs.stacked_bytes(results.tensors, 4) if stacked
             else max(conv.out_bytes[m.module] for u in units for m in u.members))
     conv.outputs = host_buffers.BufferPool(slabs, size, pin=False)
@@ -198,15 +206,19 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
         conv.writers.shutdown()
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(stacked, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stacked,scales,fmt_name", [(False, "max", "modelopt"), (True, "max", "modelopt"),
+                                                     (True, "amax", "modelopt"), (True, "amax", "compressed-tensors")])
+def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(stacked, scales, fmt_name, tmp_path, monkeypatch):
     """The batch's [G] flags travel to the writers as one host tensor and an index per group
     (pipeline._downloads): a group flagged on the device, here the fifth, is redone on the CPU
     (quantize.redo_on_cpu) and no other; every group is written, with the bytes of its own results
-    (stacked: the right group of the right copy, host_outputs.group_of)."""
+    (stacked: the right group of the right copy, host_outputs.group_of, with its own input_scale)."""
     from shardconv import pipeline
 
-    conv, batch, results = simulated_batch(tmp_path, monkeypatch, slabs=64, stacked=stacked)
+    conv, batch, results = simulated_batch(tmp_path, monkeypatch, slabs=64, stacked=stacked, scales=scales,
+                                           fmt_name=fmt_name)
+    if scales == "amax":  # each group has its own input scale, so one handed to the wrong group shows
+        assert len({float(r[0].input_scale) for r in results.groups}) == len(results.groups)
     oks = host_outputs.group_flags(results.groups)
     assert bool(oks.all())
     oks[4] = False
@@ -320,3 +332,65 @@ def test_outputs_packed_into_a_host_buffer_keep_their_bytes(fmt_name):
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
         assert same_bytes(got[name], t), name
         assert got[name].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), name
+
+
+def test_a_stacked_copy_of_one_group_fits_the_output_pool_whatever_the_budget(tmp_path):
+    """device_stages.output_pool: a slab holds one batched group's stacked outputs at least. With a small
+    --host-buffer a quarter of the budget was below one gate/up group's outputs (the sum of its members',
+    more than the largest member's), and the download's take raised (found by review: 'a unit needs
+    buffers of [1179776] bytes but the pool has 4 slabs of 593920 bytes')."""
+    from shardconv.batch import MAX_BATCH, quantize_stacked, structure
+    from shardconv.device_stages import output_pool
+    from shardconv.formats import get_format
+    from shardconv.planning import build_plan
+    from shardconv.safetensors_io import read_into
+    from shardconv.source import open_source
+    from shardconv.synth import write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", family="llama", num_layers=2, hidden_size=256, intermediate_size=4096)
+    fmt = get_format("modelopt")
+    plan = build_plan(open_source(src), fmt, scales="max")
+    same: dict = {}
+    for u in plan.units:
+        if u.members and structure(u.members) is not None:
+            same.setdefault(structure(u.members), []).append(u)
+    units = next(us for us in same.values() if len(us) > 1 and len(us[0].members) == 2)  # the gate/up groups
+    stacked = quantize_stacked([u.members for u in units], [[read_into(m.weight) for m in u.members] for u in units],
+                               "max", "cpu")
+    one = host_outputs.stacked_bytes(stacked.tensors, 1)
+    out_bytes = host_outputs.output_bytes(plan, fmt)
+    budget = 2 * 2**20
+    assert max(max(out_bytes.values()), min(MAX_BATCH * host_outputs.stacked_group_bytes(units[0].members),
+                                            budget // 4)) < one  # the sizing before the fix
+    pool = output_pool(plan, out_bytes, budget, 4, 2**30, torch.device("cpu"))
+    k = host_outputs.groups_per_copy(stacked.tensors, pool.size)
+    (buf,) = pool.take([host_outputs.stacked_bytes(stacked.tensors, k)])  # raised before the fix
+    host = host_outputs.copy_stacked(stacked.tensors, 0, k, buf)
+    for j in range(k):
+        for got, want in zip(host_outputs.group_of(host, j, None), stacked.groups[j]):
+            assert torch.equal(got.packed, want.packed) and torch.equal(got.scale.view(torch.uint8),
+                                                                         want.scale.view(torch.uint8))
+    pool.give([buf])
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_failed_download_names_a_tensor_and_gives_its_buffer_back(stacked, tmp_path, monkeypatch):
+    """A device error surfacing in a writer's wait for a download (e.g. an illegal memory access reported
+    late) becomes one line naming a tensor of the download, stacked or not (the stacked writer's wait
+    was outside any tensor's context, found by review), and the output buffer still goes back."""
+    from shardconv.errors import ShardconvError
+
+    conv, batch, results = simulated_batch(tmp_path, monkeypatch, slabs=64, stacked=stacked)
+
+    def fails():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(_Event, "synchronize", lambda self: fails())
+    oks = host_outputs.group_flags(results.groups)
+    job = next(iter(conv._downloads(batch, results, oks, _Event())))
+    try:
+        with pytest.raises(ShardconvError, match=r"tensor 'model\.layers\.\d+\.mlp\.experts\.\d+\..*illegal memory"):
+            job[0](*job[1:])
+    finally:
+        conv.readers.shutdown()
+        conv.writers.shutdown()
+    assert conv.outputs.idle

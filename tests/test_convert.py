@@ -232,3 +232,34 @@ def test_overwrite_and_sample(tmp_path, monkeypatch):
     out = load_checkpoint(tmp_path / "shardconv-sample-NVFP4")
     assert any(t.dtype == torch.uint8 for t in out.values())
     assert run_cli("convert", "--no-progress")[0] == 0  # the sample output is replaced
+
+
+def test_kept_tensor_copies_open_a_bounded_number_of_output_shards(tmp_path, monkeypatch):
+    """Kept tensors are queued for the copier threads up to two output shards ahead of the readers, not all
+    at the start: with every copy queued at once, each output shard holding a norm was created at the
+    start (98 of a 96-layer model's 195 open at once, found by review; 26 here); the window keeps it near
+    what the readers' own look-ahead opens. The output is complete and verifies."""
+    from shardconv import output_shards, pipeline
+
+    src = write_checkpoint(tmp_path / "src", family="llama", num_layers=24, shard_size=60_000)
+    monkeypatch.setattr(pipeline, "LOOKAHEAD_UNITS", 6)
+    open_now, most = set(), [0]
+    real_writer, real_done = output_shards.Shards._writer, output_shards.Shards._done
+
+    def writer(self, shard):
+        open_now.add(shard)
+        most[0] = max(most[0], len(open_now))
+        return real_writer(self, shard)
+
+    def done(self, shard, n):
+        real_done(self, shard, n)
+        if self.remaining[shard] == 0:
+            open_now.discard(shard)
+    monkeypatch.setattr(output_shards.Shards, "_writer", writer)
+    monkeypatch.setattr(output_shards.Shards, "_done", done)
+    dst = tmp_path / "dst"
+    rc, err = run_cli("convert", src, dst, "--device", "cpu", "--no-progress", "--max-shard-size", "40KB")
+    assert rc == 0, err
+    shards = len(list(dst.glob("*.safetensors")))
+    assert shards > 40 and most[0] <= 12, (shards, most[0])
+    assert run_cli("verify", dst)[0] == 0

@@ -323,13 +323,15 @@ def benign_mutation(rng: random.Random, work: Path) -> str:
     elif kind == 1:
         target.write_bytes(join(header, body, pad=False))
         return f"{target.name}: unpadded header"
-    elif kind == 2:  # same bytes, other layout
-        name = rng.choice([n for n in names if len(header[n]["shape"]) == 2 and header[n]["shape"][0] % 2 == 0]
-                          or names)
-        shape = header[name]["shape"]
-        if len(shape) == 2 and shape[0] % 2 == 0:
-            header[name]["shape"] = [shape[0] // 2, shape[1] * 2]
-        what = f"{name} shape {header[name]['shape']}"
+    elif kind == 2:  # same bytes, other layout, of a tensor the model does not know (reshaping one of the
+        # model's is no longer benign: transformers would refuse it, and linears.py refuses it since stop 21)
+        new = f"model.layers.0.extra{rng.randrange(100)}.weight"
+        raw = b"".join(struct.pack("<f", rng.gauss(0.0, 0.02))[2:] for _ in range(16 * 16))
+        shape = rng.choice([[8, 32], [32, 8], [256]])
+        header[new] = {"dtype": "BF16", "shape": shape, "data_offsets": [len(body), len(body) + len(raw)]}
+        body += raw
+        index["weight_map"][new] = target.name
+        what = f"extra tensor {new} shape {shape}"
     elif kind == 3:  # another 2-byte float type
         name = rng.choice([n for n in names if header[n]["dtype"] == "BF16"] or names)
         if header[name]["dtype"] == "BF16":
