@@ -239,8 +239,10 @@ def _check_shapes(source: Source, tensors: dict[str, TensorInfo], layout: meta_m
         if name.endswith(_SCALE_SUFFIXES) or _extra_layer(name, source.config):
             continue
         target, converted = name, False
-        if name not in layout.shapes and layout.renamer is not None:
-            target, converted = layout.renamer(name)
+        if layout.renamer is not None:  # a converter wins even for a model key (Qwen3-VL-MoE transposes its
+            renamed, by_converter = layout.renamer(name)  # expert stacks under the same name at load)
+            if by_converter or name not in layout.shapes:
+                target, converted = renamed, by_converter
         want = layout.shapes.get(target)
         if want is None:
             continue

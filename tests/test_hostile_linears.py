@@ -411,3 +411,25 @@ def test_a_missing_expert_is_refused(family, expert, tmp_path):
     src = write_checkpoint(tmp_path / "src", family=family, num_layers=2, shard_size=100_000)
     drop_tensor(src, expert)
     check_fails(src, tmp_path / "out", "experts merged into", "one expert more or fewer")
+
+
+def test_a_tensor_a_load_time_converter_reshapes_is_not_compared_by_shape(tmp_path):
+    """A tensor transformers converts at load under its own name (Qwen3-VL-MoE's expert stacks, stored
+    [E, H, 2I] and transposed to the model's [E, 2I, H]) is not a shape mismatch: only a plain rename is
+    compared shape for shape (found by review: such a checkpoint, which transformers loads, was refused)."""
+    from types import SimpleNamespace
+
+    from shardconv.safetensors_io import TensorInfo
+
+    stack = "model.layers.0.mlp.experts.down_proj"
+    plain = "model.layers.0.self_attn.o_proj.weight"
+    layout = SimpleNamespace(shapes={stack: (4, 128, 32), plain: (8, 8)},
+                             renamer=lambda n: (n, n == stack))  # the stack goes through a converter
+    source = SimpleNamespace(config={})
+
+    def info(name, shape):
+        return TensorInfo(name=name, dtype="BF16", shape=shape, path=tmp_path / "model.safetensors", offset=0,
+                          nbytes=2 * int(torch.tensor(shape).prod()))
+    linears._check_shapes(source, {stack: info(stack, (4, 32, 128)), plain: info(plain, (8, 8))}, layout, "M")
+    with pytest.raises(Exception, match="has shape"):
+        linears._check_shapes(source, {plain: info(plain, (8, 16))}, layout, "M")
