@@ -195,28 +195,39 @@ def _member_max(member: Member, weight: torch.Tensor, chunks, method: str, amax:
     """The member's max |w| (fp32 0-d): ``amax`` where the method took it from the weights already."""
     if not len(weight):
         return torch.zeros((), device=weight.device)
+    if member.stacked:  # [E]: each expert of a stack is held to the rule on its own
+        return torch.stack([weight[e].abs().amax().float() for e in range(len(weight))])
     if not scales.amax_from_file(member, method):
         return amax
     return torch.stack([weight[rows].abs().amax().float() for rows in chunks]).amax()
 
 
 def all_codes_zero(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tensor:
-    """True (a device bool) for a member whose weights are not all zero but whose every FP4 code is 0 (or
-    -0): it would be written as zeros. Why refused: one ``weight_scale_2`` serves a fusion group, and
+    """True (a device bool) for a member (or an expert of a stacked member) whose weights are not all zero
+    but whose every FP4 code is 0 (or -0): it would be written as zeros. Why refused: one ``weight_scale_2`` serves a fusion group, and
     block scales are clamped at e4m3's smallest, so a member below ~2e-7 of the group's max loses every
     value. No real fused projection is that far below its partners; a corrupt source scale (an FP8 block
     scale of 1e30 in one member) does it to the others, which ModelOpt's export writes as zeros and
     engines serve as a dead projection."""
-    return (member_max > 0) & ~((packed & 0x77) != 0).any()
+    return _zeroed(packed, member_max).any()
+
+
+def _zeroed(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tensor:
+    """Which of the member (0-d) or of a stack's experts (``member_max`` [E]) are not zero but coded all 0."""
+    nonzero = (packed & 0x77) != 0
+    nonzero = nonzero.flatten(1).any(dim=1) if member_max.dim() else nonzero.any()
+    return (member_max > 0) & ~nonzero
 
 
 def _check_not_all_zero(member: Member, packed: torch.Tensor, member_max: torch.Tensor,
                         group_amax: torch.Tensor) -> None:
-    if bool(all_codes_zero(packed, member_max)):
+    zeroed = _zeroed(packed, member_max)
+    if bool(zeroed.any()):
+        which = f" (expert {int(zeroed.nonzero()[0, 0])})" if zeroed.dim() else ""
         raise QuantizationError(
-            f"{member.weight.path}: tensor {member.weight.name!r}: every value quantizes to 0 (its max |w| "
-            f"{float(member_max):.3g} against its fusion group's {float(group_amax):.3g}): it would be written as "
-            "zeros; a corrupt scale in the source? (--exclude keeps the group in source precision)")
+            f"{member.weight.path}: tensor {member.weight.name!r}{which}: every value quantizes to 0 (its max |w| "
+            f"{float(member_max[zeroed].max()):.3g} against its fusion group's {float(group_amax):.3g}): it would "
+            "be written as zeros; a corrupt scale in the source? (--exclude keeps the group in source precision)")
 
 
 def _check_block_scales(member: Member, scale: torch.Tensor) -> None:

@@ -238,3 +238,21 @@ def test_device_flag_matches_the_cpu_checks_for_fp8_layers(method, fill, spot, o
     else:
         with pytest.raises(ShardconvError, match="o_proj"):
             redo_on_cpu([m], [w], method)
+
+
+@pytest.mark.parametrize("method", ["max", "cast"])
+def test_an_expert_of_a_stack_quantized_to_all_zeros_is_refused(tmp_path, method):
+    """GPT-OSS's experts are one stacked tensor under one weight_scale_2: an MXFP4 scale 2^40 too large in
+    expert 0 zeroed experts 1-3, and the stack as a whole had nonzero codes (exit 0 before; found by
+    review). Each expert of a stack is held to the rule on its own."""
+    from shardconv.synth_mxfp4 import write_mxfp4_checkpoint
+
+    src = write_mxfp4_checkpoint(tmp_path / "src", num_layers=2, shard_size=100_000)
+    name = next(n for n in load_checkpoint(src) if n.endswith("layers.0.mlp.experts.gate_up_proj_scales"))
+
+    def inflate(t):
+        t = t.clone()
+        t.view(-1)[0] += 40  # E8M0 exponent byte
+        return t
+    edit(src, {name: inflate})
+    fails(src, tmp_path / "out", "gate_up_proj", "(expert 1)", "every value quantizes to 0", args=("--scales", method))
