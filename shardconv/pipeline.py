@@ -3,7 +3,7 @@ copies and writing all proceed at once, with bounded memory (conversion.py runs 
 
 Stages:
 - reader threads fill reusable host buffers (pinned when a GPU is used) with ``pread``; tensors that
-  are kept are copied by copier threads of their own, from the start, through a small buffer per
+  are kept are copied by copier threads of their own, queued ahead of the readers, through a small buffer per
   thread, and never touch the GPU;
 - the main thread issues the uploads on a copy stream; groups of one structure (a MoE layer's experts,
   batch.py) wait to be quantized as one batch on a compute stream, others go alone; results download
