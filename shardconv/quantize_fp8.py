@@ -56,12 +56,18 @@ def quantize_fp8_group(members: list[Member], weights: list[torch.Tensor], metho
         codes = torch.empty(tuple(w.shape), dtype=torch.float8_e4m3fn, device=w.device)
         for r in rows:
             codes[r] = fp8_numerics.quantize(w[r], scale)
-        ok = scalar_ok(scale) & ~lie & (scalar_ok(in_scale) if in_scale is not None else True)
+        # weights that are not zero, every code 0: an amax far above the weights (quantize.all_codes_zero)
+        dead = (actual > 0) & ~((codes.view(torch.uint8) & 0x7F) != 0).any()
+        ok = scalar_ok(scale) & ~lie & ~dead & (scalar_ok(in_scale) if in_scale is not None else True)
         if check:
             where = f"{m.weight.path}: tensor {m.weight.name!r}"
             if bool(lie):
                 raise AmaxError(f"{where}: the amax file gives a weight amax of 0 but the weight is not all zero "
                                 "(the amax file does not fit this checkpoint)")
+            if bool(dead):
+                raise QuantizationError(f"{where}: every value quantizes to 0 in FP8 (its max |w| {float(actual):.3g} "
+                                        f"against the amax {float(amax):.3g}): it would be written as zeros; the "
+                                        "amax file does not fit this checkpoint? (--exclude keeps it)")
             if not bool(scalar_ok(scale)):
                 raise QuantizationError(f"{where}: FP8 weight_scale would be {float(scale):.4g}: its max |w| is too "
                                         "small for FP8 scales (use --format-for or --exclude to keep it)")

@@ -215,6 +215,8 @@ def test_device_flag_on_cuda(llama, fill, ok):
     ("max", 0.5, float("nan"), False), ("max", 0.5, float("inf"), False),
     # scales from the amax file: the weights' own max is not taken, so only the finite check sees these
     ("amax", 0.5, None, True), ("amax", 0.5, float("nan"), False), ("amax", 0.5, float("-inf"), False),
+    # weights far below the file's amax: every FP8 code 0, written as zeros with exit 0 before (found by review)
+    ("amax", 1e-12, None, False), ("max", 1e-12, None, True),
 ])
 def test_device_flag_matches_the_cpu_checks_for_fp8_layers(method, fill, spot, ok):
     """The same for a mixed recipe's FP8 layer (quantize_fp8.py): check=False flags exactly what
