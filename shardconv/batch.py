@@ -23,7 +23,7 @@ import torch
 from . import numerics, scales, sweep
 from .amax import ModuleAmax
 from .planning import Member
-from .quantize import ZERO_GROUP_AMAX, QuantizedWeight, _row_chunks, _scalar_ok, quantize_group
+from .quantize import ZERO_GROUP_AMAX, QuantizedWeight, _row_chunks, _scalar_ok, quantize_group, zeroed
 from .safetensors_io import nonfinite
 
 BATCHED_METHODS = ("max", "amax", *sweep.METHODS)
@@ -118,8 +118,7 @@ def quantize_stacked(groups: list[list[Member]], weights: list[list[torch.Tensor
             bscale[:, rows] = s
             packed[:, rows] = numerics.quantize(part, s, s2)
         scales_ok = ((bscale.view(torch.uint8) & 0x7F) != 0x7F).flatten(1).all(dim=1)
-        all_zero = (member_max[i] > 0) & ~((packed & 0x77) != 0).flatten(1).any(dim=1)  # quantize.all_codes_zero
-        ok = group_ok & finite & scales_ok & ~all_zero
+        ok = group_ok & finite & scales_ok & ~zeroed(packed, member_max[i])  # a member coded all 0 (quantize.py)
         # unbind: one call per batch for every group's view (each torch call costs the main thread a GIL hand-off)
         for g, (p, b, s2_g, ok_g) in enumerate(zip(packed.unbind(0), bscale.unbind(0), scale_2.unbind(0), ok.unbind(0))):
             results[g].append(QuantizedWeight(p, b, s2_g, in_scales[g], ok=ok_g))

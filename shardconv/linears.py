@@ -16,6 +16,7 @@ before anything is written (see :func:`_check_missing` for when that is trusted)
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -252,20 +253,13 @@ def _check_shapes(source: Source, tensors: dict[str, TensorInfo], layout: meta_m
                                   f"{model_name} (from config.json) expects {list(want)}: the config does not "
                                   "describe this checkpoint (transformers would refuse to load it)")
         elif _EXPERT.search(name):
-            merged[target] += _numel(info.shape)
+            merged[target] += math.prod(info.shape)
             first.setdefault(target, info)
     for target, size in sorted(merged.items()):
         want = layout.shapes[target]
-        if size != _numel(want):
+        if size != math.prod(want):
             info = first[target]
             raise SourceError(f"{info.path}: tensor {_short(info.name)} and the other experts merged into "
                               f"{_short(target)} hold {size} values but {model_name} (from config.json) expects "
-                              f"{_numel(want)} ({list(want)}): one expert more or fewer than the config says "
+                              f"{math.prod(want)} ({list(want)}): one expert more or fewer than the config says "
                               "(transformers would refuse to load it)")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -209,11 +209,12 @@ def all_codes_zero(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tens
     value. No real fused projection is that far below its partners; a corrupt source scale (an FP8 block
     scale of 1e30 in one member) does it to the others, which ModelOpt's export writes as zeros and
     engines serve as a dead projection."""
-    return _zeroed(packed, member_max).any()
+    return zeroed(packed, member_max).any()
 
 
-def _zeroed(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tensor:
-    """Which of the member (0-d) or of a stack's experts (``member_max`` [E]) are not zero but coded all 0."""
+def zeroed(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tensor:
+    """Which of the member (0-d ``member_max``), of a stack's experts or of a batch's groups (``member_max``
+    [E] or [G], ``packed`` with that first dimension) are not zero but coded all 0."""
     nonzero = (packed & 0x77) != 0
     nonzero = nonzero.flatten(1).any(dim=1) if member_max.dim() else nonzero.any()
     return (member_max > 0) & ~nonzero
@@ -221,12 +222,12 @@ def _zeroed(packed: torch.Tensor, member_max: torch.Tensor) -> torch.Tensor:
 
 def _check_not_all_zero(member: Member, packed: torch.Tensor, member_max: torch.Tensor,
                         group_amax: torch.Tensor) -> None:
-    zeroed = _zeroed(packed, member_max)
-    if bool(zeroed.any()):
-        which = f" (expert {int(zeroed.nonzero()[0, 0])})" if zeroed.dim() else ""
+    dead = zeroed(packed, member_max)
+    if bool(dead.any()):
+        which = f" (expert {int(dead.nonzero()[0, 0])})" if dead.dim() else ""
         raise QuantizationError(
             f"{member.weight.path}: tensor {member.weight.name!r}{which}: every value quantizes to 0 (its max |w| "
-            f"{float(member_max[zeroed].max()):.3g} against its fusion group's {float(group_amax):.3g}): it would "
+            f"{float(member_max[dead].max()):.3g} against its fusion group's {float(group_amax):.3g}): it would "
             "be written as zeros; a corrupt scale in the source? (--exclude keeps the group in source precision)")
 
 
