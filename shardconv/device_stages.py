@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .batch import MAX_BATCH, Stacked, quantize_stacked, structure
+from .batch import MAX_BATCH, Stacked, quantize_stacked_weights, structure
 from .errors import in_context, working_on
 from .host_buffers import BufferPool
 from .host_outputs import (copy_packed, copy_stacked, group_flags, group_of, groups_per_copy, stacked_bytes,
@@ -42,10 +42,11 @@ class DeviceStages:
     """The device stages, as methods the pipeline's Converter inherits: they use its pools (``inputs``,
     ``outputs``), streams (``h2d``, ``compute``, ``d2h``), ``uploads`` queue, plan, format and clock."""
 
-    def _upload(self, unit: Unit, weights: list[torch.Tensor], in_bufs) -> tuple[list[torch.Tensor], torch.cuda.Event]:
-        """Copy a group to the device on the copy stream; its host buffers go back once the copy is
-        done (:meth:`_release_uploads`), not once the group is written: holding them through the
-        writers' disk time starves the readers. No wait here."""
+    def _upload(self, weights: list[torch.Tensor], in_bufs) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        """Copy a step's weights (a group's, or a batch's stacked per member position) to the device on
+        the copy stream; the host buffers go back once the copy is done (:meth:`_release_uploads`),
+        not once the group is written: holding them through the writers' disk time starves the
+        readers. No wait here."""
         with torch.cuda.stream(self.h2d):
             on_dev = [w.to(self.opts.device, non_blocking=True) for w in weights]
             uploaded = torch.cuda.Event()
@@ -63,23 +64,21 @@ class DeviceStages:
                 self.clock.add("main-wait-upload", t0)
             self.inputs.give(bufs)
 
-    @in_context
-    def _quantize_cuda(self, unit: Unit, batch: list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]):
-        """Quantize uploaded groups (``unit`` is the first; several only when they share a
-        batch.structure) on the compute stream, without waiting; returns each group's results, the
-        groups' device ``ok`` flags ([G] bool: finite input, usable scales) and the event that ends the
-        compute."""
+    def _quantize_cuda(self, step: list[Unit], on_dev: list[torch.Tensor], uploaded):
+        """Quantize an uploaded step on the compute stream, without waiting: one group, or a batch
+        (batch.schedule) whose member position ``i`` is ``on_dev[i]``, ``[G, out, in]``. Returns each
+        group's results, the groups' device ``ok`` flags ([G] bool: finite input, usable scales) and the
+        event that ends the compute."""
         dev = self.opts.device
-        with torch.cuda.stream(self.compute):
-            self.compute.wait_event(batch[-1][2])  # the copy stream runs its uploads in order: the last covers all
-            for _, on_dev, _ in batch:
-                for t in on_dev:
-                    t.record_stream(self.compute)
-            groups = [u.members for u, _, _ in batch]
-            if len(batch) > 1:
-                results = quantize_stacked(groups, [d for _, d, _ in batch], self.plan.scales, dev, chunk=self.chunk)
+        with working_on(step[0].first.path, step[0].first.name), torch.cuda.stream(self.compute):
+            self.compute.wait_event(uploaded)
+            for t in on_dev:
+                t.record_stream(self.compute)
+            groups = [u.members for u in step]
+            if len(step) > 1:
+                results = quantize_stacked_weights(groups, on_dev, self.plan.scales, dev, chunk=self.chunk)
             else:
-                results = Stacked([quantize_group(groups[0], batch[0][1], self.plan.scales, dev, to_cpu=False,
+                results = Stacked([quantize_group(groups[0], on_dev, self.plan.scales, dev, to_cpu=False,
                                                   chunk=self.chunk, check=False)])
             oks = group_flags(results.groups)
             self.requantized += sum(q.requantized for r in results.groups for q in r)  # host ints: no sync
@@ -87,7 +86,7 @@ class DeviceStages:
             done.record(self.compute)
         return results, oks, done
 
-    def _downloads(self, batch, results: Stacked, oks, done):
+    def _downloads(self, step: list[Unit], results: Stacked, oks, done):
         """Download the groups' outputs into pinned output buffers on the third stream, without waiting;
         yields the writer jobs, ``(writer method, *its arguments)``: one per group, or one per copy of
         several groups where the batch's tensors are stacked (host_outputs.copy_stacked).
@@ -103,9 +102,9 @@ class DeviceStages:
             oks.record_stream(self.d2h)
             oks_host.copy_(oks, non_blocking=True)
         if results.tensors is not None:
-            yield from self._download_stacked(batch, results, oks_host)
+            yield from self._download_stacked(step, results, oks_host)
             return
-        for g, ((u, _, _), res) in enumerate(zip(batch, results.groups)):
+        for g, (u, res) in enumerate(zip(step, results.groups)):
             with working_on(u.first.path, u.first.name):
                 t0 = time.perf_counter()
                 out_bufs = self.outputs.take([self.out_bytes[m.module] for m in u.members])
@@ -118,10 +117,9 @@ class DeviceStages:
                     downloaded.record(self.d2h)
             yield self._write_cuda, u, host, (downloaded, oks_host, g, out_bufs)
 
-    def _download_stacked(self, batch, results: Stacked, oks_host: torch.Tensor):
+    def _download_stacked(self, units: list[Unit], results: Stacked, oks_host: torch.Tensor):
         """:meth:`_downloads` of a batch whose tensors are stacked: as many groups per host buffer as a
         slab holds, three copies per member position, one event and one writer job per buffer."""
-        units = [u for u, _, _ in batch]
         k = groups_per_copy(results.tensors, self.outputs.size)
         for start in range(0, len(units), k):
             stop = min(start + k, len(units))

@@ -17,7 +17,8 @@ import torch
 ALIGN = 4096
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """The bytes a buffer of ``n`` bytes takes from a slab."""
     return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
 
 
@@ -43,7 +44,7 @@ class BufferPool:
     """
 
     def __init__(self, count: int, size: int, pin: bool, device: torch.device | None = None):
-        self.size = size = _aligned(size)
+        self.size = size = aligned(size)
         self.error: BaseException | None = None  # the pinning thread's failure, raised by take()
         self.registered: list[torch.Tensor] = []
         self.count = count
@@ -120,7 +121,7 @@ class BufferPool:
 
     def take(self, sizes: list[int], block: bool = True) -> list[torch.Tensor] | None:
         """Buffers of ``sizes`` bytes each (uint8), or None where ``block`` is False and they would wait."""
-        wanted = [_aligned(n) for n in sizes]
+        wanted = [aligned(n) for n in sizes]
         if len(wanted) > self.count or any(n > self.size for n in wanted):
             raise RuntimeError(f"a unit needs buffers of {sizes} bytes but the pool has {self.count} slabs of "
                                f"{self.size} bytes")

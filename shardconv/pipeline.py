@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import journal, profile, readahead
-from .batch import MAX_BATCH, structure
+from .batch import schedule, stacked_view, structure
 from .device_stages import DeviceStages, output_pool
 from .encodings import dequantize_excluded
 from .errors import in_context, working_on
@@ -57,6 +57,7 @@ COPY_SPLIT = 256 * 2**20  # a kept tensor is copied in jobs of this size, by the
 # 3.2-3.7 GB/s with 1, 4 or 8 threads), while the weights waited to be read (the first group 1.0-1.7 s
 # after the start), and the lm_head copy, gated behind the weights' buffers, was a tail.
 COPIERS = 2
+BATCH_SLABS = 8  # with batches (batch.schedule), the host budget is cut into this many slabs
 COPY_AHEAD_SHARDS = 2  # kept tensors are queued up to this many output shards past the readers' one
 
 
@@ -81,22 +82,28 @@ def _largest_member(plan: Plan) -> int:
 class Converter(DeviceStages):
     """Runs one plan through the stages described in the module docstring."""
 
+    # Tests run the GPU stages on the CPU, with streams, events and pinning stubbed (tests/test_schedule.py).
+    device_stages_on_cpu = False
+
     def __init__(self, plan: Plan, dst: Path, fmt, opts: Options, log: journal.Journal | None = None,
                  skip_shards: set[int] = frozenset(), check=None):
         self.plan, self.dst, self.fmt, self.opts = plan, dst, fmt, opts
         self.check = check  # called between groups; raises to stop the run (speculation.Speculation.check)
         self.skip_shards = skip_shards
-        self.cuda = opts.device.type == "cuda"
+        self.cuda = opts.device.type == "cuda" or self.device_stages_on_cpu
         auto = io_threads()
         readers, writers = opts.readers or auto[0], opts.writers or auto[1]
         max_members = max((len(u.members) for u in plan.units), default=1)
+        # bytes of same-structure groups quantized as one batch (batch.py); SHARDCONV_BATCH=0: one at a time
+        self.batch_bytes = (min(2**30, opts.gpu_buffer // 4)
+                            if self.cuda and os.environ.get("SHARDCONV_BATCH") != "0" else 0)
         slab = max(_largest_member(plan), 1)
+        if self.batch_bytes and any(u.members and structure(u.members) is not None for u in plan.units):
+            slab = max(slab, opts.host_buffer // BATCH_SLABS)  # a batch's weights of one position in one slab
         # Enough slabs to keep every reader busy while a group is on the device, within the budget.
         count = max(max_members + 1, min(opts.host_buffer // slab, 2 * max(1, readers) + max_members))
         self.inputs = BufferPool(count, slab, pin=self.cuda, device=opts.device)
         self.out_bytes = output_bytes(plan, fmt)
-        # bytes of same-structure groups quantized as one batch (batch.py); SHARDCONV_BATCH=0: one at a time
-        self.batch_bytes = 0 if os.environ.get("SHARDCONV_BATCH") == "0" else min(2**30, opts.gpu_buffer // 4)
         self.outputs = (output_pool(plan, self.out_bytes, opts.host_buffer, count, self.batch_bytes, opts.device)
                         if self.cuda else None)
         self.shards = Shards(plan, dst, log, sync=opts.fsync)
@@ -115,16 +122,19 @@ class Converter(DeviceStages):
         self.local = threading.local()
 
     # -- stage 1: readers -------------------------------------------------------------------------
-    def _submit_reads(self, unit: Unit, buffers: list[torch.Tensor]) -> list[Future]:
-        """Every reader reads a piece of the unit's weights into its buffers: reading is not limited to
-        one thread per tensor (a 70B MLP weight is 470 MB), nor by how many buffers are free."""
-        return [self.readers.submit(self._read_piece, m.weight, buf, start, min(start + READ_PIECE, m.weight.nbytes))
-                for m, buf in zip(unit.members, buffers) for start in range(0, m.weight.nbytes, READ_PIECE)]
+    def _submit_reads(self, step: list[Unit], buffers: list[torch.Tensor]) -> list[Future]:
+        """Every reader reads a piece of the step's weights into its buffers: reading is not limited to
+        one thread per tensor (a 70B MLP weight is 470 MB), nor by how many buffers are free. A batch's
+        group ``g`` lands at ``g`` weights into its member position's buffer (batch.schedule)."""
+        return [self.readers.submit(self._read_piece, m.weight, buf, start, min(start + READ_PIECE, m.weight.nbytes),
+                                    g * m.weight.nbytes)
+                for g, unit in enumerate(step) for m, buf in zip(unit.members, buffers)
+                for start in range(0, m.weight.nbytes, READ_PIECE)]
 
     @in_context
-    def _read_piece(self, info: TensorInfo, buf: torch.Tensor, start: int, stop: int) -> None:
+    def _read_piece(self, info: TensorInfo, buf: torch.Tensor, start: int, stop: int, base: int) -> None:
         t0 = time.perf_counter()
-        read_range(info, buf, start, stop)
+        read_range(info, buf, start, stop, base)
         self.clock.add("read", t0)
 
     def _submit_copies(self, units: list[Unit]) -> list[Future]:
@@ -193,25 +203,28 @@ class Converter(DeviceStages):
         from tqdm.auto import tqdm
 
         units = [u for u in self.plan.units if u.shard not in self.skip_shards]
-        pending: collections.deque[tuple[Unit, list[Future] | None, list | None]] = collections.deque()
+        # each step one unit, or a batch of same-structure groups (batch.schedule; GPU only)
+        steps = schedule(units, self.plan.scales, self.inputs.size, self.batch_bytes, self.opts.host_buffer)
+        pending: collections.deque[tuple[list[Unit], list[Future] | None, list | None]] = collections.deque()
         jobs: collections.deque[Future] = collections.deque()
         self.bar = tqdm(total=sum(u.in_bytes for u in units), unit="B", unit_scale=True, unit_divisor=1000,
                         desc="converting", disable=not self.opts.progress, dynamic_ncols=True)
         nxt = 0
-        prefetcher = readahead.Prefetcher([u.inputs for u in units], self.opts.prefetch)
+        prefetcher = readahead.Prefetcher([[t for u in step for t in u.inputs] for step in steps], self.opts.prefetch)
         startup = readahead.active()  # the command line's start-up read-ahead: moved on as units are read
         timeline = profile.DiskTimeline() if profile.ENABLED else None
 
         def submit(block: bool) -> None:
             nonlocal nxt
-            while nxt < len(units) and len(pending) < LOOKAHEAD_UNITS:
-                u = units[nxt]
+            while nxt < len(steps) and len(pending) < LOOKAHEAD_UNITS:
+                step = steps[nxt]
+                u = step[0]
                 if not u.members:  # its kept tensor is queued for the copiers already (feed_copies)
                     if u.dequant is not None or u.extra:  # an excluded encoded weight (dequantized), or extras
                         jobs.append(self.readers.submit(self._write_small, u))
-                    pending.append((u, None, None))
+                    pending.append((step, None, None))
                 else:
-                    sizes = [m.weight.nbytes for m in u.members]
+                    sizes = [len(step) * m.weight.nbytes for m in u.members]
                     bufs = self.inputs.take(sizes, block=False)
                     if bufs is None and self.cuda:
                         self._release_uploads()
@@ -222,25 +235,10 @@ class Converter(DeviceStages):
                         if self.cuda:  # only uploads in flight hold buffers now
                             self._release_uploads(wait=True)
                         bufs = self.inputs.take(sizes, block=True)
-                    pending.append((u, self._submit_reads(u, bufs), bufs))
+                    pending.append((step, self._submit_reads(step, bufs), bufs))
                 if startup is not None:
-                    startup.reached(u.inputs)
+                    startup.reached([t for u in step for t in u.inputs])
                 nxt += 1
-
-        # uploaded groups waiting to be quantized together, by batch.structure: a MoE layer's experts
-        # alternate (gate/up group, down_proj), so each structure keeps its own batch
-        batches: dict[object, list[tuple[Unit, list[torch.Tensor], torch.cuda.Event]]] = {}
-        open_bytes = 0
-
-        def flush(key=None) -> None:
-            """Quantize the batch of ``key`` (None: every batch)."""
-            nonlocal open_bytes
-            for k in ([key] if key is not None else list(batches)):
-                batch = batches.pop(k, [])
-                if batch:
-                    open_bytes -= sum(u.in_bytes for u, _, _ in batch)
-                    for job in self._downloads(batch, *self._quantize_cuda(batch[0][0], batch)):
-                        jobs.append(self.writers.submit(*job))
 
         copies: collections.deque[Future] = collections.deque()
         copied = 0  # units whose kept tensor is queued for the copiers
@@ -253,7 +251,7 @@ class Converter(DeviceStages):
             nonlocal copied
             if not units:
                 return
-            limit = units[min(nxt, len(units) - 1)].shard + COPY_AHEAD_SHARDS
+            limit = steps[min(nxt, len(steps) - 1)][0].shard + COPY_AHEAD_SHARDS
             end = copied
             while end < len(units) and units[end].shard <= limit:
                 end += 1
@@ -262,37 +260,29 @@ class Converter(DeviceStages):
                 copied = end
 
         try:
-            while pending or nxt < len(units):
+            while pending or nxt < len(steps):
                 if self.check is not None:
                     self.check()
                 feed_copies()
                 submit(block=True)
                 prefetcher.ahead_of(nxt)  # the units after those the readers have
-                unit, reads, bufs = pending.popleft()
+                step, reads, bufs = pending.popleft()
                 if reads is None:
                     continue
+                unit = step[0]
                 t0 = time.perf_counter()
                 for piece in reads:
                     piece.result()
-                weights = [tensor_view(m.weight, buf) for m, buf in zip(unit.members, bufs)]
+                weights = ([tensor_view(m.weight, buf) for m, buf in zip(unit.members, bufs)] if len(step) == 1 else
+                           [stacked_view(m.weight, len(step), buf) for m, buf in zip(unit.members, bufs)])
                 self.clock.add("main-wait-read", t0)
                 if timeline is not None and not timeline.events:
                     timeline.mark("first group read")
                 t0 = time.perf_counter()
-                if self.cuda:  # same-structure groups (a MoE layer's experts) wait to be quantized as one batch
-                    key = structure(unit.members) if self.batch_bytes else None
-                    on_dev, uploaded = self._upload(unit, weights, bufs)
-                    if key is None:
-                        one = [(unit, on_dev, uploaded)]
-                        for job in self._downloads(one, *self._quantize_cuda(unit, one)):
-                            jobs.append(self.writers.submit(*job))
-                    else:
-                        batches.setdefault(key, []).append((unit, on_dev, uploaded))
-                        open_bytes += unit.in_bytes
-                        if len(batches[key]) >= MAX_BATCH:
-                            flush(key)
-                        elif open_bytes > self.batch_bytes:
-                            flush()
+                if self.cuda:
+                    on_dev, uploaded = self._upload(weights, bufs)
+                    for job in self._downloads(step, *self._quantize_cuda(step, on_dev, uploaded)):
+                        jobs.append(self.writers.submit(*job))
                     self._release_uploads()
                 else:
                     try:
@@ -308,8 +298,6 @@ class Converter(DeviceStages):
                     jobs.popleft().result()
                 while copies and copies[0].done():
                     copies.popleft().result()
-            if self.cuda:
-                flush()
             copies.extend(self._submit_copies(units[copied:]))  # those after the loop's last feed_copies
             t0 = time.perf_counter()
             if timeline is not None:

@@ -181,11 +181,14 @@ def advise(fd: int, offset: int, nbytes: int) -> None:
 MAX_PREAD = 256 * 2**20  # bytes per pread call (Linux returns at most about 2 GiB anyway)
 
 
-def read_range(info: TensorInfo, out: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
-    """Read bytes [start, stop) of one tensor with ``pread`` into the same bytes of ``out`` (a uint8
-    CPU tensor at least ``info.nbytes`` long): the pipeline reads a tensor's pieces on several threads."""
+def read_range(info: TensorInfo, out: torch.Tensor, start: int = 0, stop: int | None = None, base: int = 0) -> None:
+    """Read bytes [start, stop) of one tensor with ``pread`` into bytes [base + start, base + stop) of
+    ``out`` (a uint8 CPU tensor): the pipeline reads a tensor's pieces on several threads, and a batch's
+    tensors one after the other into one buffer (batch.schedule)."""
     stop = info.nbytes if stop is None else stop
-    mv = memoryview(out.view(torch.uint8).reshape(-1)[start:stop].numpy()).cast("B")
+    mv = memoryview(out.view(torch.uint8).reshape(-1).numpy()).cast("B")[base + start:base + stop]
+    if len(mv) != stop - start:
+        raise ValueError(f"a buffer of {out.nbytes} bytes cannot hold bytes {base + start}-{base + stop}")
     fd = os.open(info.path, os.O_RDONLY)
     advise(fd, info.offset + start, stop - start)
     try:

@@ -182,7 +182,7 @@ def test_a_batch_larger_than_the_output_pool_is_written_without_waiting_for_ever
     jobs = []
 
     def run():
-        downloads = conv._downloads(batch, results, oks, _Event())
+        downloads = conv._downloads([u for u, _, _ in batch], results, oks, _Event())
         for job in (list(downloads) if order == "take-all-first" else downloads):
             jobs.append(conv.writers.submit(*job))
         for job in jobs:
@@ -227,7 +227,7 @@ def test_the_group_the_device_flagged_is_the_one_redone_on_the_cpu(stacked, scal
     monkeypatch.setattr(pipeline, "redo_on_cpu", lambda members, *a: redone.append(members) or real(members, *a))
     monkeypatch.setattr(conv.shards, "write", lambda shard, tensors: written.update(
         {k: v.clone() for k, v in tensors.items()}))
-    jobs = [conv.writers.submit(*job) for job in conv._downloads(batch, results, oks, _Event())]
+    jobs = [conv.writers.submit(*job) for job in conv._downloads([u for u, _, _ in batch], results, oks, _Event())]
     try:
         for job in jobs:
             job.result()
@@ -386,7 +386,7 @@ def test_a_failed_download_names_a_tensor_and_gives_its_buffer_back(stacked, tmp
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     monkeypatch.setattr(_Event, "synchronize", lambda self: fails())
     oks = host_outputs.group_flags(results.groups)
-    job = next(iter(conv._downloads(batch, results, oks, _Event())))
+    job = next(iter(conv._downloads([u for u, _, _ in batch], results, oks, _Event())))
     try:
         with pytest.raises(ShardconvError, match=r"tensor 'model\.layers\.\d+\.mlp\.experts\.\d+\..*illegal memory"):
             job[0](*job[1:])

@@ -126,7 +126,7 @@ def test_batch_larger_than_the_output_pool_does_not_hang(tmp_path, monkeypatch):
 
     def recording(self, batch, *rest):
         seen["pool"] = self.outputs.count
-        seen["members"] = max(seen["members"], sum(len(u.members) for u, _, _ in batch))
+        seen["members"] = max(seen["members"], sum(len(u.members) for u in batch))
         return real(self, batch, *rest)
 
     monkeypatch.setattr(pipeline.Converter, "_downloads", recording)

@@ -1,0 +1,179 @@
+"""A batch of same-structure groups is one pipeline step (batch.schedule): read into one host buffer
+per member position and uploaded in one copy each. Here the GPU stages run on the CPU, with streams,
+events and pinning stubbed, and must write the bytes the CPU path writes."""
+
+import contextlib
+
+import pytest
+import torch
+
+from conftest import load_checkpoint, same_bytes
+from shardconv import api, device_stages, host_buffers, pipeline
+from shardconv.batch import MAX_BATCH, schedule, stacked_view, structure
+from shardconv.formats import get_format
+from shardconv.host_buffers import aligned
+from shardconv.planning import build_plan
+from shardconv.safetensors_io import read_into, read_range
+from shardconv.source import open_source
+from shardconv.synth import write_checkpoint
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _Stream:
+    def __init__(self, device=None):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+@pytest.fixture
+def gpu_stages_on_cpu(monkeypatch):
+    """Converters run their GPU stages (device_stages.py) with the tensors on the CPU; returns the
+    number of groups of each batch quantized (device_stages.quantize_stacked_weights)."""
+    empty = torch.empty
+    monkeypatch.setattr(pipeline.Converter, "device_stages_on_cpu", True)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+    monkeypatch.setattr(host_buffers.BufferPool, "_allocate", lambda self, size, pin: empty(size, dtype=torch.uint8))
+    sizes = []
+    real = device_stages.quantize_stacked_weights
+
+    def recording(groups, stacked, *a, **k):
+        sizes.append(len(groups))
+        assert all(w.shape[0] == len(groups) for w in stacked)
+        return real(groups, stacked, *a, **k)
+
+    monkeypatch.setattr(device_stages, "quantize_stacked_weights", recording)
+    return sizes
+
+
+def _moe(root, family="qwen3_moe", experts=16):
+    kw = dict(hidden_size=128, moe_intermediate_size=96) if family == "qwen3_moe" else dict(
+        hidden_size=256, intermediate_size=1024, moe_intermediate_size=64)
+    return write_checkpoint(root / "src", family=family, weights="structured", num_layers=2, num_experts=experts,
+                            shard_size=400_000, **kw)
+
+
+@pytest.mark.parametrize("family,scales,fmt,host_buffer", [
+    ("qwen3_moe", "max", "modelopt", "8MiB"),
+    ("qwen3_moe", "mse", "modelopt", "8MiB"),
+    ("qwen3_moe", "four-over-six", "compressed-tensors", "8MiB"),
+    ("qwen3_moe", "max", "modelopt", "1MiB"),  # slabs of ~128 KiB: batches of 5 groups
+    ("deepseek_v3", "max", "modelopt", "8MiB"),
+])
+def test_batched_steps_on_the_gpu_stages_write_the_cpu_bytes(family, scales, fmt, host_buffer, tmp_path, monkeypatch,
+                                                              request):
+    src = _moe(tmp_path, family)
+    api.convert(src, tmp_path / "cpu", scales=scales, format=fmt, device="cpu", host_buffer=host_buffer)
+    sizes = request.getfixturevalue("gpu_stages_on_cpu")
+    api.convert(src, tmp_path / "gpu", scales=scales, format=fmt, device="cpu", host_buffer=host_buffer)
+    assert sizes and max(sizes) > 1  # experts went as batches
+    if host_buffer == "1MiB":
+        assert max(sizes) <= (2**20 // pipeline.BATCH_SLABS) // aligned(96 * 128 * 2)
+    a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "gpu")
+    assert a.keys() == b.keys()
+    assert all(same_bytes(a[k], b[k]) for k in a)
+
+
+def test_batched_steps_with_an_amax_file_write_the_cpu_bytes(tmp_path, gpu_stages_on_cpu, monkeypatch):
+    """Each group of a batch keeps its own saved amax and input scale."""
+    from test_amax import make_amax, weights
+
+    src = _moe(tmp_path)
+    torch.save(make_amax(weights(src), kv=False), tmp_path / "amax.pt")
+    api.convert(src, tmp_path / "gpu", amax=tmp_path / "amax.pt", device="cpu", host_buffer="8MiB")
+    assert max(gpu_stages_on_cpu) > 1
+    monkeypatch.setattr(pipeline.Converter, "device_stages_on_cpu", False)
+    api.convert(src, tmp_path / "cpu", amax=tmp_path / "amax.pt", device="cpu", host_buffer="8MiB")
+    a, b = load_checkpoint(tmp_path / "cpu"), load_checkpoint(tmp_path / "gpu")
+    assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
+
+
+def _plan(tmp_path, family="qwen3_moe"):
+    return build_plan(open_source(_moe(tmp_path, family)), get_format("modelopt"), scales="max")
+
+
+def test_schedule_takes_every_unit_once_in_plan_order_and_batches_one_structure(tmp_path):
+    plan = _plan(tmp_path)
+    steps = schedule(plan.units, "max", slab=2**20, batch_bytes=2**30, window=2**30)
+    flat = [u for step in steps for u in step]
+    assert sorted(map(id, flat)) == sorted(map(id, plan.units))
+    index = {id(u): i for i, u in enumerate(plan.units)}
+    firsts = [index[id(step[0])] for step in steps]
+    assert firsts == sorted(firsts)  # steps go in the order of their first unit
+    for step in steps:
+        assert [index[id(u)] for u in step] == sorted(index[id(u)] for u in step)
+        if len(step) > 1:
+            assert len({structure(u.members) for u in step}) == 1 and None not in {structure(u.members) for u in step}
+            assert len(step) <= MAX_BATCH
+            assert all(len(step) * m.weight.nbytes <= 2**20 for m in step[0].members)
+    experts = [s for s in steps if s[0].members and ".experts." in s[0].members[0].module]
+    assert experts and max(len(s) for s in experts) > 1
+
+
+@pytest.mark.parametrize("limit", ["slab", "batch_bytes", "window"])
+def test_schedule_keeps_each_batch_within_its_limits(tmp_path, limit):
+    plan = _plan(tmp_path)
+    group = max(u.members[0].weight.nbytes for u in plan.units if u.members)
+    slab, gpu, window = 2**30, 2**30, 2**40
+    if limit == "slab":
+        slab = 3 * aligned(96 * 128 * 2)
+    elif limit == "batch_bytes":
+        gpu = 2 * 2 * 96 * 128 * 2  # two gate/up groups
+    else:
+        window = 4 * group
+    steps = schedule(plan.units, "max", slab, gpu, window)
+    batched = [s for s in steps if len(s) > 1]
+    assert batched
+    at = {}
+    offset = 0
+    for u in plan.units:
+        at[id(u)] = offset
+        offset += u.in_bytes
+    for step in batched:
+        if limit == "slab":
+            assert len(step) <= 3
+        elif limit == "batch_bytes":
+            assert sum(m.weight.nbytes for u in step for m in u.members) <= gpu
+        else:
+            assert at[id(step[-1])] + step[-1].in_bytes - at[id(step[0])] <= window
+    longest = max(len(s) for s in batched if len(s[0].members) == 2)  # gate/up groups
+    unlimited = max(len(s) for s in schedule(plan.units, "max", 2**30, 2**30, 2**40))
+    assert longest == (3 if limit == "slab" else 2 if limit == "batch_bytes" else longest) < unlimited
+
+
+def test_schedule_without_batches_is_one_unit_per_step(tmp_path):
+    plan = _plan(tmp_path)
+    for method, gpu in (("max", 0), ("cast", 2**30)):
+        assert schedule(plan.units, method, 2**30, gpu, 2**30) == [[u] for u in plan.units]
+
+
+def test_a_batch_read_into_one_buffer_is_each_groups_weights(tmp_path):
+    """read_range's ``base`` and stacked_view: group g of a position at g weights into its buffer."""
+    plan = _plan(tmp_path)
+    step = max(schedule(plan.units, "max", 2**20, 2**30, 2**30), key=len)
+    assert len(step) > 2
+    for i, m in enumerate(step[0].members):
+        buf = torch.zeros(len(step) * m.weight.nbytes + 7, dtype=torch.uint8)
+        for g, u in enumerate(step):
+            read_range(u.members[i].weight, buf, 0, u.members[i].weight.nbytes, g * m.weight.nbytes)
+        view = stacked_view(m.weight, len(step), buf)
+        for g, u in enumerate(step):
+            assert same_bytes(view[g], read_into(u.members[i].weight))
+        with pytest.raises(ValueError):  # a buffer too small is an error, not a short read
+            read_range(m.weight, buf[:10], 0, m.weight.nbytes, 0)
