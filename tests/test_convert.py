@@ -181,7 +181,7 @@ def test_dry_run_writes_nothing(llama, tmp_path, capsys):
 
 def test_cli_defaults_are_the_pipeline_defaults():
     from shardconv import readahead
-    from shardconv.cli import build_parser, parse_size
+    from shardconv.cli_args import build_parser, parse_size
     from shardconv.pipeline import Options
 
     args, opts = build_parser().parse_args(["convert", "SRC"]), Options()

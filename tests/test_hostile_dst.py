@@ -291,7 +291,7 @@ def test_extra_files_over_the_size_cap_are_refused(src, tmp_path):
 
 def test_max_extra_size_default_is_one_gib():
     from shardconv import destination
-    from shardconv.cli import build_parser
+    from shardconv.cli_args import build_parser
 
     assert build_parser().parse_args(["convert", "S"]).max_extra_size == destination.DEFAULT_MAX_EXTRA == 2**30
 
