@@ -162,8 +162,9 @@ def _classify(tensors: dict[str, TensorInfo], layout: meta_model.ModelTensors) -
         target, merged = name, False
         if name not in layout.classes and layout.renamer is not None:
             target, merged = layout.renamer(name)
-        if target in layout.expected or target in layout.classes:
-            covered.add(target)
+        for t in _targets(layout, name, target, merged):  # a split converter's every target (ERNIE-4.5-VL)
+            if t in layout.expected or t in layout.classes:
+                covered.add(t)
         if not (name.endswith(".weight") and len(info.shape) == 2):
             continue
         if merged:
@@ -222,6 +223,13 @@ def _check_missing(source: Source, tensors: dict[str, TensorInfo], layout: meta_
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
+def _targets(layout, name: str, target: str, converted: bool) -> tuple[str, ...]:
+    """The model tensors checkpoint tensor ``name`` becomes: ``target``, and for a load-time converter
+    with several targets, the others it writes too (meta_model._renamer), which are not missing."""
+    split = getattr(layout, "targets", None)
+    return split(name) if converted and split is not None else (target,)
+
+
 def _check_shapes(source: Source, tensors: dict[str, TensorInfo], layout: meta_model.ModelTensors,
                   model_name: str) -> None:
     """Refuse a tensor whose shape is not the one its model gives it, as transformers' loader does (a size
@@ -229,12 +237,13 @@ def _check_shapes(source: Source, tensors: dict[str, TensorInfo], layout: meta_m
     read in place of the first, sizes edited), and an output written from it would not load.
 
     A tensor transformers merges at load (per-expert weights into one fused parameter) is checked by
-    size: the experts' sizes must add up to the merged parameter's, so one expert more or fewer than
-    the config says is refused too (its name alone, covered by the other experts, passed). Only
+    size: the experts' sizes must add up to the merged parameters' (all the targets of their converter:
+    ERNIE-4.5-VL-MoE's experts are split into a text and a vision stack), so one expert more or fewer
+    than the config says is refused too (its name alone, covered by the other experts, passed). Only
     per-expert sources are summed: another load-time converter may split a tensor, where sums differ.
     """
-    merged: dict[str, int] = Counter()
-    first: dict[str, TensorInfo] = {}
+    merged: dict[tuple[str, ...], int] = Counter()
+    first: dict[tuple[str, ...], TensorInfo] = {}
     for info in tensors.values():
         name = info.name
         if name.endswith(_SCALE_SUFFIXES) or _extra_layer(name, source.config):
@@ -253,13 +262,17 @@ def _check_shapes(source: Source, tensors: dict[str, TensorInfo], layout: meta_m
                                   f"{model_name} (from config.json) expects {list(want)}: the config does not "
                                   "describe this checkpoint (transformers would refuse to load it)")
         elif _EXPERT.search(name):
-            merged[target] += math.prod(info.shape)
-            first.setdefault(target, info)
-    for target, size in sorted(merged.items()):
-        want = layout.shapes[target]
-        if size != math.prod(want):
-            info = first[target]
+            group = _targets(layout, name, target, True)
+            merged[group] += math.prod(info.shape)
+            first.setdefault(group, info)
+    for group, size in sorted(merged.items()):
+        if any(t not in layout.shapes for t in group):
+            continue  # a target the model does not have: nothing to compare with
+        want = sum(math.prod(layout.shapes[t]) for t in group)
+        if size != want:
+            info = first[group]
+            shapes = " + ".join(str(list(layout.shapes[t])) for t in group)
             raise SourceError(f"{info.path}: tensor {_short(info.name)} and the other experts merged into "
-                              f"{_short(target)} hold {size} values but {model_name} (from config.json) expects "
-                              f"{math.prod(want)} ({list(want)}): one expert more or fewer than the config says "
-                              "(transformers would refuse to load it)")
+                              f"{' and '.join(_short(t) for t in group)} hold {size} values but {model_name} "
+                              f"(from config.json) expects {want} ({shapes}): one expert more or fewer than "
+                              "the config says (transformers would refuse to load it)")

@@ -174,7 +174,8 @@ class ModelTensors:
         self.tied = _ties(model)
         ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
         self.optional = {n for n in self.expected if n in self.tied or any(re.search(p, n) for p in ignore)}
-        self.renamer = _renamer(model, self.expected)  # None: transformers' load-time mapping unusable
+        # renamer None: transformers' load-time mapping unusable; targets None: no converter splits (_renamer)
+        self.renamer, self.targets = _renamer(model, self.expected)
 
 
 def _category(mod, nn) -> str:
@@ -197,11 +198,16 @@ def _ties(model) -> dict[str, str]:
 
 
 def _renamer(model, expected: set):
-    """checkpoint name -> (model name, merged) through transformers' load-time mapping, or None.
+    """(rename, targets) through transformers' load-time mapping, or (None, None).
 
-    transformers 5 renames some checkpoint keys (Mixtral's ``block_sparse_moe`` -> ``mlp``) and merges
-    others (per-expert ``w1``/``w3`` -> ``experts.gate_up_proj``) when it loads; ``merged`` is True
-    for the latter. Its API is not a stable one: any failure gives None (exact names only).
+    ``rename``: checkpoint name -> (model name, merged). transformers 5 renames some checkpoint keys
+    (Mixtral's ``block_sparse_moe`` -> ``mlp``) and merges others (per-expert ``w1``/``w3`` ->
+    ``experts.gate_up_proj``) when it loads; ``merged`` is True for the latter. ``targets``: every
+    model name a converted tensor feeds, None when no converter has several: one that has (ERNIE-4.5-VL-MoE
+    splits its experts into ``text_moe`` and ``vision_moe`` stacks, Sarvam-MoE its ``query_key_value``)
+    is named by its first target in ``rename``, as transformers does before the converter writes them
+    all. Its API is not a stable one: any failure gives None (exact names only), or the renamed name
+    alone for ``targets``.
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -220,7 +226,29 @@ def _renamer(model, expected: set):
                 return name, False
             return str(new), pattern is not None
 
+        def targets(name: str) -> tuple[str, ...]:
+            new, merged = rename(name)
+            try:
+                return _split_targets(name, new, renamings, converters) if merged else (new,)
+            except Exception:
+                return (new,)
+
         rename("model.layers.0.self_attn.q_proj.weight")  # fails here, not halfway through a checkpoint
-        return rename
+        return rename, (targets if any(len(c.target_patterns) > 1 for c in converters) else None)
     except Exception:
-        return None
+        return None, None
+
+
+def _split_targets(name: str, new: str, renamings: list, converters: list) -> tuple[str, ...]:
+    """``new`` (``name`` renamed to its converter's first target) and the converter's other targets,
+    named as transformers names a converter's outputs: its first target pattern in ``new`` replaced by
+    each (``WeightConverter.convert``)."""
+    from transformers.core_model_loading import apply_renamings
+
+    key = apply_renamings(name, renamings)  # the converter apply_converters picks: the first that matches
+    converter = next((c for c in converters if c.rename_source_key(key)[1] is not None), None)
+    patterns = [str(p) for p in getattr(converter, "target_patterns", None) or []]
+    if len(patterns) < 2 or patterns[0] not in new:
+        return (new,)
+    head, _, tail = new.partition(patterns[0])
+    return tuple(head + p + tail for p in patterns)
