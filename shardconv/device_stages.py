@@ -64,6 +64,24 @@ class DeviceStages:
                 self.clock.add("main-wait-upload", t0)
             self.inputs.give(bufs)
 
+    def _quantize_step(self, step: list[Unit], weights: list[torch.Tensor], in_bufs):
+        """Upload and quantize a step without waiting: replayed from a CUDA graph where one fits
+        (graphs.py), else eagerly. Returns (results, oks, done) for :meth:`_downloads`, and the graph
+        instance or None, for :meth:`_downloaded`."""
+        inst = self.graphs.instance(step, weights) if self.graphs is not None and len(step) > 1 else None
+        if inst is None:
+            return self._quantize_cuda(step, *self._upload(weights, in_bufs)), None
+        with working_on(step[0].first.path, step[0].first.name):
+            uploaded, *quantized = self.graphs.replay(inst, weights, self.h2d, self.compute)
+        self.uploads.append((uploaded, in_bufs))
+        return quantized, inst
+
+    def _downloaded(self, inst) -> None:
+        """After a replayed step's downloads were issued: its graph may replay once they are done."""
+        if inst is not None:
+            inst.downloaded = torch.cuda.Event()
+            inst.downloaded.record(self.d2h)
+
     def _quantize_cuda(self, step: list[Unit], on_dev: list[torch.Tensor], uploaded):
         """Quantize an uploaded step on the compute stream, without waiting: one group, or a batch
         (batch.schedule) whose member position ``i`` is ``on_dev[i]``, ``[G, out, in]``. Returns each

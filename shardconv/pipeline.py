@@ -35,6 +35,7 @@ from .batch import schedule, stacked_view, structure
 from .device_stages import DeviceStages, output_pool
 from .encodings import dequantize_excluded
 from .errors import in_context, working_on
+from .graphs import Graphs
 from .host_buffers import BufferPool
 from .host_outputs import output_bytes
 from .output_shards import Shards
@@ -116,6 +117,9 @@ class Converter(DeviceStages):
             self.h2d = torch.cuda.Stream(opts.device)
             self.compute = torch.cuda.Stream(opts.device)
             self.d2h = torch.cuda.Stream(opts.device)
+        # batches replayed from CUDA graphs (graphs.py), their static inputs within half the GPU budget
+        self.graphs = (Graphs(opts.device, plan.scales, self.chunk, opts.gpu_buffer // 2)
+                       if self.batch_bytes and opts.device.type == "cuda" else None)
         self.bar = None
         self.requantized = 0  # scales "cast": MXFP4 blocks outside the lossless window (cast.py), counted here
         self.clock = profile.StageClock()
@@ -280,9 +284,10 @@ class Converter(DeviceStages):
                     timeline.mark("first group read")
                 t0 = time.perf_counter()
                 if self.cuda:
-                    on_dev, uploaded = self._upload(weights, bufs)
-                    for job in self._downloads(step, *self._quantize_cuda(step, on_dev, uploaded)):
+                    quantized, graph = self._quantize_step(step, weights, bufs)
+                    for job in self._downloads(step, *quantized):
                         jobs.append(self.writers.submit(*job))
+                    self._downloaded(graph)
                     self._release_uploads()
                 else:
                     try:
@@ -324,6 +329,7 @@ class Converter(DeviceStages):
             self.bar.close()
             self.clock.add("close", t0)
             if timeline is not None:
+                replays = f"  graph replays {self.graphs.replays}" if self.graphs is not None else ""
                 profile.say(f"{self.clock.report()}  peak RSS {profile.peak_rss_mb():.0f} MB  "
-                            f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB")
+                            f"buffers {self.inputs.count} x {self.inputs.size / 2**20:.0f} MiB{replays}")
                 profile.say(timeline.report())

@@ -81,6 +81,34 @@ def test_moe_conversion_batched_on_cuda_equals_cpu(scales, tmp_path, monkeypatch
     assert all(same_bytes(a[k], b[k]) and same_bytes(a[k], c[k]) for k in a)
 
 
+@pytest.mark.parametrize("scales", ["max", "mse", "four-over-six"])
+def test_batches_replayed_from_cuda_graphs_write_the_cpu_bytes(scales, tmp_path, monkeypatch):
+    """Many batches of one size (a small host budget: 5 groups each) are replayed from CUDA graphs
+    (graphs.py); the bytes are the CPU's and the eager batches' (SHARDCONV_GRAPHS=0)."""
+    from shardconv import pipeline
+
+    src = tmp_path / "src"
+    write_checkpoint(src, family="qwen3_moe", weights="structured", num_layers=2, num_experts=32,
+                     hidden_size=128, moe_intermediate_size=96, shard_size=300_000)
+    replays = []
+    real = pipeline.Converter.run
+
+    def run(self):
+        real(self)
+        replays.append(self.graphs.replays if self.graphs is not None else 0)
+
+    monkeypatch.setattr(pipeline.Converter, "run", run)
+    args = ("--scales", scales, "--no-progress", "--host-buffer", "1MiB")
+    assert run_cli("convert", src, tmp_path / "cpu", "--device", "cpu", *args)[0] == 0
+    assert run_cli("convert", src, tmp_path / "gpu", "--device", "cuda", *args)[0] == 0
+    monkeypatch.setenv("SHARDCONV_GRAPHS", "0")
+    assert run_cli("convert", src, tmp_path / "eager", "--device", "cuda", *args)[0] == 0
+    assert replays[0] == 0 and replays[1] >= 8 and replays[2] == 0
+    a, b, c = (load_checkpoint(tmp_path / d) for d in ("cpu", "gpu", "eager"))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(same_bytes(a[k], b[k]) and same_bytes(a[k], c[k]) for k in a)
+
+
 def test_max_quantization_of_a_batch_never_waits_for_the_gpu(tmp_path):
     from shardconv.batch import quantize_batch, structure
     from shardconv.formats import get_format

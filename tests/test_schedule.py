@@ -177,3 +177,27 @@ def test_a_batch_read_into_one_buffer_is_each_groups_weights(tmp_path):
             assert same_bytes(view[g], read_into(u.members[i].weight))
         with pytest.raises(ValueError):  # a buffer too small is an error, not a short read
             read_range(m.weight, buf[:10], 0, m.weight.nbytes, 0)
+
+
+def test_only_steps_whose_kernels_depend_on_shapes_alone_are_replayed_from_graphs(tmp_path, monkeypatch):
+    """graphs.key_of: batches of max, mse and four-over-six, keyed by structure and size; never one
+    group, another method, a group with an input scale (an amax file's, per group), or with
+    SHARDCONV_GRAPHS=0. (The replays themselves run on a GPU: tests/test_gpu.py.)"""
+    from test_amax import make_amax, weights
+
+    from shardconv.amax import load_amax
+    from shardconv.graphs import key_of
+
+    plan = _plan(tmp_path)
+    steps = [s for s in schedule(plan.units, "max", 2**20, 2**30, 2**30) if len(s) > 1]
+    for method in ("max", "mse", "four-over-six"):
+        assert key_of(steps[0], method) == (structure(steps[0][0].members), len(steps[0]))
+    assert key_of(steps[0], "amax") is None and key_of(steps[0][:1], "max") is None
+    monkeypatch.setenv("SHARDCONV_GRAPHS", "0")
+    assert key_of(steps[0], "max") is None
+    monkeypatch.delenv("SHARDCONV_GRAPHS")
+    src = tmp_path / "src"
+    torch.save(make_amax(weights(src), kv=False), tmp_path / "amax.pt")
+    with_inputs = build_plan(open_source(src), get_format("modelopt"), scales="amax", amax=load_amax(tmp_path / "amax.pt"))
+    steps = [s for s in schedule(with_inputs.units, "amax", 2**20, 2**30, 2**30) if len(s) > 1]
+    assert steps and all(key_of(s, "max") is None for s in steps)  # each group has its own input scale
