@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dst", help="converted checkpoint folder")
     v.add_argument("--source", metavar="SRC", help="the source checkpoint (folder or hub repo id) to compare against")
     v.add_argument("--max-error", type=float, default=None, metavar="X",
-                   help="largest relative reconstruction error accepted with --source (default: 0.5)")
+                   help="largest relative reconstruction error accepted with --source (default: 0.5; FP8 layers of a "
+                   "mixed output: at most 0.125)")
     v.add_argument("--top", type=int, default=20, metavar="N", help="rows of the error table (default: 20)")
     v.add_argument("--scales", choices=("max", "amax", "mse", "four-over-six", "cast"), default=None,
                    help="with --source: the scale method DST was converted with, for the bit-exact recomputation "

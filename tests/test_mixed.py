@@ -391,3 +391,21 @@ def test_partial_kv_amax_in_a_mixed_output_is_declared_per_layer(tmp_path):
         assert "model.layers.0.self_attn" in json.dumps(doc["kv_cache_quantized_layers"])
         assert "model.layers.1.self_attn" not in json.dumps(doc["kv_cache_quantized_layers"])
     assert run_cli("verify", dst, "--source", GOLDEN / "source", "--amax", tmp_path / "amax.pt")[0] == 0
+
+
+@pytest.mark.parametrize("factor", [1.3, 0.75])
+def test_verify_holds_fp8_layers_to_their_own_error_bound(mixed_out, tmp_path, factor):
+    """An FP8 weight_scale 30% off reconstructs with relative error ~0.3: under the NVFP4 bound (0.5), which
+    FP8 layers were held to before, so verify without recomputation passed it. An FP8 layer rounds within
+    ~2^-4 (0.027 here), and is held to 0.125."""
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    clean = verify(mixed_out, str(GOLDEN / "source"), recompute=False)
+    assert clean.ok, clean.problems
+    assert max(e for m, _, e in clean.errors if m.endswith("self_attn.q_proj")) < 0.05
+    d = _damaged(mixed_out, tmp_path)
+    _rewrite(d, lambda t: t.__setitem__(name, t[name] * factor))
+    r = verify(d, str(GOLDEN / "source"), recompute=False)
+    err = dict((m, e) for m, _, e in r.errors)["model.layers.0.self_attn.q_proj"]
+    assert 0.125 < err < 0.5  # passed the one bound for every layer
+    assert any("relative error above 0.5 (FP8 layers 0.125)" in p and "self_attn.q_proj" in p for p in r.problems), \
+        r.problems

@@ -9,6 +9,10 @@ from pathlib import Path
 from ..safetensors_io import TensorInfo
 
 DEFAULT_MAX_ERROR = 0.5
+# A per-tensor FP8 (e4m3) layer reconstructs within ~2^-4 relative error (3 mantissa bits; 0.027 on the
+# golden Qwen3-MoE): held to 0.5 as NVFP4 is, a scale 1.5x too large passed verify (--no-recompute, or a
+# checkpoint whose scales cannot be recomputed). It is held to this, or to max_error where that is lower.
+FP8_MAX_ERROR = 0.125
 MAX_REPORTED = 50  # problem lines printed; the count covers all of them
 NVFP4_ALGOS = {"NVFP4", "W4A16_NVFP4"}
 

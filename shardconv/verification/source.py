@@ -14,7 +14,7 @@ from .. import encodings, numerics
 from ..safetensors_io import TensorInfo, read_into
 from .mixed import fp8_rel_error
 from .modules import weight_scale_2
-from .report import QModule, Report
+from .report import FP8_MAX_ERROR, QModule, Report
 
 _COMPARE_PIECE = 16 << 20  # bytes compared at a time by _same_bytes
 
@@ -54,13 +54,13 @@ def _rel_error(source_w: torch.Tensor, q: QModule, s2: torch.Tensor) -> float:
 def compare_source(source, mods: dict[str, QModule], convention: str, tensors: dict[str, TensorInfo],
                    report: Report, max_error: float, found: dict[str, QModule] | None = None) -> set[str]:
     """``source``: an opened source.Source. Returns the modules whose reconstruction error is above
-    ``max_error`` (reported here already)."""
+    ``max_error`` (FP8 layers: above report.FP8_MAX_ERROR too; reported here already)."""
     encoding = encodings.detect(source)
     encoded = encoding.weights(source)  # codes tensor name -> encoded weight
     dropped = encoding.dropped(source, encoded)
     # every quantized module, malformed ones too: their packed ``.weight`` is no kept tensor
     by_weight = {(q.module if q.stacked else f"{q.module}.weight"): q for q in (found or mods).values()}
-    missing, differ = [], []
+    missing, differ, fp8 = [], [], set()
     for name, info in source.tensors.items():
         if name in dropped:
             continue
@@ -97,14 +97,18 @@ def compare_source(source, mods: dict[str, QModule], convention: str, tensors: d
             continue
         error = fp8_rel_error(w, q) if q.fp8 else _rel_error(w, q, weight_scale_2(q, convention))
         report.errors.append((q.module, plain_shape, error))
+        if q.fp8:
+            fp8.add(q.module)
         del w
     if missing:
         report.fail(f"{len(missing)} source tensors are missing from DST, e.g. {', '.join(missing[:3])}")
     if differ:
         report.fail(f"{len(differ)} kept tensors differ from the source, e.g. {', '.join(differ[:3])}")
-    bad = [(m, e) for m, _, e in report.errors if not (e <= max_error)]
+    fp8_limit = min(max_error, FP8_MAX_ERROR)
+    bad = [(m, e) for m, _, e in report.errors if not (e <= (fp8_limit if m in fp8 else max_error))]
     if bad:
         worst = max(bad, key=lambda x: x[1] if math.isfinite(x[1]) else math.inf)
-        report.fail(f"{len(bad)} quantized weights reconstruct with relative error above {max_error} "
+        limit = f"{max_error}" + (f" (FP8 layers {fp8_limit})" if fp8 and fp8_limit < max_error else "")
+        report.fail(f"{len(bad)} quantized weights reconstruct with relative error above {limit} "
                     f"(worst {worst[0]}: {worst[1]:.4g}); wrong scales or a mixed-up convention")
     return {m for m, _ in bad}
