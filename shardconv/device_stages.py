@@ -40,7 +40,8 @@ def output_pool(plan: Plan, out_bytes: dict[str, int], host_buffer: int, min_cou
 
 class DeviceStages:
     """The device stages, as methods the pipeline's Converter inherits: they use its pools (``inputs``,
-    ``outputs``), streams (``h2d``, ``compute``, ``d2h``), ``uploads`` queue, plan, format and clock."""
+    ``outputs``), streams (``h2d``, ``compute``, ``d2h``), ``uploads`` queue, CUDA ``graphs``, plan, format
+    and clock."""
 
     def _upload(self, weights: list[torch.Tensor], in_bufs) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         """Copy a step's weights (a group's, or a batch's stacked per member position) to the device on

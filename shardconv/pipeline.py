@@ -5,15 +5,18 @@ Stages:
 - reader threads fill reusable host buffers (pinned when a GPU is used) with ``pread``; tensors that
   are kept are copied by copier threads of their own, queued ahead of the readers, through a small buffer per
   thread, and never touch the GPU;
-- the main thread issues the uploads on a copy stream; groups of one structure (a MoE layer's experts,
-  batch.py) wait to be quantized as one batch on a compute stream, others go alone; results download
-  into pinned output buffers on a third stream, without waiting (device_stages.py);
+- the main thread takes the plan a step at a time: one group, or with a GPU a batch of same-structure
+  groups (a MoE layer's experts, batch.schedule) whose weights the readers put back to back, one buffer
+  per member position; it uploads a step on a copy stream and quantizes it on a compute stream (a batch
+  of a size seen before replayed from a CUDA graph, graphs.py); results download into pinned output
+  buffers on a third stream, without waiting (device_stages.py);
 - writer threads wait for a download, write its tensors at their planned offsets, and hand the
   buffers back.
 Host memory is the two buffer pools (``--host-buffer``), a copy buffer per copier thread, the
-read-ahead's scratch buffers and a few small tensors, whatever the model size; the GPU holds the open
-batches plus row-chunked temporaries (``--gpu-buffer``). Output shards are written under ``.partial``
-names and renamed when complete, each recorded in the journal with its digest.
+read-ahead's scratch buffers and a few small tensors, whatever the model size; the GPU holds the
+steps in flight plus row-chunked temporaries and the CUDA graphs' static tensors (``--gpu-buffer``).
+Output shards are written under ``.partial`` names and renamed when complete, each recorded in the
+journal with its digest.
 """
 
 from __future__ import annotations
