@@ -113,6 +113,9 @@ class _Event:
 
 
 class _Stream:
+    def __init__(self, device=None):
+        pass
+
     def wait_event(self, event):
         pass
 

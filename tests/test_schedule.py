@@ -16,25 +16,7 @@ from shardconv.planning import build_plan
 from shardconv.safetensors_io import read_into, read_range
 from shardconv.source import open_source
 from shardconv.synth import write_checkpoint
-
-
-class _Event:
-    def record(self, stream=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-
-class _Stream:
-    def __init__(self, device=None):
-        pass
-
-    def wait_event(self, event):
-        pass
+from test_buffer_pool import _Event, _Stream
 
 
 @pytest.fixture
