@@ -60,10 +60,10 @@ def test_an_io_error_without_a_file_name_names_the_tensor(src, tmp_path, monkeyp
 
     real = safetensors_io.read_range
 
-    def failing(info, out, start=0, stop=None):
+    def failing(info, out, start=0, stop=None, base=0):
         if info.name.endswith("mlp.up_proj.weight"):
             raise OSError(errno.EIO, "Input/output error")
-        return real(info, out, start, stop)
+        return real(info, out, start, stop, base)
     monkeypatch.setattr("shardconv.pipeline.read_range", failing)
     rc, err = run_cli("convert", src, tmp_path / "out", "--device", "cpu", "--scales", "max", "--no-progress")
     one_line(rc, err)
