@@ -69,10 +69,10 @@ class DeviceStages:
         """Upload and quantize a step without waiting: replayed from a CUDA graph where one fits
         (graphs.py), else eagerly. Returns (results, oks, done) for :meth:`_downloads`, and the graph
         instance or None, for :meth:`_downloaded`."""
-        inst = self.graphs.instance(step, weights) if self.graphs is not None and len(step) > 1 else None
-        if inst is None:
-            return self._quantize_cuda(step, *self._upload(weights, in_bufs)), None
-        with working_on(step[0].first.path, step[0].first.name):
+        with working_on(step[0].first.path, step[0].first.name):  # a failed upload names a tensor too
+            inst = self.graphs.instance(step, weights) if self.graphs is not None and len(step) > 1 else None
+            if inst is None:
+                return self._quantize_cuda(step, *self._upload(weights, in_bufs)), None
             uploaded, *quantized = self.graphs.replay(inst, weights, self.h2d, self.compute)
         self.uploads.append((uploaded, in_bufs))
         return quantized, inst

@@ -12,7 +12,15 @@ Each key has two instances that alternate, so one's inputs are filled while the 
 instance's inputs are overwritten only once its last replay read them, and its outputs only once
 they were downloaded (stream waits on events, no host wait). The bytes are the eager batch's: the
 graph replays its kernels (tests/test_gpu.py compares them with the CPU's). ``SHARDCONV_GRAPHS=0``
-turns it off; a capture that fails leaves that key eager.
+turns it off; a capture that fails turns it off for the rest of the run.
+
+Memory: each capture keeps its own pool (its outputs and the batch's temporaries, which another
+graph's replay must not reuse), counted as :data:`COST` times its inputs within ``budget``
+(``--gpu-buffer``): on the H200 machine qwen3moe's four instances raised the peak GPU memory by 3.6 GB
+(4.8 GB against 1.2 GB eager), 4.5 times their 0.79 GB of inputs. Only on
+the process's current CUDA device: a capture on another (``cuda:1``, a rank's local GPU) was found by
+review to record nothing, leaving replays to return stale outputs, and no machine of several GPUs was
+at hand to test the fix, so there the batches run eagerly.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from .scales import input_scale
 log = logging.getLogger("shardconv")
 METHODS = ("max", "mse", "four-over-six")
 INSTANCES = 2
+COST = 5  # GPU bytes a captured instance holds, in multiples of its inputs' (module docstring)
 
 
 @dataclass
@@ -55,36 +64,38 @@ def key_of(step: list[Unit], method: str) -> tuple | None:
 
 
 class Graphs:
-    """Captured instances by key, within ``budget`` bytes of static inputs."""
+    """Captured instances by key, within ``budget`` bytes (:data:`COST` times their inputs)."""
 
     def __init__(self, device: torch.device, method: str, chunk: int | None, budget: int):
         self.device, self.method, self.chunk, self.budget = device, method, chunk, budget
         self.seen: dict[tuple, int] = {}
         self.instances: dict[tuple, list[Captured]] = {}
-        self.failed: set[tuple] = set()
-        self.held = 0  # bytes of static inputs
+        # the current device only (module docstring); off for good once a capture failed
+        self.enabled = device.type == "cuda" and device.index in (None, torch.cuda.current_device())
+        self.held = 0  # bytes counted for the captured instances
         self.replays = 0
 
     def instance(self, step: list[Unit], weights: list[torch.Tensor]) -> Captured | None:
         """The instance to replay for ``step`` (capturing it the first times), or None: run it eagerly."""
-        key = key_of(step, self.method)
-        if key is None or key in self.failed:
+        key = key_of(step, self.method) if self.enabled else None
+        if key is None:
             return None
         self.seen[key] = self.seen.get(key, 0) + 1
         have = self.instances.setdefault(key, [])
         if self.seen[key] == 1:
             return None  # eager: compiles the Triton kernels outside a capture
         if len(have) < INSTANCES:
-            size = sum(w.nbytes for w in weights)
-            if self.held + size > self.budget:
+            cost = COST * sum(w.nbytes for w in weights)
+            if self.held + cost > self.budget:
                 return have[self.seen[key] % len(have)] if have else None
             try:
                 have.append(self._capture(step, weights))
             except Exception as e:  # never fatal: the eager batch gives the same bytes
-                log.info("a CUDA graph of %s could not be captured (%s): eager", step[0].first.name, e)
-                self.failed.add(key)
+                log.info("a CUDA graph of %s could not be captured (%s): batches run eagerly", step[0].first.name, e)
+                self.enabled = False
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))  # a failed capture may leave its own
                 return None
-            self.held += size
+            self.held += cost
             return have[-1]
         return have[self.seen[key] % len(have)]
 
@@ -93,7 +104,8 @@ class Graphs:
         graph = torch.cuda.CUDAGraph()
         groups = [u.members for u in step]
         # thread_local: the writer threads wait on events and the pinning thread registers memory meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device),
+                                                                capture_error_mode="thread_local"):
             results = quantize_stacked_weights(groups, inputs, self.method, self.device, chunk=self.chunk)
             oks = group_flags(results.groups)
         return Captured(graph, inputs, results, oks)

@@ -120,8 +120,8 @@ class Converter(DeviceStages):
             self.h2d = torch.cuda.Stream(opts.device)
             self.compute = torch.cuda.Stream(opts.device)
             self.d2h = torch.cuda.Stream(opts.device)
-        # batches replayed from CUDA graphs (graphs.py), their static inputs within half the GPU budget
-        self.graphs = (Graphs(opts.device, plan.scales, self.chunk, opts.gpu_buffer // 2)
+        # batches replayed from CUDA graphs (graphs.py), their memory within the GPU budget
+        self.graphs = (Graphs(opts.device, plan.scales, self.chunk, opts.gpu_buffer)
                        if self.batch_bytes and opts.device.type == "cuda" else None)
         self.bar = None
         self.requantized = 0  # scales "cast": MXFP4 blocks outside the lossless window (cast.py), counted here
