@@ -243,8 +243,8 @@ class Converter(DeviceStages):
                             self._release_uploads(wait=True)
                         bufs = self.inputs.take(sizes, block=True)
                     pending.append((step, self._submit_reads(step, bufs), bufs))
-                if startup is not None:
-                    startup.reached([t for u in step for t in u.inputs])
+                if startup is not None:  # steps go in their first units' order: every unit before this
+                    startup.reached(u.inputs)  # one is given to the readers; a batch's later ones may not be
                 nxt += 1
 
         copies: collections.deque[Future] = collections.deque()

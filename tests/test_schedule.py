@@ -238,3 +238,48 @@ def test_graphs_only_on_the_current_device_and_off_after_a_failed_capture(tmp_pa
     monkeypatch.setattr(graphs.Graphs, "_capture", fails)
     g = graphs.Graphs(torch.device("cuda"), "max", None, budget=2**40)
     assert [g.instance(step, weights) for _ in range(4)] == [None] * 4 and not g.enabled and g.held == 0
+
+
+def test_batches_do_not_make_the_start_up_read_ahead_skip_more(tmp_path, gpu_stages_on_cpu, monkeypatch):
+    """The start-up read-ahead skips what the pipeline's readers were given (readahead.ReadAhead.reached:
+    the furthest end reported). A batch spans units of another structure that a later step reads (a MoE
+    layer's gate/up and down groups alternate): reporting a batch's furthest unit made the read-ahead
+    skip those before any reader had them, to be read cold (found by review). Weights skipped before
+    they were given out must be no more than one unit per step skips."""
+    from shardconv import readahead
+
+    src = _moe(tmp_path)
+
+    def skipped_early(dst) -> set[str]:
+        given: set[tuple[str, int]] = set()
+        weights, early = [], set()
+
+        class Recorder:
+            def reached(self, ranges):
+                path, end = max((str(r.path), r.offset + r.nbytes) for r in ranges)
+                early.update(w.name for w in weights
+                             if str(w.path) == path and w.offset + w.nbytes <= end and (path, w.offset) not in given)
+
+            def summary(self):
+                return ""
+
+        real = pipeline.Converter._submit_reads
+
+        def submit_reads(self, step, buffers):
+            if not weights:
+                weights.extend(m.weight for u in self.plan.units for m in u.members)
+            given.update((str(m.weight.path), m.weight.offset) for u in step for m in u.members)
+            return real(self, step, buffers)
+
+        monkeypatch.setattr(pipeline.Converter, "_submit_reads", submit_reads)
+        monkeypatch.setattr(readahead, "active", lambda: Recorder())
+        api.convert(src, dst, scales="max", device="cpu", host_buffer="8MiB")
+        return early
+
+    monkeypatch.setenv("SHARDCONV_BATCH", "0")
+    alone = skipped_early(tmp_path / "alone")
+    assert not gpu_stages_on_cpu  # one unit per step
+    monkeypatch.delenv("SHARDCONV_BATCH")
+    batched = skipped_early(tmp_path / "batched")
+    assert max(gpu_stages_on_cpu) > 2
+    assert batched <= alone, sorted(batched - alone)[:3]
