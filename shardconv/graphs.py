@@ -10,17 +10,19 @@ Only steps whose operations depend on nothing but shapes are captured: methods `
 structure and size seen before (the first runs eagerly: Triton compiles there, not while capturing).
 Each key has two instances that alternate, so one's inputs are filled while the other computes; an
 instance's inputs are overwritten only once its last replay read them, and its outputs only once
-they were downloaded (stream waits on events, no host wait). The bytes are the eager batch's: the
+they were downloaded (stream waits on events; only a capture waits for the device, once). The bytes are the eager batch's: the
 graph replays its kernels (tests/test_gpu.py compares them with the CPU's). ``SHARDCONV_GRAPHS=0``
 turns it off; a capture that fails turns it off for the rest of the run.
 
 Memory: each capture keeps its own pool (its outputs and the batch's temporaries, which another
 graph's replay must not reuse), counted as :data:`COST` times its inputs within ``budget``
 (``--gpu-buffer``): on the H200 machine qwen3moe's four instances raised the peak GPU memory by 3.6 GB
-(4.8 GB against 1.2 GB eager), 4.5 times their 0.79 GB of inputs. Only on
-the process's current CUDA device: a capture on another (``cuda:1``, a rank's local GPU) was found by
-review to record nothing, leaving replays to return stale outputs, and no machine of several GPUs was
-at hand to test the fix, so there the batches run eagerly.
+(4.8 GB against 1.2 GB eager), 4.5 times their 0.79 GB of inputs.
+
+Only on the process's current CUDA device: a capture on another (``cuda:1``, a rank's local GPU) was
+found by review to record nothing, leaving replays to return stale outputs; the capture now runs in
+its device's context, but no machine of several GPUs was at hand to test that, so there the batches
+run eagerly.
 """
 
 from __future__ import annotations
